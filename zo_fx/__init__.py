@@ -1,3 +1,13 @@
 """zo_fx: zeroth-order fine-tuning compiled into one batched forward pass."""
 
+from .passes.capture import ExportFailedError
+from .passes.rewrite import UncoveredParameterUseError, UnsupportedGraphError
+from .runtime.losses import CandidateClassificationLoss, causal_lm_loss
+from .runtime.module import GroupTable, ZOModule, zo_compile
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "zo_compile", "ZOModule", "GroupTable", "CandidateClassificationLoss", "causal_lm_loss",
+    "ExportFailedError", "UncoveredParameterUseError", "UnsupportedGraphError",
+]

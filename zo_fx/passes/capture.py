@@ -1,0 +1,241 @@
+"""Graph capture: a model's forward as an ATen-level FX graph with parameters as inputs.
+
+We use ``torch.export`` (non-strict) because it gives exactly what the rewrite needs:
+every parameter and buffer lifted to a placeholder (so a use of a parameter is an
+edge in the graph), ATen ops with shapes in ``node.meta['val']``, and symbolic batch
+and sequence sizes so one graph serves any batch size. Hugging Face specifics handled
+here: keyword-only forwards (PEFT), ``use_cache=False`` (no KV cache in the graph),
+``ModelOutput`` results reduced to their ``logits``, tied parameters (two names, one
+tensor) merged into one parameter under the name ``named_parameters()`` yields.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.export import Dim
+
+from ..runtime.directions import assign_param_ids
+
+
+class ExportFailedError(RuntimeError):
+    """torch.export could not capture the model."""
+
+
+@dataclass
+class CapturedModel:
+    """What the rewrite and the runtime need to know about a captured forward."""
+
+    graph_module: torch.fx.GraphModule
+    #: placeholder name -> ("parameter" | "buffer" | "constant" | "input", key)
+    inputs: list[tuple[str, str, str]]
+    #: placeholder name -> canonical parameter name (tied names collapse to one)
+    param_of_placeholder: dict[str, str]
+    #: canonical name -> the live nn.Parameter
+    params: dict[str, torch.nn.Parameter]
+    #: canonical trainable parameter name -> stable 32-bit stream id
+    pids: dict[str, int]
+    #: batch keys the model's forward receives, in placeholder order
+    input_keys: list[str]
+    #: sympy symbols of the batch dimension (one per input tensor)
+    batch_symbols: set = field(default_factory=set)
+    constants: dict[str, Any] = field(default_factory=dict)
+    model_class: str = ""
+
+
+class _Forward(torch.nn.Module):
+    """Calls the user's model with keyword arguments and returns a plain tensor output."""
+
+    def __init__(self, model: torch.nn.Module, keys: list[str], extra_kwargs: dict):
+        super().__init__()
+        self.model = model
+        self.keys = keys
+        self.extra_kwargs = extra_kwargs
+
+    def forward(self, *tensors):
+        out = self.model(**dict(zip(self.keys, tensors)), **self.extra_kwargs)
+        return model_output_tensor(out)
+
+
+def model_output_tensor(out):
+    """The tensor a loss reads from a model's output: ``logits`` for Hugging Face outputs."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, dict):
+        logits = out.get("logits")
+    if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        logits = out[0]
+    if logits is None:
+        raise TypeError(
+            f"zo_compile needs the model to return a tensor or an output with .logits; got {type(out).__name__}. "
+            "Wrap the model in a module whose forward returns the tensor your loss reads."
+        )
+    return logits
+
+
+def _accepted_kwargs(model: torch.nn.Module) -> tuple[set[str] | None, bool]:
+    """Keyword names the forward accepts (None: any) and whether it takes ``use_cache``."""
+    sig = inspect.signature(model.forward)
+    params = sig.parameters
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    names = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return (None if takes_any else names), ("use_cache" in names or takes_any)
+
+
+def is_hf_model(model: torch.nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model.config, "to_dict")
+
+
+def model_input_keys(model: torch.nn.Module, batch: dict) -> list[str]:
+    """Batch keys that go to the model: tensors its forward accepts, never ``labels``.
+
+    ``labels`` stay out because a model's own loss averages over the whole batch and
+    would mix the groups; zo_fx computes losses per group from the outputs.
+    """
+    accepted, _ = _accepted_kwargs(model)
+    keys = []
+    for k, v in batch.items():
+        if k == "labels" or not isinstance(v, torch.Tensor):
+            continue
+        if accepted is None:
+            # kwargs-only forwards (PEFT): pass the usual model inputs
+            if k in ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds"):
+                keys.append(k)
+        elif k in accepted:
+            keys.append(k)
+    if not keys:
+        raise ValueError(
+            f"none of the batch keys {sorted(batch)} is an input of {type(model).__name__}.forward; "
+            "pass the tensors the model takes (e.g. input_ids, attention_mask)"
+        )
+    return keys
+
+
+def _export_example(batch: dict, keys: list[str]) -> dict:
+    """An example batch whose batch size export can keep symbolic.
+
+    export specialises sizes 0 and 1 and merges dims of equal size, so the example gets
+    a batch size of at least 2 that differs from every other dim.
+    """
+    sizes = {int(s) for k in keys for s in batch[k].shape[1:]}
+    b = batch[keys[0]].shape[0]
+    target = max(b, 2)
+    while target in sizes:
+        target += 1
+    if target == b:
+        return {k: batch[k] for k in keys}
+    idx = torch.arange(target) % b
+    return {k: batch[k][idx.to(batch[k].device)] for k in keys}
+
+
+def capture(model: torch.nn.Module, example_batch: dict, *, extra_kwargs: dict | None = None) -> CapturedModel:
+    """Export ``model``'s forward on ``example_batch`` with dynamic batch (and sequence) dims."""
+    keys = model_input_keys(model, example_batch)
+    _, takes_use_cache = _accepted_kwargs(model)
+    extra = dict(extra_kwargs or {})
+    if is_hf_model(model) and takes_use_cache:
+        extra.setdefault("use_cache", False)
+    wrapper = _Forward(model, keys, extra)
+    example = _export_example(example_batch, keys)
+    dynamic = tuple({d: Dim.AUTO for d in range(min(example[k].dim(), 2))} for k in keys)
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(wrapper, tuple(example[k] for k in keys), dynamic_shapes=(dynamic,), strict=False)
+    except Exception as err:  # torch.export raises many types; all end here with advice
+        raise ExportFailedError(
+            f"torch.export could not capture {type(model).__name__}: {type(err).__name__}: {err}\n"
+            "What to try: call model.eval() and pass only tensor inputs; disable caches (use_cache=False); "
+            "for Hugging Face models try attn_implementation='sdpa' or 'eager'; replace data-dependent Python "
+            "control flow on tensor values; or wrap the model in a small nn.Module whose forward takes "
+            "tensors and returns the logits."
+        ) from err
+    return _collect(ep, model, keys)
+
+
+def _collect(ep, model: torch.nn.Module, keys: list[str]) -> CapturedModel:
+    gm = ep.graph_module
+    sig = ep.graph_signature
+    prefix = "model."
+    named_params = dict(model.named_parameters(remove_duplicate=False))
+    canonical_by_tensor: dict[int, str] = {}
+    for name, p in model.named_parameters():  # remove_duplicate=True: first name of a tied tensor
+        canonical_by_tensor[id(p)] = name
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+
+    inputs: list[tuple[str, str, str]] = []
+    param_of_placeholder: dict[str, str] = {}
+    params: dict[str, torch.nn.Parameter] = {}
+    user_i = 0
+    for spec in sig.input_specs:
+        ph = spec.arg.name
+        kind = spec.kind.name
+        if kind == "PARAMETER":
+            fqn = spec.target[len(prefix):] if spec.target.startswith(prefix) else spec.target
+            tensor = named_params[fqn]
+            canonical = canonical_by_tensor[id(tensor)]
+            param_of_placeholder[ph] = canonical
+            params[canonical] = tensor
+            inputs.append((ph, "parameter", canonical))
+        elif kind == "BUFFER":
+            fqn = spec.target[len(prefix):] if spec.target.startswith(prefix) else spec.target
+            inputs.append((ph, "buffer", fqn))
+        elif kind in ("CONSTANT_TENSOR", "CUSTOM_OBJ"):
+            inputs.append((ph, "constant", spec.target))
+        elif kind == "USER_INPUT":
+            inputs.append((ph, "input", keys[user_i]))
+            user_i += 1
+        else:
+            raise ExportFailedError(f"unexpected graph input kind {kind} for {ph}")
+    for out_spec in sig.output_specs:
+        if out_spec.kind.name not in ("USER_OUTPUT",):
+            raise ExportFailedError(
+                f"the captured forward of {type(model).__name__} mutates state ({out_spec.kind.name} "
+                f"{out_spec.target}); zo_fx needs a pure forward. Run it in eval mode without caches."
+            )
+
+    batch_symbols = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.name in {ph for ph, kind, _ in inputs if kind == "input"}:
+            val = node.meta.get("val")
+            if val is not None and val.dim() > 0:
+                size = val.shape[0]
+                if isinstance(size, int):
+                    raise ExportFailedError(
+                        f"torch.export specialised the batch dimension of input {node.name} of "
+                        f"{type(model).__name__} to {size}: the model's code depends on the batch size. "
+                        "zo_fx needs a dynamic batch dimension."
+                    )
+                batch_symbols |= size.node.expr.free_symbols
+
+    trainable = [n for n, p in params.items() if p.requires_grad]
+    return CapturedModel(
+        graph_module=gm,
+        inputs=inputs,
+        param_of_placeholder=param_of_placeholder,
+        params=params,
+        pids=assign_param_ids(trainable),
+        input_keys=keys,
+        batch_symbols=batch_symbols,
+        constants=dict(ep.constants),
+        model_class=type(model).__name__,
+    )
+
+
+def live_inputs(captured: CapturedModel, model: torch.nn.Module, batch: dict) -> list:
+    """The graph's positional inputs for ``batch``, reading parameters and buffers live."""
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    out = []
+    for ph, kind, key in captured.inputs:
+        if kind == "parameter":
+            out.append(captured.params[key])
+        elif kind == "buffer":
+            out.append(buffers[key])
+        elif kind == "constant":
+            out.append(captured.constants[key])
+        else:
+            out.append(batch[key])
+    return out

@@ -1,0 +1,100 @@
+"""Per-example losses computed from a model's outputs.
+
+A model's own ``labels`` loss averages over the whole batch, which would mix the G
+perturbed groups of a batched evaluation, so zo_fx computes the loss of every example
+itself. Every loss here maps ``(outputs, batch) -> Tensor[N]`` (one value per example)
+and is what a user-supplied ``loss`` must look like too. Nothing is differentiated,
+so a non-differentiable objective (accuracy, F1) is a legal loss.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+LossFn = Callable[[torch.Tensor, dict], torch.Tensor]
+
+
+def _float(logits: torch.Tensor) -> torch.Tensor:
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def _token_mean(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    n, t, v = logits.shape
+    tok = F.cross_entropy(_float(logits).reshape(n * t, v), labels.reshape(n * t), ignore_index=IGNORE_INDEX,
+                          reduction="none").view(n, t)
+    valid = (labels != IGNORE_INDEX).sum(1).clamp(min=1)
+    return tok.sum(1) / valid.to(tok.dtype)
+
+
+def causal_lm_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Mean next-token cross-entropy per example over labels != -100 (labels shifted by one, as HF does)."""
+    labels = batch["labels"]
+    return _token_mean(logits[:, :-1], labels[:, 1:])
+
+
+def masked_lm_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy per example over the masked positions (labels != -100), no shift."""
+    return _token_mean(logits, batch["labels"])
+
+
+def sequence_classification_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Cross-entropy per example for a classification head; squared error for a 1-output regression head."""
+    labels = batch["labels"]
+    if logits.shape[-1] == 1:
+        return (_float(logits).squeeze(-1) - labels.to(_float(logits).dtype)) ** 2
+    return F.cross_entropy(_float(logits), labels, reduction="none")
+
+
+def last_token_positions(batch: dict, seq_len: int) -> torch.Tensor:
+    """Index of the last real token of each (right-padded) example."""
+    mask = batch.get("attention_mask")
+    ids = batch["input_ids"]
+    if mask is None:
+        return torch.full((ids.shape[0],), seq_len - 1, dtype=torch.long, device=ids.device)
+    return mask.sum(1).long().clamp(min=1) - 1
+
+
+class CandidateClassificationLoss:
+    """Prompt-based classification scored on candidate label words (MeZO's ``train_as_classification``).
+
+    The prompt ends right before the label word; the logits at the last real token are
+    restricted to the candidate words' token ids and scored with cross-entropy against
+    ``batch[label_key]`` (the index of the gold candidate).
+    """
+
+    def __init__(self, label_token_ids: Sequence[int], label_key: str = "class_labels"):
+        if len(label_token_ids) < 2:
+            raise ValueError(f"need at least two candidate label tokens; got {list(label_token_ids)}")
+        self.label_token_ids = [int(t) for t in label_token_ids]
+        self.label_key = label_key
+
+    def candidate_logits(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        pos = last_token_positions(batch, logits.shape[1])
+        last = logits[torch.arange(logits.shape[0], device=logits.device), pos]
+        return _float(last[:, self.label_token_ids])
+
+    def __call__(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(self.candidate_logits(logits, batch), batch[self.label_key], reduction="none")
+
+    def predict(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        return self.candidate_logits(logits, batch).argmax(-1)
+
+
+def default_loss(model: torch.nn.Module) -> LossFn:
+    """The built-in loss for a model, from its (base) class name."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = type(base).__name__
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return causal_lm_loss
+    if name.endswith("ForMaskedLM"):
+        return masked_lm_loss
+    if name.endswith("ForSequenceClassification"):
+        return sequence_classification_loss
+    raise ValueError(
+        f"zo_fx has no built-in loss for {name}; pass loss=callable(outputs, batch) -> per-example tensor "
+        "(built in: causal LM, masked LM, sequence classification, CandidateClassificationLoss)"
+    )

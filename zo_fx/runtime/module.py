@@ -1,0 +1,191 @@
+"""``zo_compile`` and the ``ZOModule`` it returns.
+
+A ZOModule owns the captured graph and, per group count and direction kind, a
+rewritten graph that evaluates G perturbed copies of the model in one pass. It reads
+the model's parameters live at every call, so the optimizers' in-place updates are
+seen immediately, and it never writes a parameter itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ..passes.capture import CapturedModel, capture, live_inputs
+from ..passes.report import ZOReport, build_report
+from ..passes.rewrite import Rewritten, rewrite
+from .directions import MAX_SEED, check_kind, check_seed
+from .generate import perturbed
+from .losses import LossFn, default_loss
+
+IMPLS = ("auto", "torch", "triton")
+BACKENDS = ("eager", "inductor")
+
+
+@dataclass(frozen=True)
+class GroupTable:
+    """G rows of (seed, coefficient): group g sees ``theta + eps * coefs[g] * u(seeds[g])``.
+
+    A coefficient of 0 is the unperturbed model. MeZO uses ``GroupTable([s, s], [1, -1], eps)``,
+    FZOO ``GroupTable([0, s1..sN], [0, 1..1], eps)``.
+    """
+
+    seeds: tuple
+    coefs: tuple
+    eps: float
+    kind: str = "rademacher"
+
+    def __init__(self, seeds: Sequence[int], coefs: Sequence[float], eps: float, kind: str = "rademacher"):
+        seeds = tuple(check_seed(s) for s in seeds)
+        coefs = tuple(float(c) for c in coefs)
+        if len(seeds) != len(coefs) or not seeds:
+            raise ValueError(f"a group table needs as many seeds as coefficients (>= 1); got {len(seeds)} and {len(coefs)}")
+        object.__setattr__(self, "seeds", seeds)
+        object.__setattr__(self, "coefs", coefs)
+        object.__setattr__(self, "eps", float(eps))
+        object.__setattr__(self, "kind", check_kind(kind))
+
+    @property
+    def groups(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def scales(self) -> tuple:
+        return tuple(self.eps * c for c in self.coefs)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(seeds, scales) as the graph takes them: int64 (two's complement of the uint64 seed), float64."""
+        signed = [s - (MAX_SEED + 1) if s >= 2**63 else s for s in self.seeds]
+        return torch.tensor(signed, dtype=torch.int64), torch.tensor(self.scales, dtype=torch.float64)
+
+
+def repeat_batch(batch: dict, groups: int, batch_size: int) -> dict:
+    """The batch as the grouped outputs see it: every per-example tensor repeated G times."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch_size:
+            out[k] = torch.cat([v] * groups, dim=0)
+        else:
+            out[k] = v
+    return out
+
+
+class ZOModule:
+    """A model compiled for zeroth-order training: G perturbed copies per forward pass."""
+
+    def __init__(self, model: torch.nn.Module, captured: CapturedModel, loss: LossFn, impl: str, backend: str,
+                 allow_fallback: bool):
+        self.model = model
+        self.captured = captured
+        self.loss_fn = loss
+        self.impl = impl
+        self.backend = backend
+        self.allow_fallback = allow_fallback
+        self._graphs: dict[tuple[int, str], Callable] = {}
+        self._rewritten: dict[tuple[int, str], Rewritten] = {}
+
+    # ---- parameters --------------------------------------------------------------------------------
+    @property
+    def pids(self) -> dict[str, int]:
+        """Stream id of every trainable parameter (tied parameters once)."""
+        return self.captured.pids
+
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {name: self.captured.params[name] for name in self.captured.pids}
+
+    def direction(self, seed: int, kind: str = "rademacher") -> dict[str, torch.Tensor]:
+        """Direction ``seed`` materialised per trainable parameter, exactly as the forward uses it."""
+        kind = check_kind(kind)
+        with torch.no_grad():
+            return {
+                name: perturbed(torch.zeros_like(p), seed, self.pids[name], 1.0, kind)
+                for name, p in self.trainable_parameters().items()
+            }
+
+    # ---- graphs --------------------------------------------------------------------------------------
+    def rewritten(self, groups: int, kind: str) -> Rewritten:
+        key = (groups, kind)
+        if key not in self._rewritten:
+            self._rewritten[key] = rewrite(self.captured, groups, kind, self.impl, self.allow_fallback)
+        return self._rewritten[key]
+
+    def _graph(self, groups: int, kind: str) -> Callable:
+        key = (groups, kind)
+        if key not in self._graphs:
+            gm = self.rewritten(groups, kind).graph_module
+            self._graphs[key] = torch.compile(gm, dynamic=True) if self.backend == "inductor" else gm
+        return self._graphs[key]
+
+    def forward_groups(self, batch: dict, table: GroupTable):
+        """The model's outputs for every group: G slices of the batch dim, group-major."""
+        seeds, scales = table.tensors()
+        args = live_inputs(self.captured, self.model, batch) + [seeds, scales]
+        with torch.no_grad():
+            out = self._graph(table.groups, table.kind)(*args)
+        return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
+
+    def group_losses(self, batch: dict, table: GroupTable) -> torch.Tensor:
+        """Per-example loss of every group, shape [G, B], from one batched pass."""
+        batch_size = batch[self.captured.input_keys[0]].shape[0]
+        outputs = self.forward_groups(batch, table)
+        with torch.no_grad():
+            losses = self.loss_fn(outputs, repeat_batch(batch, table.groups, batch_size))
+        if losses.shape != (table.groups * batch_size,):
+            raise ValueError(
+                f"the loss must return one value per example ({table.groups * batch_size} for {table.groups} groups "
+                f"of {batch_size}); got shape {tuple(losses.shape)}"
+            )
+        return losses.view(table.groups, batch_size)
+
+    def outputs(self, batch: dict) -> torch.Tensor:
+        """Outputs of the unperturbed model (one group with coefficient 0)."""
+        return self.forward_groups(batch, GroupTable([0], [0.0], 0.0))
+
+    def report(self, groups: int = 2, kind: str = "rademacher") -> ZOReport:
+        """Which rule handles each use of each trainable parameter, and what runs once vs G times."""
+        return build_report(self.captured, self.rewritten(groups, kind), self.model)
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.trainable_parameters().values())
+        return f"ZOModule({self.captured.model_class}, trainable={n:,} in {len(self.pids)} tensors, impl={self.impl})"
+
+
+def zo_compile(
+    model: torch.nn.Module,
+    example_batch: dict,
+    loss: LossFn | None = None,
+    impl: str = "auto",
+    *,
+    backend: str = "eager",
+    allow_fallback: bool = False,
+) -> ZOModule:
+    """Capture ``model`` and prepare it for zeroth-order training.
+
+    Args:
+        model: a plain ``nn.Module``, a Hugging Face model, or a PEFT-wrapped one. It is
+            put in eval mode (no dropout: a perturbed loss difference must come from the
+            perturbation alone). Parameters with ``requires_grad=False`` stay frozen.
+        example_batch: a dict of tensors as the model's forward takes them.
+        loss: ``loss(outputs, batch) -> Tensor[N]`` per example; default from the model class.
+        impl: "auto" (Triton kernels for CUDA tensors, torch elsewhere), "torch" or "triton".
+        backend: "eager" runs the rewritten FX graph as is; "inductor" hands it to torch.compile.
+        allow_fallback: evaluate ops no rule covers once per group with perturbed copies of
+            their parameters instead of raising ``UncoveredParameterUseError``.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if not isinstance(example_batch, dict):
+        raise TypeError(f"example_batch must be a dict of tensors (e.g. input_ids, attention_mask); got {type(example_batch).__name__}")
+    model.eval()
+    captured = capture(model, example_batch)
+    if not captured.pids:
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameter used by its forward (all requires_grad=False?); "
+            "unfreeze the parameters to train"
+        )
+    loss_fn = loss if loss is not None else default_loss(model)
+    return ZOModule(model, captured, loss_fn, impl, backend, allow_fallback)

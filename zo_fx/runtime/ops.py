@@ -1,0 +1,219 @@
+"""Perturbation-aware ops: what the rewritten graph calls at every use of a trainable parameter.
+
+Each op evaluates G *groups* at once. Group g sees the parameter
+``theta + scales[g] * u(seeds[g], pid)`` (``scales[g] = eps * c_g``; 0 means the plain
+weights). Tensors flowing through the rewritten graph come in three layouts:
+
+* invariant: the original tensor for the B examples (depends on no perturbed parameter);
+* grouped: the tensor the original graph would give on the batch repeated G times,
+  i.e. G slices of the batch dimension, group-major;
+* per-group list: a Python list of G tensors without a batch dimension (a perturbed
+  bias or norm weight, a learned position table looked up without batch).
+
+These functions are the torch reference implementation. Each matmul-like op has a
+single dispatch point (``impl``) where the Triton kernels plug in. Nothing here ever
+writes a parameter, and no op holds more than one weight-sized temporary at a time.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils import _pytree as pytree
+
+from .directions import MAX_SEED, sample_at
+from .generate import perturbed
+
+# leaf codes of map_groups (a non-negative code is the batch dim of a grouped tensor)
+PASS = -1  # same value for every group
+PER_GROUP = -2  # a list of G values: group g takes element g
+GROUPED_SYM = -3  # a batch-dependent size of the grouped layout: group g takes value // G
+
+
+class PerGroup(list):
+    """G values, one per group (a pytree leaf: map_groups must not flatten it)."""
+
+
+def _is_per_group(x) -> bool:
+    return isinstance(x, PerGroup)
+
+
+def _table(seeds: torch.Tensor, scales: torch.Tensor) -> tuple[list[int], list[float]]:
+    # seeds travel as int64 (two's complement of the uint64 seed)
+    return [int(s) & MAX_SEED for s in seeds.tolist()], [float(s) for s in scales.tolist()]
+
+
+def _weight(param: torch.Tensor, pid: int | None, seed: int, scale: float, kind: str) -> torch.Tensor:
+    if pid is None or param is None or scale == 0.0:
+        return param
+    return perturbed(param, seed, pid, scale, kind)
+
+
+def _kernel(impl: str, x: torch.Tensor, name: str):
+    """The dispatch point: a Triton kernel for ``name`` if ``impl`` picks Triton, else None."""
+    if impl == "torch":
+        return None
+    from .. import kernels
+
+    pick = getattr(kernels, "pick", None)
+    if pick is None or pick(impl, x) != "triton":
+        return None
+    return getattr(kernels, name, None)
+
+
+def _split(x: torch.Tensor, groups: int, bdim: int) -> Sequence[torch.Tensor]:
+    return x.chunk(groups, dim=bdim)
+
+
+@torch.compiler.disable
+def grouped_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    w_pid: int | None,
+    b_pid: int | None,
+    seeds: torch.Tensor,
+    scales: torch.Tensor,
+    kind: str,
+    groups: int,
+    x_bdim: int,
+    weight_layout: str = "out_in",
+    impl: str = "auto",
+) -> torch.Tensor:
+    """``x @ W_g^T + b_g`` (layout ``out_in``, nn.Linear) or ``x @ W_g + b_g`` (``in_out``, Conv1D/mm).
+
+    ``x_bdim >= 0``: x is grouped along that dim; ``x_bdim == PASS``: x is invariant and
+    shared by every group (the direction-invariant case). The result is grouped along
+    ``x_bdim`` (dim 0 when x is shared).
+    """
+    seed_list, scale_list = _table(seeds, scales)
+    shared = x_bdim == PASS
+    out_dim = 0 if shared else x_bdim
+    kernel = _kernel(impl, x, "grouped_linear")
+    if kernel is not None and x.dim() >= 2 and out_dim == 0:
+        xs = x.reshape(-1, x.shape[-1]) if shared else x.reshape(groups, -1, x.shape[-1])
+        y = kernel(xs, weight, bias, w_pid, b_pid, seed_list, scale_list, kind,
+                   shared_input=shared, weight_layout=weight_layout)
+        lead = list(x.shape[:-1])
+        if shared:
+            lead[0] = lead[0] * groups
+        return y.reshape(*lead, y.shape[-1])
+    xs = [x] * groups if shared else _split(x, groups, x_bdim)
+    outs = []
+    for g in range(groups):
+        w = _weight(weight, w_pid, seed_list[g], scale_list[g], kind)
+        b = _weight(bias, b_pid, seed_list[g], scale_list[g], kind)
+        if weight_layout == "out_in":
+            outs.append(F.linear(xs[g], w, b))
+        else:
+            y = torch.matmul(xs[g], w)
+            outs.append(y if b is None else y + b)
+        del w
+    return torch.cat(outs, dim=out_dim)
+
+
+@torch.compiler.disable
+def grouped_embedding(
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    pid: int,
+    seeds: torch.Tensor,
+    scales: torch.Tensor,
+    kind: str,
+    groups: int,
+    ids_bdim: int,
+    padding_idx: int = -1,
+    impl: str = "auto",
+) -> torch.Tensor | list[torch.Tensor]:
+    """Rows ``W[ids] + scale_g * U_g[ids]``, the perturbation generated at the looked-up rows only.
+
+    ``ids_bdim >= 0``: ids are grouped along that dim and the result is grouped;
+    ``ids_bdim == PASS``: ids are shared (invariant): the result is grouped along
+    dim 0 when ids carry the batch (``groups_out='grouped'``) -- the caller says which
+    by how it uses the result -- otherwise a per-group list.
+    """
+    seed_list, scale_list = _table(seeds, scales)
+    id_groups = _split(ids, groups, ids_bdim) if ids_bdim >= 0 else [ids] * groups
+    dim = weight.shape[1]
+    outs = []
+    base_rows = None
+    for g in range(groups):
+        rows = F.embedding(id_groups[g], weight, padding_idx) if ids_bdim >= 0 or base_rows is None else base_rows
+        if ids_bdim == PASS:
+            base_rows = rows
+        if scale_list[g] != 0.0:
+            flat = id_groups[g].unsqueeze(-1) * dim + torch.arange(dim, device=ids.device)
+            u = sample_at(seed_list[g], pid, flat, kind, dtype=torch.float32)
+            acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            rows = (rows.to(acc) + scale_list[g] * u.to(acc)).to(weight.dtype)
+        outs.append(rows)
+    return PerGroup(outs)
+
+
+def grouped_embedding_cat(outs: list[torch.Tensor], bdim: int) -> torch.Tensor:
+    return torch.cat(outs, dim=bdim)
+
+
+@torch.compiler.disable
+def per_group_params(
+    param: torch.Tensor, pid: int, seeds: torch.Tensor, scales: torch.Tensor, kind: str, groups: int
+) -> list[torch.Tensor]:
+    """The G perturbed copies of a small parameter (a bias, a norm weight, a scale)."""
+    seed_list, scale_list = _table(seeds, scales)
+    return PerGroup(_weight(param, pid, seed_list[g], scale_list[g], kind) for g in range(groups))
+
+
+def _pick(leaf: Any, code: int, g: int, groups: int, pieces: dict) -> Any:
+    if code == PASS:
+        return leaf
+    if code == PER_GROUP:
+        return leaf[g]
+    if code == GROUPED_SYM:
+        return leaf // groups
+    key = id(leaf)
+    if key not in pieces:
+        pieces[key] = _split(leaf, groups, code)
+    return pieces[key][g]
+
+
+@torch.compiler.disable
+def map_groups(op, groups: int, leaf_codes: tuple, out_bdims: tuple, args: tuple, kwargs: dict) -> Any:
+    """Run ``op`` once per group on that group's slice of every input.
+
+    ``leaf_codes`` has one code per leaf of ``pytree.tree_flatten((args, kwargs))``.
+    ``out_bdims`` has one entry per leaf of the op's output: the batch dim along which
+    the G results are concatenated into a grouped tensor, or ``PER_GROUP`` to return
+    the list of G results as they are.
+    """
+    leaves, spec = pytree.tree_flatten((args, kwargs), is_leaf=_is_per_group)
+    pieces: dict = {}
+    results = []
+    for g in range(groups):
+        picked = [_pick(leaf, code, g, groups, pieces) for leaf, code in zip(leaves, leaf_codes)]
+        a, k = pytree.tree_unflatten(picked, spec)
+        results.append(op(*a, **k))
+    if all(d == PER_GROUP for d in out_bdims):
+        return PerGroup(results)
+    out_leaves = [pytree.tree_flatten(r)[0] for r in results]
+    out_spec = pytree.tree_flatten(results[0])[1]
+    merged = []
+    for i, d in enumerate(out_bdims):
+        column = [leaves_g[i] for leaves_g in out_leaves]
+        if d == PER_GROUP or not isinstance(column[0], torch.Tensor):
+            merged.append(column)
+        else:
+            merged.append(torch.cat(column, dim=d))
+    return pytree.tree_unflatten(merged, out_spec)
+
+
+def repeat_groups(x: torch.Tensor, groups: int, bdim: int) -> torch.Tensor:
+    """An invariant tensor in the grouped layout: G copies along its batch dim."""
+    return torch.cat([x] * groups, dim=bdim)
+
+
+def scale_size(size, groups: int):
+    """An invariant batch-dependent size in the grouped layout."""
+    return operator.mul(size, groups)
