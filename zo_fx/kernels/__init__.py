@@ -1,0 +1,103 @@
+"""Perturbation-aware Triton kernels, each beside the torch reference that specifies it.
+
+One module per op, each with ``<op>_reference`` (plain torch, runs anywhere, the
+specification), the Triton kernel and its launcher, and the ``<op>(..., impl="auto")``
+entry point that chooses between them through :func:`pick`:
+
+* :mod:`.philox`: Philox4x32-10 and the frozen direction streams as ``@triton.jit`` helpers.
+* :mod:`.linear`: ``grouped_linear``, G perturbed GEMMs from one load of each weight tile.
+* :mod:`.update`: ``fused_update_`` and ``adamezo_update_``, in-place multi-direction updates.
+* :mod:`.embedding`: ``grouped_embedding``, directions generated at the looked-up rows only.
+
+The entry points are also reachable from here (``zo_fx.kernels.grouped_linear``); the
+modules are imported on first use, so importing ``zo_fx.kernels`` does not import Triton.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import torch
+
+IMPLS = ("auto", "torch", "triton")
+
+_ENTRY_POINTS = {
+    "grouped_linear": "linear",
+    "grouped_embedding": "embedding",
+    "fused_update_": "update",
+    "adamezo_update_": "update",
+}
+
+# reasons already reported by pick(): each fallback is announced once per process
+_warned: set[str] = set()
+
+
+def _triton_importable() -> bool:
+    from ._support import HAS_TRITON
+
+    return HAS_TRITON
+
+
+def triton_available() -> bool:
+    """Whether Triton kernels can run here: Triton imports, and there is a GPU or the interpreter is on."""
+    from ._support import interpreting
+
+    return _triton_importable() and (torch.cuda.is_available() or interpreting())
+
+
+def _why_not_triton(tensor: torch.Tensor) -> str | None:
+    """The reason the kernels cannot take ``tensor`` here, or None when they can."""
+    from ._support import KERNEL_DTYPES, interpreting, kernels_interpreted
+
+    if not _triton_importable():
+        return "Triton is not installed"
+    if tensor.dtype not in KERNEL_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in KERNEL_DTYPES)
+        return f"the kernels take {names} tensors, not {str(tensor.dtype).replace('torch.', '')}"
+    if tensor.device.type == "cuda":
+        return None
+    if not interpreting():
+        return f"a {tensor.device.type} tensor needs TRITON_INTERPRET=1 (the Triton CPU interpreter)"
+    if kernels_interpreted() is False:
+        return "the kernels were compiled before TRITON_INTERPRET=1 was set; set it before importing zo_fx.kernels"
+    return None
+
+
+def pick(impl: str, tensor: torch.Tensor) -> str:
+    """Which implementation runs an op on ``tensor``: ``"triton"`` or ``"torch"``.
+
+    Args:
+        impl: ``"auto"`` uses Triton for CUDA tensors when it can, torch everywhere else;
+            ``"torch"`` always the reference; ``"triton"`` the kernel, or the reference with
+            a one-time warning saying why when the kernel cannot run (Triton missing, a CPU
+            tensor without ``TRITON_INTERPRET=1``, a dtype such as float64). A fallback is
+            never silent, and the reference computes the same function, so it is never wrong.
+        tensor: the tensor whose device and dtype decide (the op's main input).
+
+    Example:
+        >>> pick("auto", torch.zeros(2))
+        'torch'
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    if impl == "torch":
+        return "torch"
+    reason = _why_not_triton(tensor)
+    if impl == "auto":
+        return "triton" if reason is None and tensor.device.type == "cuda" else "torch"
+    if reason is None:
+        return "triton"
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"impl='triton' falls back to the torch reference: {reason}", stacklevel=3)
+    return "torch"
+
+
+def __getattr__(name: str):
+    if name in _ENTRY_POINTS:
+        return getattr(importlib.import_module(f".{_ENTRY_POINTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["IMPLS", "pick", "triton_available", *_ENTRY_POINTS]

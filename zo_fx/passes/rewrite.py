@@ -89,6 +89,8 @@ class Rewritten:
     uses: list[ParameterUse]
     layouts: Counter = field(default_factory=Counter)
     groups: int = 0
+    #: captured node name -> layout (invariant / grouped / per-group)
+    node_layouts: dict = field(default_factory=dict)
 
 
 def _op_name(target) -> str:
@@ -185,7 +187,8 @@ class _Rewriter:
                 raise UnsupportedGraphError(f"unexpected node kind {node.op} ({node.name})")
         gm = GraphModule(self.c.graph_module, self.g)
         gm.graph.lint()
-        return Rewritten(gm, self.uses, Counter(self.layout.values()), self.G)
+        layouts = {n.name: layout for n, layout in self.layout.items() if n.op == "call_function"}
+        return Rewritten(gm, self.uses, Counter(layouts.values()), self.G, layouts)
 
     def _call(self, node: Node):
         params = [a for a in node.all_input_nodes if a.name in self.trainable and a.op == "placeholder"]

@@ -33,6 +33,9 @@ def _token_mean(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def causal_lm_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """Mean next-token cross-entropy per example over labels != -100 (labels shifted by one, as HF does)."""
     labels = batch["labels"]
+    extra = logits.shape[1] - labels.shape[1]
+    if extra > 0:  # virtual tokens prepended by prompt tuning: they have no label, as PEFT pads them
+        labels = torch.cat([labels.new_full((labels.shape[0], extra), IGNORE_INDEX), labels], dim=1)
     return _token_mean(logits[:, :-1], labels[:, 1:])
 
 

@@ -1,0 +1,117 @@
+"""Reading jsonl files, and a classification task from the user's own jsonl file.
+
+A user file holds one JSON object per line with ``"text"`` and ``"label"``; the label may be
+a string (``"spam"``) or an int. It is split and scored exactly like the built-in tasks:
+80/10/10 by a hash of the text (``splits.hash_split``), one label word per class.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from zo_fx.tasks.base import ClassificationTask, Example, template_slots
+from zo_fx.tasks.splits import hash_split, subsample
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of a file, one per non-blank line; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such jsonl file: {path}")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from err
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _label_index(label_words: Mapping[Any, str] | Sequence[str]) -> tuple[list[str], dict[str, int]]:
+    """(words in class order, label value as a string -> class index).
+
+    Keys are compared as strings so that ``{"1": " yes"}`` (JSON from a command line) and
+    ``{1: " yes"}`` both match a label written as ``1`` or ``"1"`` in the file.
+    """
+    if isinstance(label_words, Mapping):
+        items = list(label_words.items())
+    elif isinstance(label_words, Sequence) and not isinstance(label_words, str):
+        items = list(enumerate(label_words))
+    else:
+        raise TypeError(f"label_words must be a dict {{label: word}} or a list of words, got {label_words!r}")
+    if len(items) < 2:
+        raise ValueError(
+            f"a classification task needs at least 2 classes; label_words has {len(items)}: {label_words!r}"
+        )
+    return [word for _, word in items], {str(value): i for i, (value, _) in enumerate(items)}
+
+
+def load_jsonl_task(
+    path: str | Path,
+    label_words: Mapping[Any, str] | Sequence[str],
+    template: str,
+    *,
+    seed: int = 0,
+    n_train: int | None = None,
+    n_val: int | None = None,
+    n_test: int | None = None,
+) -> ClassificationTask:
+    """A classification task from a jsonl file of ``{"text": ..., "label": ...}`` lines.
+
+    Args:
+        path: the jsonl file.
+        label_words: the word for each label value, ``{"spam": " spam", "ham": " ham"}``; a list
+            means the labels are the ints 0..n-1. Dict order is class order.
+        template: must contain ``{text}`` and end right before the label word, e.g.
+            ``"Message: {text}\\nSpam or ham?"``.
+        seed, n_train, n_val, n_test: seeded subsampling of each split (None keeps all).
+
+    Example::
+
+        task = load_jsonl_task("reviews.jsonl", {"neg": " bad", "pos": " good"}, "{text} It was")
+    """
+    path = Path(path)
+    if "text" not in template_slots(template):
+        raise ValueError(
+            f"template {template!r} must contain {{text}}, where each line's text goes, "
+            "e.g. '{text} It was'"
+        )
+    words, index = _label_index(label_words)
+    examples = []
+    for number, row in enumerate(read_jsonl(path), start=1):
+        for key in ("text", "label"):
+            if key not in row:
+                raise ValueError(
+                    f"{path}, line {number}: missing {key!r}; each line needs 'text' and 'label'"
+                )
+        if str(row["label"]) not in index:
+            raise ValueError(
+                f"{path}, line {number}: label {row['label']!r} has no label word; label_words "
+                f"covers {list(index)}"
+            )
+        examples.append(Example({"text": str(row["text"])}, index[str(row["label"])]))
+    seen = {e.label for e in examples}
+    if len(seen) < 2:
+        raise ValueError(
+            f"{path} has {len(examples)} examples but {len(seen)} class(es); a classification "
+            "task needs examples of at least 2 classes"
+        )
+    train, validation, test = hash_split(examples, key=lambda e: e.fields["text"])
+    return ClassificationTask(
+        name=path.stem,
+        template=template,
+        label_words=words,
+        train=subsample(train, n_train, seed),
+        validation=subsample(validation, n_val, seed),
+        test=subsample(test, n_test, seed),
+        description=f"{path}, split 80/10/10 by blake2b(text)",
+    )
