@@ -10,31 +10,12 @@ import pytest
 import torch
 
 import zo_fx
-from zo_fx.runtime.losses import default_loss
 from zo_fx.runtime.module import GroupTable
 
+from explicit import explicit_group_losses
 from model_zoo import FAMILIES, causal_batch, tiny_llama, tiny_lora_llama, tiny_prompt_tuning_llama
 
 REL_TOL = 1e-10
-
-
-def explicit_group_losses(model, zm, batch, table, loss_fn=None):
-    """The reference: perturb the eager model's weights in place, forward, restore."""
-    loss_fn = loss_fn or default_loss(model)
-    params = dict(model.named_parameters())
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    out = []
-    for seed, coef in zip(table.seeds, table.coefs):
-        direction = zm.direction(seed, table.kind)
-        saved = {n: params[n].detach().clone() for n in direction}
-        with torch.no_grad():
-            for n, u in direction.items():
-                params[n].add_(table.eps * coef * u)
-            logits = model(**inputs).logits
-            for n, v in saved.items():
-                params[n].copy_(v)
-        out.append(loss_fn(logits, batch))
-    return torch.stack(out)
 
 
 def _table(groups, kind, rng):

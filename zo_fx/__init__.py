@@ -4,10 +4,13 @@ from .passes.capture import ExportFailedError
 from .passes.rewrite import UncoveredParameterUseError, UnsupportedGraphError
 from .runtime.losses import CandidateClassificationLoss, causal_lm_loss
 from .runtime.module import GroupTable, ZOModule, zo_compile
+from .runtime.optimizers import FZOO, AdaMeZO, MeZO, StepInfo, ZOOptimizer
+from .runtime.trajectory import Trajectory, replay
 
 __version__ = "0.1.0"
 
 __all__ = [
     "zo_compile", "ZOModule", "GroupTable", "CandidateClassificationLoss", "causal_lm_loss",
+    "MeZO", "FZOO", "AdaMeZO", "ZOOptimizer", "StepInfo", "Trajectory", "replay",
     "ExportFailedError", "UncoveredParameterUseError", "UnsupportedGraphError",
 ]

@@ -96,16 +96,34 @@ def _update_chunk(param, coefs, lr, weight_decay, block0, seed_lo, seed_hi, pid,
     return (p - lr.to(acc_dtype) * (acc + weight_decay.to(acc_dtype) * p)).to(param.dtype)
 
 
+def _adamezo_chunk(param, coefs, lr, weight_decay, beta1_pows, beta2_pows, scale, adam_eps,
+                   block0, seed_lo, seed_hi, pid, tag, kind: str):
+    """Truncated Adam moments of the last K directions, rebuilt for this chunk only."""
+    acc_dtype = accumulation_dtype(param.dtype)
+    m = torch.zeros(param.shape, dtype=acc_dtype, device=param.device)
+    v = torch.zeros(param.shape, dtype=acc_dtype, device=param.device)
+    for j in range(coefs.shape[0]):
+        u = _chunk_values(kind, param.shape[0], block0, seed_lo[j], seed_hi[j], pid, tag, acc_dtype)
+        g = coefs[j].to(acc_dtype) * u
+        m = m + beta1_pows[j].to(acc_dtype) * g
+        v = v + beta2_pows[j].to(acc_dtype) * (g * g)
+    step = scale.to(acc_dtype) * m / (torch.sqrt(v) + adam_eps.to(acc_dtype))
+    p = param.to(acc_dtype)
+    return (p - lr.to(acc_dtype) * (step + weight_decay.to(acc_dtype) * p)).to(param.dtype)
+
+
+_KERNELS = {"perturbed": _perturbed_chunk, "update": _update_chunk, "adamezo": _adamezo_chunk}
+
+
 @lru_cache(maxsize=None)
 def _compiled(fn_name: str):
-    fn = {"perturbed": _perturbed_chunk, "update": _update_chunk}[fn_name]
-    return torch.compile(fn, dynamic=True)
+    return torch.compile(_KERNELS[fn_name], dynamic=True)
 
 
 def _runner(fn_name: str, numel: int):
     if numel >= COMPILE_MIN_NUMEL and _compile_enabled():
         return _compiled(fn_name)
-    return {"perturbed": _perturbed_chunk, "update": _update_chunk}[fn_name]
+    return _KERNELS[fn_name]
 
 
 def _per_block(kind: str) -> int:
@@ -181,4 +199,48 @@ def apply_update_(
     return param
 
 
-__all__ = ["perturbed", "apply_update_", "accumulation_dtype", "CHUNK", "GAUSSIAN", "RADEMACHER"]
+@torch.no_grad()
+def apply_adamezo_update_(
+    param: torch.Tensor,
+    seeds,
+    coefs,
+    pid: int,
+    kind: str,
+    lr: float,
+    betas: tuple[float, float] = (0.7, 0.9),
+    weight_decay: float = 0.0,
+    scale: float = 100.0,
+    adam_eps: float = 1e-5,
+    *,
+    chunk: int = CHUNK,
+) -> torch.Tensor:
+    """AdaMeZO's update from the last K (seed, coef) pairs, MOST RECENT FIRST, in place.
+
+    Per element: ``m = sum_j b1**j * c_j * u_j``, ``v = sum_j b2**j * (c_j * u_j)**2``,
+    ``param -= lr * (scale * m / (sqrt(v) + adam_eps) + weight_decay * param)``.
+    The moments exist only for the chunk being updated: scratch memory is
+    O(chunk) (a few chunk-sized buffers), whatever the parameter size or K.
+    """
+    kind = check_kind(kind)
+    if chunk % 128:
+        raise ValueError(f"update chunk must be a multiple of 128 elements; got {chunk}")
+    if len(seeds) != len(coefs) or not seeds:
+        raise ValueError(f"need as many seeds as coefficients (>= 1); got {len(seeds)} and {len(coefs)}")
+    flat = param.view(-1)
+    dev = param.device
+    lo, hi, pid_t, tag = _key_tensors(seeds, pid, kind, dev)
+    f64 = lambda v: torch.tensor(v, dtype=torch.float64, device=dev)  # noqa: E731
+    coefs_t = f64([float(c) for c in coefs])
+    b1 = f64([betas[0] ** j for j in range(len(seeds))])
+    b2 = f64([betas[1] ** j for j in range(len(seeds))])
+    pb = _per_block(kind)
+    for s in range(0, flat.numel(), chunk):
+        view = flat[s : s + chunk]
+        block0 = torch.tensor(s // pb, dtype=torch.int64, device=dev)
+        run = _runner("adamezo", view.numel())
+        view.copy_(run(view, coefs_t, f64(float(lr)), f64(float(weight_decay)), b1, b2, f64(float(scale)),
+                       f64(float(adam_eps)), block0, lo, hi, pid_t, tag, kind))
+    return param
+
+
+__all__ = ["perturbed", "apply_update_", "apply_adamezo_update_", "accumulation_dtype", "CHUNK"]

@@ -1,0 +1,24 @@
+"""The reference every test compares against: the eager model with its weights explicitly perturbed."""
+
+import torch
+
+from zo_fx.runtime.losses import default_loss
+
+
+def explicit_group_losses(model, zm, batch, table, loss_fn=None):
+    """The reference: perturb the eager model's weights in place, forward, restore."""
+    loss_fn = loss_fn or default_loss(model)
+    params = dict(model.named_parameters())
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = []
+    for seed, coef in zip(table.seeds, table.coefs):
+        direction = zm.direction(seed, table.kind)
+        saved = {n: params[n].detach().clone() for n in direction}
+        with torch.no_grad():
+            for n, u in direction.items():
+                params[n].add_(table.eps * coef * u)
+            logits = model(**inputs).logits
+            for n, v in saved.items():
+                params[n].copy_(v)
+        out.append(loss_fn(logits, batch))
+    return torch.stack(out)
