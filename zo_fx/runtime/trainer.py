@@ -1,0 +1,91 @@
+"""``ZOTrainer``: fine-tune with zo_fx optimizers through the Hugging Face ``Trainer``.
+
+The Trainer keeps doing what it is good at (data loading, ``TrainingArguments``, LR
+schedules, logging, evaluation, saving); only the training step changes: instead of
+forward + backward, one zo_fx step evaluates the G perturbed copies in one batched
+pass and applies the fused update. The Trainer's optimizer is the zo optimizer's
+one-tensor ``torch_optimizer``, so its LR scheduler drives our learning rate and its
+``optimizer.step()`` is a no-op.
+
+Set ``remove_unused_columns=False`` when the loss reads keys the model does not take
+(e.g. ``class_labels`` for :class:`CandidateClassificationLoss`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from transformers import Trainer
+
+from .module import zo_compile
+from .optimizers import FZOO, AdaMeZO, MeZO
+
+METHODS = {"fzoo": FZOO, "mezo": MeZO, "adamezo": AdaMeZO}
+ZO_STATE = "zo_optimizer.json"
+
+
+class ZOTrainer(Trainer):
+    """A ``Trainer`` whose step is a zeroth-order step.
+
+    Args:
+        zo_method: "fzoo", "mezo" or "adamezo".
+        zo_kwargs: extra arguments of the optimizer (eps, n_directions, horizon, kind, ...);
+            the learning rate, weight decay and seed come from ``TrainingArguments``.
+        zo_loss: per-example loss ``(outputs, batch) -> Tensor[N]`` (default: from the model class).
+        zo_impl: "auto", "torch" or "triton" (see :func:`zo_fx.zo_compile`).
+    """
+
+    def __init__(self, *args, zo_method: str = "fzoo", zo_kwargs: dict | None = None, zo_loss=None,
+                 zo_impl: str = "auto", **kwargs):
+        if zo_method not in METHODS:
+            raise ValueError(f"zo_method must be one of {sorted(METHODS)}; got {zo_method!r}")
+        super().__init__(*args, **kwargs)
+        self.zo_method = zo_method
+        self.zo_kwargs = dict(zo_kwargs or {})
+        self.zo_loss = zo_loss
+        self.zo_impl = zo_impl
+        self.zo_module = None
+        self.zo_optimizer = None
+        self.last_step_info = None
+        self._pending_zo_state = None
+
+    def _build_zo(self, batch: dict) -> None:
+        self.zo_module = zo_compile(self.model, batch, loss=self.zo_loss, impl=self.zo_impl)
+        self.zo_optimizer = METHODS[self.zo_method](
+            self.zo_module, lr=self.args.learning_rate, weight_decay=self.args.weight_decay, seed=self.args.seed,
+            **self.zo_kwargs,
+        )
+        # share the Trainer's optimizer param group, so its scheduler sets our lr
+        self.zo_optimizer.torch_optimizer = self.optimizer
+        if self._pending_zo_state is not None:
+            self.zo_optimizer.load_state_dict({**self._pending_zo_state, "torch_optimizer": self.optimizer.state_dict()})
+            self._pending_zo_state = None
+
+    def create_optimizer(self):
+        if self.optimizer is None:
+            self.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=self.args.learning_rate)
+        return self.optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        inputs = {k: v for k, v in self._prepare_inputs(inputs).items()}
+        if self.zo_optimizer is None:
+            self._build_zo(inputs)
+        info = self.zo_optimizer.step(inputs)
+        self.last_step_info = info
+        if info.skipped:
+            self.log({"zo_skipped": 1.0})
+        return torch.tensor(info.loss if not info.skipped else float("nan")).to(self.args.device)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.zo_optimizer is not None:
+            with open(os.path.join(output_dir, ZO_STATE), "w") as f:
+                json.dump(self.zo_optimizer.state_dict(), f)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and os.path.exists(os.path.join(checkpoint, ZO_STATE)):
+            with open(os.path.join(checkpoint, ZO_STATE)) as f:
+                self._pending_zo_state = json.load(f)
