@@ -219,3 +219,40 @@ def test_bad_arguments():
     frozen.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameter"):
         zo_fx.zo_compile(frozen, batch)
+
+
+def test_head_is_fused_into_the_loss_one_group_at_a_time():
+    """No tensor holds the logits of all groups at once; the result equals the unfused graph."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model, batch = tiny_llama(), causal_batch()
+    groups, (b, t), vocab = 5, batch["input_ids"].shape, model.config.vocab_size
+    table = GroupTable(list(range(groups)), [0.0, 1.0, -1.0, 0.5, 2.0], 1e-3)
+    fused = zo_fx.zo_compile(model, batch)
+    assert fused.head is not None and fused.head.weight == "model.embed_tokens.weight"
+    shapes = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                shapes.append(tuple(out.shape))
+            return out
+
+    with Record():
+        got = fused.group_losses(batch, table)
+    assert (groups * b, t, vocab) not in shapes and (b, t, vocab) in shapes
+    unfused = zo_fx.zo_compile(model, batch, fuse_head=False).group_losses(batch, table)
+    _assert_close_rel(got, unfused)
+
+
+def test_classification_reads_out_only_label_word_rows():
+    model, batch = tiny_llama(), causal_batch()
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    batch["class_labels"] = torch.tensor([1, 0, 2])
+    loss = zo_fx.CandidateClassificationLoss([7, 30, 55])
+    table = GroupTable([4, 4, 9], [1.0, -1.0, 0.25], 1e-2, "gaussian")
+    readout = zo_fx.zo_compile(model, batch, loss=loss).group_losses(batch, table)
+    full = zo_fx.zo_compile(model, batch, loss=loss, fuse_head=False).group_losses(batch, table)
+    _assert_close_rel(readout, full)
+    _assert_close_rel(readout, explicit_group_losses(model, zo_fx.zo_compile(model, batch, loss=loss), batch, table, loss))

@@ -75,6 +75,18 @@ class CandidateClassificationLoss:
         self.label_token_ids = [int(t) for t in label_token_ids]
         self.label_key = label_key
 
+    # Readout protocol (see zo_fx.passes.readout): the loss reads one position per example and
+    # only the label words' rows of the output head, so the runtime computes just those logits.
+    @property
+    def readout_token_ids(self) -> list[int]:
+        return self.label_token_ids
+
+    def readout_positions(self, batch: dict) -> torch.Tensor:
+        return last_token_positions(batch, batch["input_ids"].shape[1])
+
+    def from_readout(self, candidate_logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(_float(candidate_logits), batch[self.label_key], reduction="none")
+
     def candidate_logits(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         pos = last_token_positions(batch, logits.shape[1])
         last = logits[torch.arange(logits.shape[0], device=logits.device), pos]

@@ -14,11 +14,13 @@ from typing import Callable, Sequence
 import torch
 
 from ..passes.capture import CapturedModel, capture, live_inputs
+from ..passes.readout import Head, cut_head
 from ..passes.report import ZOReport, build_report
 from ..passes.rewrite import Rewritten, rewrite
 from .directions import MAX_SEED, check_kind, check_seed
 from .generate import perturbed
 from .losses import LossFn, default_loss
+from .ops import head_logits, head_readout
 
 IMPLS = ("auto", "torch", "triton")
 BACKENDS = ("eager", "inductor")
@@ -76,9 +78,12 @@ class ZOModule:
     """A model compiled for zeroth-order training: G perturbed copies per forward pass."""
 
     def __init__(self, model: torch.nn.Module, captured: CapturedModel, loss: LossFn, impl: str, backend: str,
-                 allow_fallback: bool):
+                 allow_fallback: bool, fuse_head: bool = True):
         self.model = model
         self.captured = captured
+        cut = cut_head(captured) if fuse_head else None
+        self.headless: CapturedModel | None = cut[0] if cut else None
+        self.head: Head | None = cut[1] if cut else None
         self.loss_fn = loss
         self.impl = impl
         self.backend = backend
@@ -105,33 +110,40 @@ class ZOModule:
             }
 
     # ---- graphs --------------------------------------------------------------------------------------
-    def rewritten(self, groups: int, kind: str) -> Rewritten:
-        key = (groups, kind)
+    def rewritten(self, groups: int, kind: str, headless: bool = False) -> Rewritten:
+        key = (groups, kind, headless)
         if key not in self._rewritten:
-            self._rewritten[key] = rewrite(self.captured, groups, kind, self.impl, self.allow_fallback)
+            captured = self.headless if headless else self.captured
+            self._rewritten[key] = rewrite(captured, groups, kind, self.impl, self.allow_fallback)
         return self._rewritten[key]
 
-    def _graph(self, groups: int, kind: str) -> Callable:
-        key = (groups, kind)
+    def _graph(self, groups: int, kind: str, headless: bool = False) -> Callable:
+        key = (groups, kind, headless)
         if key not in self._graphs:
-            gm = self.rewritten(groups, kind).graph_module
+            gm = self.rewritten(groups, kind, headless).graph_module
             self._graphs[key] = torch.compile(gm, dynamic=True) if self.backend == "inductor" else gm
         return self._graphs[key]
 
-    def forward_groups(self, batch: dict, table: GroupTable):
-        """The model's outputs for every group: G slices of the batch dim, group-major."""
+    def _run(self, batch: dict, table: GroupTable, headless: bool = False):
         seeds, scales = table.tensors()
         args = live_inputs(self.captured, self.model, batch) + [seeds, scales]
         with torch.no_grad():
-            out = self._graph(table.groups, table.kind)(*args)
+            out = self._graph(table.groups, table.kind, headless)(*args)
         return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
+
+    def forward_groups(self, batch: dict, table: GroupTable):
+        """The model's outputs for every group: G slices of the batch dim, group-major."""
+        return self._run(batch, table)
 
     def group_losses(self, batch: dict, table: GroupTable) -> torch.Tensor:
         """Per-example loss of every group, shape [G, B], from one batched pass."""
         batch_size = batch[self.captured.input_keys[0]].shape[0]
-        outputs = self.forward_groups(batch, table)
-        with torch.no_grad():
-            losses = self.loss_fn(outputs, repeat_batch(batch, table.groups, batch_size))
+        if self.head is not None:
+            losses = self._head_losses(batch, table, batch_size)
+        else:
+            outputs = self.forward_groups(batch, table)
+            with torch.no_grad():
+                losses = self.loss_fn(outputs, repeat_batch(batch, table.groups, batch_size))
         if losses.shape != (table.groups * batch_size,):
             raise ValueError(
                 f"the loss must return one value per example ({table.groups * batch_size} for {table.groups} groups "
@@ -139,13 +151,45 @@ class ZOModule:
             )
         return losses.view(table.groups, batch_size)
 
+    def _head_losses(self, batch: dict, table: GroupTable, batch_size: int) -> torch.Tensor:
+        """Run the graph up to the head, then each group's head and loss in turn (one group's logits alive)."""
+        hidden = self._run(batch, table, headless=True)
+        head = self.head
+        params = self.captured.params
+        weight, bias = params[head.weight], params[head.bias] if head.bias else None
+        w_pid, b_pid = self.pids.get(head.weight), self.pids.get(head.bias) if head.bias else None
+        readout = hasattr(self.loss_fn, "from_readout") and hidden.dim() == 3
+        if readout:
+            positions = self.loss_fn.readout_positions(batch)
+            token_ids = torch.tensor(self.loss_fn.readout_token_ids, device=hidden.device)
+            rows = torch.arange(batch_size, device=hidden.device)
+        out = []
+        with torch.no_grad():
+            for g, h in enumerate(hidden.chunk(table.groups, dim=0)):
+                seed, scale = table.seeds[g], table.scales[g]
+                if readout:
+                    logits = head_readout(h[rows, positions], weight, bias, w_pid, b_pid, seed, scale, table.kind,
+                                          head.layout, token_ids)
+                    out.append(self.loss_fn.from_readout(logits, batch))
+                    continue
+                logits = head_logits(h, weight, bias, w_pid, b_pid, seed, scale, table.kind, head.layout)
+                if head.out_dtype is not None:
+                    logits = logits.to(head.out_dtype)
+                out.append(self.loss_fn(logits, batch))
+                del logits
+        return torch.cat(out)
+
     def outputs(self, batch: dict) -> torch.Tensor:
         """Outputs of the unperturbed model (one group with coefficient 0)."""
         return self.forward_groups(batch, GroupTable([0], [0.0], 0.0))
 
     def report(self, groups: int = 2, kind: str = "rademacher") -> ZOReport:
         """Which rule handles each use of each trainable parameter, and what runs once vs G times."""
-        return build_report(self.captured, self.rewritten(groups, kind), self.model)
+        report = build_report(self.captured, self.rewritten(groups, kind), self.model)
+        if self.head is not None:
+            how = "label-word rows at one position" if hasattr(self.loss_fn, "from_readout") else "all rows"
+            report.notes.append(f"output head {self.head.weight} fused into the loss, one group at a time ({how})")
+        return report
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.trainable_parameters().values())
@@ -160,6 +204,7 @@ def zo_compile(
     *,
     backend: str = "eager",
     allow_fallback: bool = False,
+    fuse_head: bool = True,
 ) -> ZOModule:
     """Capture ``model`` and prepare it for zeroth-order training.
 
@@ -173,6 +218,8 @@ def zo_compile(
         backend: "eager" runs the rewritten FX graph as is; "inductor" hands it to torch.compile.
         allow_fallback: evaluate ops no rule covers once per group with perturbed copies of
             their parameters instead of raising ``UncoveredParameterUseError``.
+        fuse_head: compute the output head and the loss one group at a time (see
+            :mod:`zo_fx.passes.readout`), so only one group's logits exist at once.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
@@ -188,4 +235,4 @@ def zo_compile(
             "unfreeze the parameters to train"
         )
     loss_fn = loss if loss is not None else default_loss(model)
-    return ZOModule(model, captured, loss_fn, impl, backend, allow_fallback)
+    return ZOModule(model, captured, loss_fn, impl, backend, allow_fallback, fuse_head)

@@ -115,6 +115,37 @@ def grouped_linear(
     return torch.cat(outs, dim=out_dim)
 
 
+def head_logits(x: torch.Tensor, weight, bias, w_pid, b_pid, seed: int, scale: float, kind: str,
+                layout: str) -> torch.Tensor:
+    """One group's output head over all of ``x``'s rows (the head cut off by the readout pass)."""
+    w = _weight(weight, w_pid, seed, scale, kind)
+    b = _weight(bias, b_pid, seed, scale, kind)
+    if layout == "out_in":
+        return F.linear(x, w, b)
+    y = torch.matmul(x, w)
+    return y if b is None else y + b
+
+
+def head_readout(x_rows: torch.Tensor, weight, bias, w_pid, b_pid, seed: int, scale: float, kind: str,
+                 layout: str, token_ids: torch.Tensor) -> torch.Tensor:
+    """One group's logits of ``token_ids`` only: the head's rows for those tokens, perturbed there only."""
+    if layout == "out_in":  # weight [V, D]: row t holds elements t*D .. t*D+D-1
+        dim = weight.shape[1]
+        rows = weight[token_ids]
+        index = token_ids.unsqueeze(-1) * dim + torch.arange(dim, device=weight.device)
+    else:  # weight [D, V]: column t holds elements d*V + t
+        vocab = weight.shape[1]
+        rows = weight[:, token_ids].t()
+        index = token_ids.unsqueeze(-1) + torch.arange(weight.shape[0], device=weight.device) * vocab
+    if w_pid is not None and scale != 0.0:
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        rows = (rows.to(acc) + scale * sample_at(seed, w_pid, index, kind, dtype=acc)).to(weight.dtype)
+    logits = x_rows @ rows.t()
+    if bias is not None:
+        logits = logits + _weight(bias, b_pid, seed, scale, kind)[token_ids]
+    return logits
+
+
 @torch.compiler.disable
 def grouped_embedding(
     weight: torch.Tensor,
