@@ -84,3 +84,4 @@ def key_words(seeds, pid: int, device) -> torch.Tensor:
         raise ValueError(f"a parameter stream id must be in [0, 2**32); got {pid}")
     rows = [(s & 0xFFFFFFFF, s >> 32, pid) for s in (check_seed(s) for s in seeds)]
     return torch.tensor(rows, dtype=torch.int64, device=device).reshape(len(rows), 3)
+

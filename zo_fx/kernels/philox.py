@@ -25,9 +25,15 @@ Two ways to generate
 ``direction_tile`` picks between them. Gaussian values use ``tl.log``/``tl.sqrt``/
 ``tl.cos``/``tl.sin``; their last bits can differ from torch's (a few float32 ulps, see
 ``docs/directions.md``), while the signs and the uniforms are bit-identical.
-"""
 
-from __future__ import annotations
+Also here: ``round_to``, the float32 -> tensor dtype rounding every kernel ends with
+(round to nearest even, as the GPU does, also under the interpreter).
+
+Only Triton builtins are used here and in the other kernel modules, none of Triton's own
+``@jit`` helpers (``tl.zeros``, ``tl.zeros_like``): those are built when ``triton`` is
+first imported, so in a process that imported Triton before setting
+``TRITON_INTERPRET=1`` interpreted kernels could not call them.
+"""
 
 import math
 
@@ -80,9 +86,9 @@ def block_words(block, seed_lo, seed_hi, pid, TAG: tl.constexpr):
     """The four Philox words of int64 ``block`` (tensor) of a stream; counter and key as frozen."""
     c0 = block.to(tl.uint32)  # truncation: block mod 2**32
     c1 = (block >> 32).to(tl.uint32)
-    c2 = tl.zeros_like(c0) + seed_hi
-    c3 = tl.zeros_like(c0) + TAG
-    return philox4x32_10(c0, c1, c2, c3.to(tl.uint32), seed_lo, pid)
+    c2 = tl.full(c0.shape, 0, tl.uint32) + seed_hi
+    c3 = tl.full(c0.shape, TAG, tl.uint32)
+    return philox4x32_10(c0, c1, c2, c3, seed_lo, pid)
 
 
 @triton.jit
@@ -192,6 +198,21 @@ def direction_tile(rows, cols, col0, row_stride, seed_lo, seed_hi, pid, KIND: tl
     else:
         k = rows.to(tl.int64)[:, None] * row_stride + cols.to(tl.int64)[None, :]
         return direction_at(k, seed_lo, seed_hi, pid, KIND)
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+    """float32 ``x`` rounded to ``dtype`` to nearest even, as the GPU rounds.
+
+    Triton's interpreter casts float32 to bfloat16 by dropping the low bits (numpy has no
+    bfloat16); there we round by hand so that the CPU tests see the GPU's bits.
+    """
+    if INTERPRETED:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 def alignment(kind: str) -> int:

@@ -102,6 +102,24 @@ def grouped_linear(
             lead[0] = lead[0] * groups
         return y.reshape(*lead, y.shape[-1])
     xs = [x] * groups if shared else _split(x, groups, x_bdim)
+    if out_dim == 0 and x.dim() >= 2:
+        # write each group's rows straight into the result: no list of G outputs plus a copy
+        n_out = weight.shape[0] if weight_layout == "out_in" else weight.shape[1]
+        rows = xs[0].reshape(-1, x.shape[-1]).shape[0]
+        out = torch.empty(groups, rows, n_out, dtype=torch.result_type(x, weight), device=x.device)
+        for g in range(groups):
+            w = _weight(weight, w_pid, seed_list[g], scale_list[g], kind)
+            b = _weight(bias, b_pid, seed_list[g], scale_list[g], kind)
+            w_t = w.t() if weight_layout == "out_in" else w
+            x2d = xs[g].reshape(-1, x.shape[-1])
+            if b is None:
+                torch.mm(x2d, w_t, out=out[g])
+            else:
+                torch.addmm(b, x2d, w_t, out=out[g])
+            del w
+        lead = list(xs[0].shape[:-1])
+        lead[0] *= groups
+        return out.view(*lead, n_out)
     outs = []
     for g in range(groups):
         w = _weight(weight, w_pid, seed_list[g], scale_list[g], kind)
