@@ -46,12 +46,14 @@ def triton_available() -> bool:
     return _triton_importable() and (torch.cuda.is_available() or interpreting())
 
 
-def _why_not_triton(tensor: torch.Tensor) -> str | None:
+def _why_not_triton(tensor: torch.Tensor, others) -> str | None:
     """The reason the kernels cannot take ``tensor`` here, or None when they can."""
     from ._support import KERNEL_DTYPES, interpreting, kernels_interpreted
 
     if not _triton_importable():
         return "Triton is not installed"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (tensor, *others)):
+        return "the kernels have no backward pass; call under torch.no_grad() to use them"
     if tensor.dtype not in KERNEL_DTYPES:
         names = ", ".join(str(d).replace("torch.", "") for d in KERNEL_DTYPES)
         return f"the kernels take {names} tensors, not {str(tensor.dtype).replace('torch.', '')}"
@@ -60,20 +62,26 @@ def _why_not_triton(tensor: torch.Tensor) -> str | None:
     if not interpreting():
         return f"a {tensor.device.type} tensor needs TRITON_INTERPRET=1 (the Triton CPU interpreter)"
     if kernels_interpreted() is False:
-        return "the kernels were compiled before TRITON_INTERPRET=1 was set; set it before importing zo_fx.kernels"
+        return (
+            "the kernels were compiled before TRITON_INTERPRET=1 was set; "
+            "set it before importing zo_fx.kernels"
+        )
     return None
 
 
-def pick(impl: str, tensor: torch.Tensor) -> str:
+def pick(impl: str, tensor: torch.Tensor, *others: torch.Tensor | None) -> str:
     """Which implementation runs an op on ``tensor``: ``"triton"`` or ``"torch"``.
 
     Args:
         impl: ``"auto"`` uses Triton for CUDA tensors when it can, torch everywhere else;
             ``"torch"`` always the reference; ``"triton"`` the kernel, or the reference with
             a one-time warning saying why when the kernel cannot run (Triton missing, a CPU
-            tensor without ``TRITON_INTERPRET=1``, a dtype such as float64). A fallback is
-            never silent, and the reference computes the same function, so it is never wrong.
+            tensor without ``TRITON_INTERPRET=1``, a dtype such as float64, a tensor that
+            autograd tracks). A fallback is never silent, and the reference computes the
+            same function, so it is never wrong.
         tensor: the tensor whose device and dtype decide (the op's main input).
+        others: the op's other tensors (its weights, None allowed): the kernels are also
+            refused when autograd tracks one of them.
 
     Example:
         >>> pick("auto", torch.zeros(2))
@@ -83,7 +91,7 @@ def pick(impl: str, tensor: torch.Tensor) -> str:
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
     if impl == "torch":
         return "torch"
-    reason = _why_not_triton(tensor)
+    reason = _why_not_triton(tensor, others)
     if impl == "auto":
         return "triton" if reason is None and tensor.device.type == "cuda" else "torch"
     if reason is None:

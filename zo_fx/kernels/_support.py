@@ -10,6 +10,7 @@ the functions undecorated. Those functions are never launched then, because
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -59,8 +60,6 @@ def kernels_interpreted() -> bool | None:
     imported ``zo_fx.kernels.philox`` before setting ``TRITON_INTERPRET=1`` holds compiled
     kernels that cannot take CPU tensors. :func:`zo_fx.kernels.pick` checks this.
     """
-    import sys
-
     module = sys.modules.get("zo_fx.kernels.philox")
     if module is None or not HAS_TRITON:
         return None
@@ -84,4 +83,3 @@ def key_words(seeds, pid: int, device) -> torch.Tensor:
         raise ValueError(f"a parameter stream id must be in [0, 2**32); got {pid}")
     rows = [(s & 0xFFFFFFFF, s >> 32, pid) for s in (check_seed(s) for s in seeds)]
     return torch.tensor(rows, dtype=torch.int64, device=device).reshape(len(rows), 3)
-

@@ -182,8 +182,9 @@ def _grouped_linear_kernel(
         if GROUP_TILE == 2:
             if not SHARED_PRODUCT:  # (a shared product is the same for every group: made once)
                 acc1 = _accumulate(
-                    acc1, w, x_ptr, g1, offs_m, offs_k, offs_n, k0, n0, M, N, K, stride_xg, stride_xm, stride_xk,
-                    w_keys_ptr, scales_ptr, KIND, TRANSPOSED, ALIGNED, PERTURB_W, TF32, INTERPRETED,
+                    acc1, w, x_ptr, g1, offs_m, offs_k, offs_n, k0, n0, M, N, K,
+                    stride_xg, stride_xm, stride_xk, w_keys_ptr, scales_ptr,
+                    KIND, TRANSPOSED, ALIGNED, PERTURB_W, TF32, INTERPRETED,
                 )  # fmt: skip
 
     out_dtype = out_ptr.dtype.element_ty
@@ -205,7 +206,9 @@ def _grouped_linear_kernel(
                 # rounded to the bias dtype, as the reference's perturbed bias is
                 b = round_to(b + tl.load(scales_ptr + g) * v, out_dtype, INTERPRETED).to(tl.float32)
             acc = acc + b[None, :]
-        out_ptrs = out_ptr + g.to(tl.int64) * stride_og + offs_m[:, None] * stride_om + offs_n64[None, :] * stride_on
+        out_ptrs = (
+            out_ptr + g.to(tl.int64) * stride_og + offs_m[:, None] * stride_om + offs_n64[None, :] * stride_on
+        )
         # the slot test as a tensor: Triton's interpreter cannot AND a block mask with a scalar one
         slot_ok = (offs_n * 0 + g0 + i) < G
         tl.store(out_ptrs, round_to(acc, out_dtype, INTERPRETED), mask=out_mask & slot_ok[None, :])
@@ -220,11 +223,12 @@ def _grouped_linear_triton(x, weight, bias, w_pid, b_pid, seeds, scales, kind, s
     x3 = x.reshape(1 if shared_input else G, -1, K)
     M = x3.shape[1]
     out = torch.empty(G, M, N, dtype=x.dtype, device=x.device)
-    if G == 0 or M == 0 or N == 0:
+    if M == 0 or N == 0:
         return out.view(G, *lead, N)
 
     perturb_w = w_pid is not None
     perturb_b = bias is not None and b_pid is not None
+    bias = bias.contiguous() if bias is not None else None
     # directions run along the stored rows: K for [N, K] weights, N for [K, N] ones
     row_len = N if transposed_weight else K
     if transposed_weight:
@@ -237,7 +241,11 @@ def _grouped_linear_triton(x, weight, bias, w_pid, b_pid, seeds, scales, kind, s
     scales_t = torch.tensor([float(s) for s in scales], dtype=torch.float32, device=dev)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(G, meta["GROUP_TILE"]))
+        return (
+            triton.cdiv(M, meta["BLOCK_M"]),
+            triton.cdiv(N, meta["BLOCK_N"]),
+            triton.cdiv(G, meta["GROUP_TILE"]),
+        )
 
     _grouped_linear_kernel[grid](
         x3, weight, bias if bias is not None else weight, out, w_keys, b_keys, scales_t,
@@ -261,6 +269,8 @@ def _check_layout(weight_layout: str) -> None:
 
 
 def _check_groups(x: torch.Tensor, seeds, scales, shared_input: bool) -> None:
+    if not seeds:
+        raise ValueError("grouped_linear needs at least one group (one seed and one scale)")
     if len(seeds) != len(scales):
         raise ValueError(f"{len(seeds)} seeds but {len(scales)} scales; give one (seed, scale) per group")
     if not shared_input and x.shape[0] != len(seeds):
@@ -305,7 +315,8 @@ def grouped_linear(
 
     Example:
         >>> x, w = torch.randn(2, 3, 8), torch.randn(4, 8)
-        >>> grouped_linear(x, w, None, 17, None, [5, 5], [1e-3, -1e-3], "rademacher", shared_input=False).shape
+        >>> out = grouped_linear(x, w, None, 17, None, [5, 5], [1e-3, -1e-3], "gaussian", shared_input=False)
+        >>> out.shape
         torch.Size([2, 3, 4])
     """
     kind = check_kind(kind)
@@ -320,10 +331,21 @@ def grouped_linear(
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}; cast one so that they match")
-    if pick(impl, x) == "triton":
-        return _grouped_linear_triton(x, weight, bias, w_pid, b_pid, seeds, scales, kind, shared_input, weight_layout)
+    if pick(impl, x, weight, bias) == "triton":
+        return _grouped_linear_triton(
+            x, weight, bias, w_pid, b_pid, seeds, scales, kind, shared_input, weight_layout
+        )
     return grouped_linear_reference(
-        x, weight, bias, w_pid, b_pid, seeds, scales, kind, shared_input=shared_input, weight_layout=weight_layout
+        x,
+        weight,
+        bias,
+        w_pid,
+        b_pid,
+        seeds,
+        scales,
+        kind,
+        shared_input=shared_input,
+        weight_layout=weight_layout,
     )
 
 

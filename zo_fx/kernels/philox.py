@@ -182,7 +182,9 @@ def direction_at(k, seed_lo, seed_hi, pid, KIND: tl.constexpr):
 
 
 @triton.jit
-def direction_tile(rows, cols, col0, row_stride, seed_lo, seed_hi, pid, KIND: tl.constexpr, ALIGNED: tl.constexpr):
+def direction_tile(
+    rows, cols, col0, row_stride, seed_lo, seed_hi, pid, KIND: tl.constexpr, ALIGNED: tl.constexpr
+):
     """``[R, C]`` float32 values of elements ``rows[r] * row_stride + cols[c]`` of a stream.
 
     ``cols`` must be ``col0 + arange(C)``. With ``ALIGNED`` the caller promises the row
@@ -281,7 +283,9 @@ def triton_philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tens
     if counter.dtype != torch.int64 or key.dtype != torch.int64:
         raise TypeError(f"int64 tensors holding uint32 words expected; got {counter.dtype}, {key.dtype}")
     if counter.shape[-1] != 4 or key.shape[-1] != 2:
-        raise ValueError(f"counter [..., 4] and key [..., 2] expected; got {tuple(counter.shape)}, {tuple(key.shape)}")
+        raise ValueError(
+            f"counter [..., 4] and key [..., 2] expected; got {tuple(counter.shape)}, {tuple(key.shape)}"
+        )
     lead = torch.broadcast_shapes(counter.shape[:-1], key.shape[:-1])
     c = counter.expand(*lead, 4).reshape(-1, 4).contiguous()
     k = key.expand(*lead, 2).reshape(-1, 2).contiguous()
@@ -322,8 +326,10 @@ def triton_gaussian_uniforms(
     return _stream(2, seed, pid, start, count, device, out2=True)
 
 
-def triton_direction_rows(seed: int, pid: int, row_starts, width: int, kind: str, *, device=None) -> torch.Tensor:
-    """``[R, width]`` values at ``row_starts[r] + c`` through the tile path (``direction_tile(ALIGNED=True)``).
+def triton_direction_rows(
+    seed: int, pid: int, row_starts, width: int, kind: str, *, device=None
+) -> torch.Tensor:
+    """``[R, width]`` values at ``row_starts[r] + c``, made by ``direction_tile(ALIGNED=True)``.
 
     ``R`` and ``width`` must be powers of two, ``width`` and every row start multiples of
     :func:`alignment`; this is the path the GEMM, update and embedding kernels take.

@@ -164,7 +164,6 @@ def _collect(ep, model: torch.nn.Module, keys: list[str]) -> CapturedModel:
     canonical_by_tensor: dict[int, str] = {}
     for name, p in model.named_parameters():  # remove_duplicate=True: first name of a tied tensor
         canonical_by_tensor[id(p)] = name
-    buffers = dict(model.named_buffers(remove_duplicate=False))
 
     inputs: list[tuple[str, str, str]] = []
     param_of_placeholder: dict[str, str] = {}

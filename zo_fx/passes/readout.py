@@ -18,7 +18,7 @@ import copy
 from dataclasses import dataclass, replace
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import Node
 
 from .capture import CapturedModel
 

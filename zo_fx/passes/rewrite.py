@@ -20,7 +20,6 @@ Walks the captured ATen graph in order and gives every node one of three layouts
 
 from __future__ import annotations
 
-import operator
 from collections import Counter
 from dataclasses import dataclass, field
 

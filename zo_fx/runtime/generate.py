@@ -25,7 +25,7 @@ from functools import lru_cache
 
 import torch
 
-from .directions import GAUSSIAN, RADEMACHER, STREAM_TAG, TWO_PI_F32, INV_2_24, check_kind, check_seed
+from .directions import RADEMACHER, STREAM_TAG, TWO_PI_F32, INV_2_24, check_kind, check_seed
 from .philox import MASK32, philox_words
 
 #: chunk length of the generate-and-apply passes; a multiple of 128 (one Rademacher block)

@@ -52,16 +52,15 @@ def _weight(param: torch.Tensor, pid: int | None, seed: int, scale: float, kind:
     return perturbed(param, seed, pid, scale, kind)
 
 
-def _kernel(impl: str, x: torch.Tensor, name: str):
-    """The dispatch point: a Triton kernel for ``name`` if ``impl`` picks Triton, else None."""
+def _kernel(impl: str, name: str, *tensors):
+    """The dispatch point: the Triton entry point ``name`` when ``impl`` picks Triton for these tensors."""
     if impl == "torch":
         return None
     from .. import kernels
 
-    pick = getattr(kernels, "pick", None)
-    if pick is None or pick(impl, x) != "triton":
+    if kernels.pick(impl, *tensors) != "triton":
         return None
-    return getattr(kernels, name, None)
+    return getattr(kernels, name)
 
 
 def _split(x: torch.Tensor, groups: int, bdim: int) -> Sequence[torch.Tensor]:
@@ -92,11 +91,11 @@ def grouped_linear(
     seed_list, scale_list = _table(seeds, scales)
     shared = x_bdim == PASS
     out_dim = 0 if shared else x_bdim
-    kernel = _kernel(impl, x, "grouped_linear")
+    kernel = _kernel(impl, "grouped_linear", x, weight, bias)
     if kernel is not None and x.dim() >= 2 and out_dim == 0:
         xs = x.reshape(-1, x.shape[-1]) if shared else x.reshape(groups, -1, x.shape[-1])
         y = kernel(xs, weight, bias, w_pid, b_pid, seed_list, scale_list, kind,
-                   shared_input=shared, weight_layout=weight_layout)
+                   shared_input=shared, weight_layout=weight_layout, impl="triton")
         lead = list(x.shape[:-1])
         if shared:
             lead[0] = lead[0] * groups
@@ -185,6 +184,9 @@ def grouped_embedding(
     by how it uses the result -- otherwise a per-group list.
     """
     seed_list, scale_list = _table(seeds, scales)
+    kernel = _kernel(impl, "grouped_embedding", weight) if ids_bdim == PASS and padding_idx == -1 else None
+    if kernel is not None:
+        return PerGroup(kernel(weight, ids, pid, seed_list, scale_list, kind, impl="triton").unbind(0))
     id_groups = _split(ids, groups, ids_bdim) if ids_bdim >= 0 else [ids] * groups
     dim = weight.shape[1]
     outs = []

@@ -4,7 +4,9 @@ Every zo_fx update is a function of (seeds, coefficients, learning rate) and of 
 frozen direction streams (docs/directions.md), so a run of thousands of steps is
 kilobytes of JSON. ``replay(model, trajectory)`` applies the recorded updates to a
 fresh copy of the base model with the very same fused update functions the optimizer
-used, which is why the result is bit-identical (same device and dtype).
+used, which is why the result is bit-identical (same device and dtype). The update runs
+through ``zo_fx.kernels`` with ``impl="auto"``: the Triton kernel for CUDA tensors, the
+torch reference elsewhere, so training and replay on one device take the same path.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .generate import apply_adamezo_update_, apply_update_
+from .. import kernels
 
 FORMAT_VERSION = 1
 
@@ -63,15 +65,15 @@ class Trajectory:
             if rec.get("mode", "linear") == "adamezo":
                 seeds, coefs = self.window(index)
                 for spec in self.params:
-                    apply_adamezo_update_(
+                    kernels.adamezo_update_(
                         tensors[spec.name].data, seeds, coefs, spec.pid, self.kind, rec["lr"], self.betas,
-                        self.weight_decay if spec.decay else 0.0, self.ada_scale, self.adam_eps,
+                        self.weight_decay if spec.decay else 0.0, self.ada_scale, self.adam_eps, impl="auto",
                     )
             else:
                 for spec in self.params:
-                    apply_update_(
+                    kernels.fused_update_(
                         tensors[spec.name].data, rec["seeds"], rec["coefs"], spec.pid, self.kind, rec["lr"],
-                        self.weight_decay if spec.decay else 0.0,
+                        self.weight_decay if spec.decay else 0.0, impl="auto",
                     )
 
     # ---- persistence ------------------------------------------------------------------------------------

@@ -1,0 +1,118 @@
+"""The Triton Philox and direction helpers give the bits of the torch streams (docs/directions.md).
+
+Without a GPU these run in Triton's CPU interpreter; on a GPU (``benchmarks/gpu_kernels.sh``)
+the same tests run the compiled kernels on CUDA tensors.
+"""
+
+import importlib
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":  # before the kernels are decorated: Triton picks interpreter or compiler then
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from zo_fx.kernels import _support  # noqa: E402
+
+if DEVICE == "cpu" and _support.kernels_interpreted() is False:
+    # another test module imported the kernels before the interpreter was switched on
+    for _name in (
+        "zo_fx.kernels.philox",
+        "zo_fx.kernels.linear",
+        "zo_fx.kernels.update",
+        "zo_fx.kernels.embedding",
+    ):
+        if _name in sys.modules:
+            importlib.reload(sys.modules[_name])
+
+from zo_fx.kernels import philox as TP  # noqa: E402
+from zo_fx.kernels import pick  # noqa: E402
+from zo_fx.runtime import directions as D  # noqa: E402
+from zo_fx.runtime.philox import philox4x32_10  # noqa: E402
+
+KNOWN_ANSWERS = [
+    # counter words, key words -> output words (Random123 kat_vectors, philox4x32_10)
+    (("0", "0", "0", "0"), ("0", "0"), ("6627e8d5", "e169c58d", "bc57ac4c", "9b00dbd8")),
+    (("ffffffff",) * 4, ("ffffffff", "ffffffff"), ("408f276d", "41c83b0e", "a20bc7c6", "6d5451fd")),
+    (
+        ("243f6a88", "85a308d3", "13198a2e", "03707344"),
+        ("a4093822", "299f31d0"),
+        ("d16cfe09", "94fdcceb", "5001e420", "24126ea1"),
+    ),
+]
+
+
+def _words(hex_words):
+    return torch.tensor([int(w, 16) for w in hex_words], dtype=torch.int64, device=DEVICE)
+
+
+@pytest.fixture(autouse=True)
+def _kernels_really_run():
+    assert pick("triton", torch.zeros(1, device=DEVICE)) == "triton", (
+        "Triton kernels cannot run: the test is vacuous"
+    )
+
+
+def _streams(rng: random.Random, n: int):
+    """``n`` random (seed, pid, start, count): seeds on both sides of 2**32, ranges cutting blocks."""
+    cases = []
+    for i in range(n):
+        seed = rng.randrange(2**32) if i % 2 else rng.randrange(2**32, 2**64)
+        start = rng.choice([0, rng.randrange(1, 128), rng.randrange(2**20), rng.randrange(2**33, 2**40)])
+        cases.append((seed, rng.randrange(2**32), start, rng.randrange(1, 700)))
+    return cases
+
+
+GAUSSIAN_ULPS = dict(rtol=1e-6, atol=1e-6)  # ~8 float32 ulps relative, ~8 ulps of 1 absolute (near zero)
+
+
+@pytest.mark.parametrize("counter, key, expected", KNOWN_ANSWERS)
+def test_known_answer_vectors(counter, key, expected):
+    out = TP.triton_philox4x32_10(_words(counter), _words(key))
+    assert [f"{w:08x}" for w in out.tolist()] == list(expected)
+
+
+def test_philox_equals_torch_on_random_words_and_broadcasts_the_key():
+    g = torch.Generator().manual_seed(1)
+    counters = torch.randint(0, 2**32, (300, 4), generator=g, dtype=torch.int64).to(DEVICE)
+    keys = torch.randint(0, 2**32, (300, 2), generator=g, dtype=torch.int64).to(DEVICE)
+    assert torch.equal(TP.triton_philox4x32_10(counters, keys), philox4x32_10(counters, keys))
+    assert torch.equal(TP.triton_philox4x32_10(counters, keys[0]), philox4x32_10(counters, keys[0]))
+
+
+@pytest.mark.parametrize("seed, pid, start, count", _streams(random.Random(2), 6))
+def test_rademacher_signs_are_identical(seed, pid, start, count):
+    ours = TP.triton_rademacher(seed, pid, start, count, device=DEVICE)
+    assert torch.equal(ours, D.rademacher(seed, pid, start, count, device=DEVICE))
+
+
+@pytest.mark.parametrize("seed, pid, start, count", _streams(random.Random(3), 6))
+def test_gaussian_uniforms_are_identical_and_values_agree_to_a_few_ulps(seed, pid, start, count):
+    u1, u2 = TP.triton_gaussian_uniforms(seed, pid, start, count, device=DEVICE)
+    r1, r2 = D.gaussian_uniforms(seed, pid, start, count, device=DEVICE)
+    assert torch.equal(u1, r1) and torch.equal(u2, r2)
+    values = TP.triton_gaussian(seed, pid, start, count, device=DEVICE)
+    torch.testing.assert_close(values, D.gaussian(seed, pid, start, count, device=DEVICE), **GAUSSIAN_ULPS)
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_tile_path_gives_the_stream_at_each_row(kind):
+    """The aligned [rows, width] path the GEMM/update/embedding kernels use, against the torch stream."""
+    rng = random.Random(4)
+    seed, pid = rng.randrange(2**32, 2**64), rng.randrange(2**32)
+    starts = [0, 32 * rng.randrange(1, 2**20), 128 * rng.randrange(2**30, 2**33), 96]
+    tile = TP.triton_direction_rows(seed, pid, starts, 64, kind, device=DEVICE)
+    expected = torch.stack([D.sample(seed, pid, s, 64, kind, device=DEVICE) for s in starts])
+    if kind == "rademacher":
+        assert torch.equal(tile, expected)
+    else:
+        torch.testing.assert_close(tile, expected, **GAUSSIAN_ULPS)
+
+
+def test_tile_path_refuses_unaligned_rows():
+    with pytest.raises(ValueError, match="multiples of 32"):
+        TP.triton_direction_rows(1, 2, [16], 64, "rademacher", device=DEVICE)
