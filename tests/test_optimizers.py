@@ -206,15 +206,20 @@ def test_resume_in_a_new_process_equals_running_straight(method, tmp_path):
 
 def test_nan_loss_mid_run_is_skipped_and_reported_and_training_goes_on():
     model, batch = tiny_llama(torch.float32), causal_batch()
-    calls = {"n": 0}
+    poisoned = {"on": False}
 
     def flaky_loss(logits, b):
-        calls["n"] += 1
         loss = zo_fx.causal_lm_loss(logits, b)
-        return loss * float("nan") if calls["n"] == 2 else loss
+        return loss * float("nan") if poisoned["on"] else loss
 
     opt = zo_fx.FZOO(zo_fx.zo_compile(model, batch, loss=flaky_loss), lr=1e-3, n_directions=3)
-    infos = [opt.step(batch) for _ in range(3)]
+    infos = []
+    for step in range(3):
+        poisoned["on"] = step == 1
+        before = _weights(model)
+        infos.append(opt.step(batch))
+        if step == 1:
+            assert _bit_identical(before, _weights(model))
     assert [i.skipped for i in infos] == [False, True, False]
     assert "non-finite" in infos[1].reason
     assert len(opt.trajectory) == 2 and infos[-1].forward_passes == 12
