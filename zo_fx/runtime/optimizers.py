@@ -132,6 +132,7 @@ class ZOOptimizer:
         info.seconds = t2 - t0
         self.step_count += 1
         if isinstance(self.lr_schedule, torch.optim.lr_scheduler.LRScheduler):
+            self.torch_optimizer.step()  # a no-op (its one tensor has no gradient), in the order schedulers expect
             self.lr_schedule.step()
         return info
 
