@@ -63,3 +63,14 @@ def test_bad_arguments():
         G.apply_update_(torch.zeros(10), [1, 2], [1.0], 1, "rademacher", lr=1.0)
     with pytest.raises(ValueError, match="block-aligned"):
         G.perturbed(torch.zeros(10), 1, 1, 1.0, "rademacher", start=3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("numel", [1, 5, 576, 1000])
+def test_batched_small_copies_equal_one_call_per_group(kind, numel):
+    base = torch.randn(numel, dtype=torch.float64)
+    seeds, scales = [3, 2**50 + 7, 11, 0], [1e-3, -2e-3, 0.0, 0.5]
+    got = G.perturbed_groups(base, seeds, 99, scales, kind)
+    for g, (seed, scale) in enumerate(zip(seeds, scales)):
+        expected = base if scale == 0.0 else G.perturbed(base, seed, 99, scale, kind)
+        assert torch.equal(got[g], expected)

@@ -31,7 +31,7 @@ from .philox import MASK32, philox_words
 #: chunk length of the generate-and-apply passes; a multiple of 128 (one Rademacher block)
 CHUNK = 1 << 22
 #: chunks with at least this many elements use the compiled kernel
-COMPILE_MIN_NUMEL = 1 << 18
+COMPILE_MIN_NUMEL = 1 << 16
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -155,6 +155,51 @@ def perturbed(base: torch.Tensor, seed: int, pid: int, scale: float, kind: str, 
         n = min(CHUNK, flat.numel() - s)
         out[s : s + n] = piece(s, n)
     return out.view(base.shape)
+
+
+#: parameters up to this size get all their per-group copies from one batched generator call
+SMALL_NUMEL = 1 << 16
+
+
+def perturbed_groups(base: torch.Tensor, seeds, pid: int, scales, kind: str) -> list[torch.Tensor]:
+    """``[base + scales[g] * u(seeds[g], pid) for g]``: the per-group copies of a parameter.
+
+    Small parameters (norm weights, biases) are generated for all groups in one call:
+    the Philox cost of a tiny tensor is its op count, not its size, so one batched call
+    replaces G. Values are the same as G calls of :func:`perturbed`.
+    """
+    kind = check_kind(kind)
+    if base.numel() > SMALL_NUMEL or base.numel() == 0:
+        return [base if s == 0.0 else perturbed(base, seed, pid, s, kind) for seed, s in zip(seeds, scales)]
+    lo, hi, pid_t, tag = _key_tensors(seeds, pid, kind, base.device)
+    n = base.numel()
+    pb = _per_block(kind)
+    blocks = torch.arange((n + pb - 1) // pb, dtype=torch.int64, device=base.device)
+    acc = accumulation_dtype(base.dtype)
+    u = _batched_values(kind, n, blocks, lo.unsqueeze(1), hi.unsqueeze(1), pid_t, tag, acc)  # [G, n]
+    flat = base.reshape(-1).to(acc)
+    scale_t = torch.tensor(list(scales), dtype=torch.float64, device=base.device).to(acc).unsqueeze(1)
+    out = (flat + scale_t * u).to(base.dtype)
+    return [base if s == 0.0 else out[g].view(base.shape) for g, s in enumerate(scales)]
+
+
+def _batched_values(kind, n, blocks, seed_lo, seed_hi, pid, tag, dtype) -> torch.Tensor:
+    """[G, n] stream values for G seeds (seed words shaped [G, 1]) at the same blocks."""
+    w = torch.broadcast_tensors(*philox_words(blocks & MASK32, blocks >> 32, seed_hi, tag, seed_lo, pid))
+    groups = w[0].shape[0]
+    if kind == RADEMACHER:
+        words = torch.stack(w, -1).to(torch.int32)  # [G, nb, 4]
+        shifts = torch.arange(32, dtype=torch.int32, device=blocks.device)
+        bits = (words.unsqueeze(-1) >> shifts) & 1
+        return (1 - 2 * bits).reshape(groups, -1)[:, :n].to(dtype)
+    values = []
+    for even, odd in ((w[0], w[1]), (w[2], w[3])):
+        u1 = ((even >> 8) + 1).to(torch.float32) * INV_2_24
+        u2 = (odd >> 8).to(torch.float32) * INV_2_24
+        r = torch.sqrt(-2.0 * torch.log(u1))
+        theta = u2 * TWO_PI_F32
+        values += [r * torch.cos(theta), r * torch.sin(theta)]
+    return torch.stack(values, -1).reshape(groups, -1)[:, :n].to(dtype)
 
 
 @torch.no_grad()

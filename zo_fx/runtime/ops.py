@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from .directions import MAX_SEED, sample_at
-from .generate import perturbed
+from .generate import perturbed, perturbed_groups
 
 # leaf codes of map_groups (a non-negative code is the batch dim of a grouped tensor)
 PASS = -1  # same value for every group
@@ -214,7 +214,7 @@ def per_group_params(
 ) -> list[torch.Tensor]:
     """The G perturbed copies of a small parameter (a bias, a norm weight, a scale)."""
     seed_list, scale_list = _table(seeds, scales)
-    return PerGroup(_weight(param, pid, seed_list[g], scale_list[g], kind) for g in range(groups))
+    return PerGroup(perturbed_groups(param, seed_list, pid, scale_list, kind))
 
 
 def _pick(leaf: Any, code: int, g: int, groups: int, pieces: dict) -> Any:
