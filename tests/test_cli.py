@@ -1,0 +1,270 @@
+"""``zo-fx finetune`` end to end, on a tiny random Llama and a tiny review file (no SmolLM2, no network).
+
+The model folder is what a user would have: ``save_pretrained`` of a model and of its tokenizer
+(a word-level vocabulary in which every word of the data, including the label words, is one
+token). The data is ``tests/data/cli/reviews.jsonl``: 120 short "reviews" built from a positive
+and a negative word list. Each run is a few steps: these tests check the job's contract (what it
+writes, that resume is exact, what a mistake says), not that the model learns.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zo_fx.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data" / "cli"
+REVIEWS = DATA / "reviews.jsonl"
+WORDS = ("pos=great,neg=terrible")
+TEMPLATE = "Review: {text} It was"
+METRICS_KEYS = {"settings", "task", "model", "history", "evals", "final"}
+STEP_KEYS = {"step", "loss", "sigma", "lr", "forward_passes", "seconds", "skipped"}
+
+
+def _vocabulary() -> list[str]:
+    words = {w for line in REVIEWS.read_text().splitlines() for w in json.loads(line)["text"].split()}
+    return ["<pad>", "<unk>", "<s>", "</s>", "Review", ":", "It", "was", "terrible", "great", *sorted(words)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama and a word-level tokenizer, saved as save_pretrained writes them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(_vocabulary()))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                        bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def finetune(model_dir: Path, out: Path, *extra: str) -> dict:
+    """Run ``zo-fx finetune`` in-process on the tiny model and review file; return metrics.json."""
+    args = ["finetune", "--model", str(model_dir), "--task", str(REVIEWS), "--label-words", WORDS,
+            "--template", TEMPLATE, "--batch-size", "4", "--max-length", "16", "--output-dir", str(out),
+            "--threads", "1", *extra]
+    assert main(args) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def error_of(capsys_or_none, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    message = raised.value.code
+    assert isinstance(message, str), "a user error exits with a message, not a traceback or a bare status"
+    assert message.startswith("zo-fx finetune: error: ")
+    return message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# outputs
+
+
+@pytest.mark.parametrize("method", ["fzoo", "mezo", "adamezo", "adam"])
+def test_a_run_writes_metrics_trajectory_weights_and_curves(model_dir, tmp_path, method):
+    metrics = finetune(model_dir, tmp_path, "--method", method, "--steps", "3", "--eval-every", "2",
+                       "--directions", "3", "--horizon", "2")
+    assert METRICS_KEYS <= metrics.keys()
+    assert len(metrics["history"]) == 3 and all(STEP_KEYS <= h.keys() for h in metrics["history"])
+    per_step = {"fzoo": 4, "mezo": 2, "adamezo": 2, "adam": 1}[method]
+    assert [h["forward_passes"] for h in metrics["history"]] == [per_step, 2 * per_step, 3 * per_step]
+    final = metrics["final"]
+    assert final["steps"] == 3 and final["forward_passes"] == 3 * per_step
+    for phase in ("zero_shot", "fine_tuned"):
+        for split in ("validation", "test"):
+            assert 0.0 <= final[phase][split]["accuracy"] <= 1.0 and final[phase][split]["n"] > 0
+    assert [(e["phase"], e["split"], e["step"]) for e in metrics["evals"]] == [
+        ("zero_shot", "validation", 0), ("zero_shot", "test", 0), ("train", "validation", 2),
+        ("train", "validation", 3), ("final", "test", 3)]
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "LATEST").read_text().strip() == "step-00000003"
+    if method != "adam":
+        trajectory = json.loads((tmp_path / "trajectory.json").read_text())
+        assert trajectory["method"] == method and len(trajectory["records"]) == 3
+
+
+def test_the_saved_trajectory_replays_to_the_saved_weights(model_dir, tmp_path):
+    import zo_fx
+    from transformers import AutoModelForCausalLM
+
+    finetune(model_dir, tmp_path, "--steps", "3", "--directions", "3")
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    zo_fx.replay(base, zo_fx.Trajectory.load(tmp_path / "trajectory.json"))
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    params = dict(base.named_parameters())
+    assert all(torch.equal(params[name], value) for name, value in saved.items())
+
+
+@pytest.mark.parametrize("peft", ["lora", "prefix", "prompt"])
+def test_peft_adapters_train_only_their_parameters(model_dir, tmp_path, peft):
+    metrics = finetune(model_dir, tmp_path, "--peft", peft, "--steps", "2", "--directions", "3")
+    names = load_file(str(tmp_path / "model.safetensors")).keys()
+    assert metrics["model"]["trainable"] < metrics["model"]["parameters"] / 2
+    marker = {"lora": "lora_", "prefix": "prompt_encoder", "prompt": "prompt_encoder"}[peft]
+    assert names and all(marker in n for n in names)
+
+
+def test_forward_budget_stops_before_overspending(model_dir, tmp_path):
+    metrics = finetune(model_dir, tmp_path, "--forward-budget", "10", "--directions", "3")  # 4 per step
+    assert metrics["final"]["steps"] == 2 and metrics["final"]["forward_passes"] == 8
+
+
+# ---------------------------------------------------------------------------------------------------------
+# resume
+
+
+@pytest.mark.parametrize("method", ["fzoo", "adamezo", "adam"])
+def test_resume_continues_exactly_as_an_uninterrupted_run(model_dir, tmp_path, method):
+    flags = ("--method", method, "--directions", "3", "--horizon", "2", "--eval-every", "2")
+    straight = finetune(model_dir, tmp_path / "straight", "--steps", "6", *flags)
+    finetune(model_dir, tmp_path / "split", "--steps", "3", *flags)
+    resumed = finetune(model_dir, tmp_path / "split", "--steps", "6", "--resume", *flags)
+
+    a = (tmp_path / "straight" / "model.safetensors").read_bytes()
+    b = (tmp_path / "split" / "model.safetensors").read_bytes()
+    assert a == b, "resumed weights differ from the uninterrupted run's"
+
+    def without_time(history):
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+    assert without_time(resumed["history"]) == without_time(straight["history"])
+    assert resumed["final"]["fine_tuned"] == straight["final"]["fine_tuned"]
+    if method != "adam":
+        assert (tmp_path / "straight" / "trajectory.json").read_text() == (
+            tmp_path / "split" / "trajectory.json").read_text()
+
+
+def test_resume_with_other_settings_is_refused_and_loses_nothing(model_dir, tmp_path):
+    finetune(model_dir, tmp_path, "--steps", "2", "--directions", "3")
+    before = (tmp_path / "model.safetensors").read_bytes()
+    message = error_of(None, ["finetune", "--model", str(model_dir), "--task", str(REVIEWS), "--label-words", WORDS,
+                              "--template", TEMPLATE, "--batch-size", "4", "--max-length", "16", "--directions", "3",
+                              "--output-dir", str(tmp_path), "--resume", "--steps", "4", "--lr", "0.5"])
+    assert "--lr" in message and "other settings" in message
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+
+
+def test_an_earlier_run_is_replaced_only_by_overwrite_and_only_once_the_new_run_is_valid(model_dir, tmp_path):
+    finetune(model_dir, tmp_path, "--steps", "3", "--directions", "3")
+    before = (tmp_path / "metrics.json").read_text()
+    message = error_of(None, _argv(model_dir, tmp_path))
+    assert "--resume" in message and "--overwrite" in message
+    error_of(None, _argv(model_dir, tmp_path, **{"--label-words": "pos=very good,neg=terrible"}) + ["--overwrite"])
+    assert (tmp_path / "metrics.json").read_text() == before, "a rejected --overwrite run must not cost the old one"
+    metrics = finetune(model_dir, tmp_path, "--steps", "1", "--directions", "3", "--overwrite")
+    assert metrics["final"]["steps"] == 1 and (tmp_path / "LATEST").read_text().strip() == "step-00000001"
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000001"], "the old checkpoints are gone"
+
+
+def test_a_skipped_step_is_reported_and_training_goes_on(model_dir, tmp_path, capsys):
+    metrics = finetune(model_dir, tmp_path, "--steps", "4", "--directions", "3", "--lr", "1e38")
+    skipped = [h for h in metrics["history"] if h["skipped"]]
+    assert len(metrics["history"]) == 4 and skipped, "an lr of 1e38 saturates every logit after one step"
+    assert all("step skipped, weights untouched" in h["reason"] for h in skipped)  # NaN losses or sigma = 0
+    assert metrics["final"]["skipped_steps"] == len(skipped)
+    captured = capsys.readouterr()
+    assert skipped[0]["reason"] in captured.out + captured.err, "each skipped step is reported as it happens"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mistakes: a clear message that says what to do, no traceback, nothing written
+
+
+def _argv(model_dir, out, **overrides) -> list[str]:
+    opts = {"--model": str(model_dir), "--task": str(REVIEWS), "--label-words": WORDS, "--template": TEMPLATE,
+            "--output-dir": str(out), "--batch-size": "4", **overrides}
+    argv = ["finetune"]
+    for key, value in opts.items():
+        if value is not None:
+            argv += [key, value]
+    return argv
+
+
+def _weightless(tmp_path) -> Path:
+    folder = tmp_path / "no-weights"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    return folder
+
+
+BAD_INPUTS = [
+    # (name, overrides, phrases the message must contain)
+    ("unknown task", {"--task": "no-such-task", "--label-words": None, "--template": None},
+     ["unknown task", "vader"]),
+    ("missing jsonl file", {"--task": "missing.jsonl"}, ["no such file"]),
+    ("jsonl without label words", {"--label-words": None}, ["--label-words", "--template"]),
+    ("unknown model", {"--model": "no-such-model"}, ["not in the local Hugging Face cache", "smollm2"]),
+    ("model folder without weights", {"--model": "WEIGHTLESS"}, ["no weights", "save_pretrained"]),
+    ("random shape without tokenizer", {"--model": "tiny-llama"}, ["no tokenizer"]),
+    ("label word of two tokens", {"--label-words": "pos=very good,neg=terrible"}, ["single token", "--label-words"]),
+    ("label words half mapped", {"--label-words": "pos=great,terrible"}, ["label=word"]),
+    ("label not covered", {"--label-words": "pos=great,meh=terrible"}, ["has no label word"]),
+    ("template without text", {"--template": "It was"}, ["{text}"]),
+    ("empty split", {"--n-test": "0"}, ["split 'test'", "no examples"]),
+    ("batch larger than the data", {"--batch-size": "1000"}, ["--batch-size"]),
+    ("resume with nothing to resume", {"--resume": ""}, ["no checkpoint", "without --resume"]),
+    ("bad learning rate", {"--lr": "-1"}, ["--lr"]),
+]
+
+
+@pytest.mark.parametrize("overrides, phrases", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_gets_a_clear_error(model_dir, tmp_path, overrides, phrases):
+    overrides = dict(overrides)
+    if overrides.get("--model") == "WEIGHTLESS":
+        overrides["--model"] = str(_weightless(tmp_path))
+    out = tmp_path / "run"
+    argv = _argv(model_dir, out, **{k: v for k, v in overrides.items() if k != "--resume"})
+    if "--resume" in overrides:
+        argv.append("--resume")
+    message = error_of(None, argv)
+    for phrase in phrases:
+        assert phrase in message, f"{phrase!r} missing from: {message}"
+    assert "\n" not in message.strip(), "one paragraph"
+    assert not out.exists() or not any(out.iterdir()), "a rejected run writes nothing"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# entry points and the benchmark
+
+
+def test_python_m_zo_fx_finetune_help():
+    done = subprocess.run([sys.executable, "-m", "zo_fx", "finetune", "--help"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for flag in ("--model", "--task", "--method", "--peft", "--forward-budget", "--resume", "--label-words"):
+        assert flag in done.stdout
+
+
+def test_convergence_benchmark_smoke_run_writes_json_and_plot(model_dir, tmp_path):
+    out_json, out_png = tmp_path / "convergence.json", tmp_path / "convergence.png"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--model", str(model_dir), "--task", str(REVIEWS),
+         "--label-words", WORDS, "--template", TEMPLATE, "--budget", "40", "--batch-size", "4", "--adam-steps", "4",
+         "--max-length", "16", "--threads", "1", "--json", str(out_json), "--plot", str(out_png)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out_json.read_text())
+    assert {r["method"] for r in result["runs"]} == {"fzoo", "mezo", "adamezo", "adam"}
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+    assert "| method" in done.stdout
