@@ -72,16 +72,38 @@ def parse_lrs(items: list[str]) -> dict[str, list[float]]:
     return lrs
 
 
-def first_reach(forward_passes: list[int], smoothed: list[float], target: float, window: int) -> int | None:
-    """Forward passes at the first step with a full smoothing window whose average is <= target."""
-    for i in range(window - 1, len(smoothed)):
-        if smoothed[i] <= target:
-            return forward_passes[i]
+def first_reach(points: list[tuple[int, float]], target: float, skip: int = 0) -> int | None:
+    """Forward passes at the first point (after the first ``skip``) whose loss is <= target."""
+    for fwd, value in points[skip:]:
+        if value <= target:
+            return fwd
     return None
 
 
-def train_once(method: str, lr: float, seed: int, steps: int, args, model, zm, loss, task, tokenizer, initial):
-    """One run from the initial weights; returns (forward passes per step, loss per step, seconds)."""
+class Probe:
+    """The loss of the current weights on a fixed set of training examples: a noise-free training curve.
+
+    The per-step loss is measured on a fresh batch each step, so its moving average still carries
+    the batch-to-batch noise, more of it for a method with fewer steps per forward pass (FZOO).
+    A fixed probe set sees the same examples at every point, for every method.
+    """
+
+    def __init__(self, task, tokenizer, loss, max_length: int, size: int):
+        from zo_fx.passes.capture import model_output_tensor
+        from zo_fx.tasks.splits import subsample
+
+        self.batch = task.encode(tokenizer, subsample(task.train, size, seed=1234), max_length)
+        self.loss, self._output = loss, model_output_tensor
+
+    @torch.no_grad()
+    def __call__(self, model) -> float:
+        logits = self._output(model(input_ids=self.batch["input_ids"], attention_mask=self.batch["attention_mask"]))
+        return float(self.loss(logits, self.batch).double().mean())
+
+
+def train_once(method: str, lr: float, seed: int, steps: int, per_probe: int, args, setup) -> dict:
+    """One run from the initial weights: the loss of every step, probe losses, seconds (probes excluded)."""
+    model, zm, loss, task, tokenizer, initial, probe = setup
     live = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in initial.items():
@@ -96,15 +118,18 @@ def train_once(method: str, lr: float, seed: int, steps: int, args, model, zm, l
     else:
         opt = AdamBaseline(model, loss, lr, 0.0, state_dir=Path("."))  # never checkpointed here
     cursor = task.cursor(args.batch_size, seed=seed)
-    fwd, losses = [], []
-    t0 = time.perf_counter()
+    fwd, losses, probes, seconds = [], [], [(0, probe(model))], 0.0
     bar = tqdm(range(steps), desc=f"{method} lr={lr:g} seed={seed}", unit="step", leave=False, dynamic_ncols=True)
     for _ in bar:
+        t0 = time.perf_counter()
         info = opt.step(task.encode(tokenizer, cursor.next_batch(), args.max_length))
+        seconds += time.perf_counter() - t0
         fwd.append(info.forward_passes)
         losses.append(info.loss)  # NaN for a non-finite step; the moving average leaves it out
-        bar.set_postfix_str(f"loss={info.loss:.4f} fwd={info.forward_passes}")
-    return fwd, losses, time.perf_counter() - t0
+        if info.forward_passes >= probes[-1][0] + per_probe or len(fwd) == steps:
+            probes.append((info.forward_passes, probe(model)))
+        bar.set_postfix_str(f"loss={info.loss:.4f} fwd={info.forward_passes} probe={probes[-1][1]:.4f}")
+    return {"fwd": fwd, "losses": losses, "probes": probes, "seconds": seconds}
 
 
 def run(args) -> dict:
@@ -119,75 +144,104 @@ def run(args) -> dict:
     loss = build_loss(task, tokenizer, model, args.peft)
     zm = zo_fx.zo_compile(model, task.encode(tokenizer, task.train[:args.batch_size], args.max_length), loss=loss)
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    probe = Probe(task, tokenizer, loss, args.max_length, args.probe_size)
+    setup = (model, zm, loss, task, tokenizer, initial, probe)
     zero_shot = evaluate(model, task, tokenizer, loss, "test", args.max_length, desc="zero-shot test")
     lrs = parse_lrs(args.lrs)
-    per_step = {"fzoo": args.directions + 1, "mezo": 2, "adamezo": 2}
+    per_step = {"fzoo": args.directions + 1, "mezo": 2, "adamezo": 2, "adam": 1}
     smooth_fwd = max(1, round(args.smooth * args.budget))
     runs = []
     for method in args.methods:
         steps = args.adam_steps if method == "adam" else args.budget // per_step[method]
-        window = max(1, round(smooth_fwd / (1 if method == "adam" else per_step[method])))
+        span = steps * per_step[method]
+        window = max(1, round((args.smooth * span if method == "adam" else smooth_fwd) / per_step[method]))
         for lr in lrs[method]:
-            per_seed, tests, seconds = [], [], 0.0
+            done, tests = [], []
             for seed in args.seeds:
-                fwd, losses, sec = train_once(method, lr, seed, steps, args, model, zm, loss, task, tokenizer, initial)
-                per_seed.append(losses)
-                seconds += sec
+                done.append(train_once(method, lr, seed, steps, max(1, span // args.probes), args, setup))
                 tests.append(evaluate(model, task, tokenizer, loss, "test", args.max_length, desc=f"{method} test"))
-            mean_loss = [sum(v) / len(v) for v in zip(*per_seed)]
+            mean_loss = [sum(v) / len(v) for v in zip(*(d["losses"] for d in done))]
+            probes = [(pts[0][0], sum(p[1] for p in pts) / len(pts)) for pts in zip(*(d["probes"] for d in done))]
             smoothed = moving_average(mean_loss, window)
+            fwd = done[0]["fwd"]
             runs.append({
                 "method": method, "lr": lr, "seeds": list(args.seeds), "steps": steps, "window_steps": window,
-                "forward_passes": fwd[-1] if fwd else 0, "final_smoothed_loss": smoothed[-1] if smoothed else None,
+                "forward_passes": fwd[-1] if fwd else 0,
+                "final_smoothed_loss": smoothed[-1] if smoothed else None, "final_probe_loss": probes[-1][1],
                 "test_accuracy": sum(t["accuracy"] for t in tests) / len(tests),
                 "test_loss": sum(t["loss"] for t in tests) / len(tests),
-                "test_accuracy_per_seed": [t["accuracy"] for t in tests], "seconds": seconds,
+                "test_accuracy_per_seed": [t["accuracy"] for t in tests],
+                "seconds": sum(d["seconds"] for d in done),
                 "curve": {"forward_passes": fwd, "loss": mean_loss, "smoothed": smoothed},
+                "probe": {"forward_passes": [p[0] for p in probes], "loss": [p[1] for p in probes]},
             })
-            print(f"{method} lr={lr:g}: final smoothed loss {runs[-1]['final_smoothed_loss']}, test accuracy "
-                  f"{runs[-1]['test_accuracy']:.4f}, {seconds:.0f} s", flush=True)
-    chosen = {}
-    for method in args.methods:
-        candidates = [r for r in runs if r["method"] == method and r["final_smoothed_loss"] is not None]
-        if candidates:
-            chosen[method] = min(candidates, key=lambda r: r["final_smoothed_loss"]
-                                 if math.isfinite(r["final_smoothed_loss"]) else math.inf)
-            chosen[method]["chosen"] = True
-    target = mezo_reach = None
-    if "mezo" in chosen:  # the yardstick: MeZO's final smoothed loss, and when MeZO itself first got there
-        mezo = chosen["mezo"]
-        target = mezo["final_smoothed_loss"]
-        mezo_reach = first_reach(mezo["curve"]["forward_passes"], mezo["curve"]["smoothed"], target,
-                                 mezo["window_steps"])
-    for r in runs:
-        reach = None if target is None else first_reach(r["curve"]["forward_passes"], r["curve"]["smoothed"], target,
-                                                         r["window_steps"])
-        r["forward_passes_to_mezo_loss"] = reach
-        r["fewer_forward_passes_than_mezo"] = (mezo_reach / reach) if reach and mezo_reach else None
+            r = runs[-1]
+            print(f"{method} lr={lr:g}: final smoothed loss {r['final_smoothed_loss']}, probe loss "
+                  f"{r['final_probe_loss']:.4f}, test accuracy {r['test_accuracy']:.4f}, {r['seconds']:.0f} s",
+                  flush=True)
     return {
-        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot")},
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "task": task.name, "sizes": {s: len(getattr(task, s)) for s in ("train", "validation", "test")},
         "trainable_parameters": sum(p.numel() for p in initial.values()),
         "zero_shot_test_accuracy": zero_shot["accuracy"], "zero_shot_test_loss": zero_shot["loss"],
-        "smoothing_forward_passes": smooth_fwd, "mezo_final_smoothed_loss": target,
-        "mezo_forward_passes_to_own_final": mezo_reach, "runs": runs,
+        "smoothing_forward_passes": smooth_fwd, "runs": runs, **compare(runs, args.methods),
     }
 
 
+def compare(runs: list[dict], methods: list[str]) -> dict:
+    """Pick each method's lr (lowest final probe loss) and measure everyone against MeZO's final loss."""
+    def final(r):
+        return r["final_probe_loss"] if math.isfinite(r["final_probe_loss"]) else math.inf
+
+    chosen = {}
+    for method in methods:
+        candidates = [r for r in runs if r["method"] == method]
+        if candidates:
+            chosen[method] = min(candidates, key=final)
+            chosen[method]["chosen"] = True
+    out = {"mezo_final_probe_loss": None, "mezo_final_smoothed_loss": None}
+    if "mezo" not in chosen:
+        return out
+    mezo = chosen["mezo"]
+    out.update(mezo_final_probe_loss=mezo["final_probe_loss"], mezo_final_smoothed_loss=mezo["final_smoothed_loss"])
+
+    def reach(r, kind: str) -> int | None:
+        if kind == "probe":
+            points = list(zip(r["probe"]["forward_passes"], r["probe"]["loss"]))
+            return first_reach(points, mezo["final_probe_loss"], skip=1)
+        points = list(zip(r["curve"]["forward_passes"], r["curve"]["smoothed"]))
+        return first_reach(points, mezo["final_smoothed_loss"], skip=r["window_steps"] - 1)  # full windows only
+
+    for kind in ("probe", "smoothed"):
+        own = reach(mezo, kind)
+        for r in runs:
+            r[f"forward_passes_to_mezo_{kind}_loss"] = hit = reach(r, kind)
+            r[f"fewer_forward_passes_than_mezo_{kind}"] = own / hit if hit and own else None
+    return out
+
+
 def table(result: dict) -> str:
-    lines = ["| method | lr | steps | forward passes | final loss (smoothed) | fwd to MeZO's loss | fewer fwd than MeZO "
-             "| test acc |  seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    lines = ["| method | lr | steps | forward passes | final probe loss | fwd to MeZO's probe loss | fewer fwd than MeZO "
+             "| final smoothed loss | fwd to MeZO's smoothed loss | fewer fwd than MeZO | test acc | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
-        reach = r["forward_passes_to_mezo_loss"]
-        ratio = r["fewer_forward_passes_than_mezo"]
         mark = " *" if r.get("chosen") else ""
         fwd = f"{r['forward_passes']} (+backward)" if r["method"] == "adam" else str(r["forward_passes"])
-        final = "-" if r["final_smoothed_loss"] is None else f"{r['final_smoothed_loss']:.4f}"
-        lines.append(f"| {r['method']}{mark} | {r['lr']:g} | {r['steps']} | {fwd} | {final} | "
-                     f"{'not reached' if reach is None else reach} | {'-' if ratio is None else f'{ratio:.2f}x'} | "
-                     f"{r['test_accuracy']:.4f} | {r['seconds']:.0f} |")
-    lines.append(f"zero-shot test accuracy {result['zero_shot_test_accuracy']:.4f}; smoothing window "
-                 f"{result['smoothing_forward_passes']} forward passes; * = the lr representing the method")
+        cells = [f"{r['method']}{mark}", f"{r['lr']:g}", str(r["steps"]), fwd, num(r["final_probe_loss"], ".4f")]
+        for kind in ("probe", "smoothed"):
+            if kind == "smoothed":
+                cells.append(num(r["final_smoothed_loss"], ".4f"))
+            hit, ratio = r.get(f"forward_passes_to_mezo_{kind}_loss"), r.get(f"fewer_forward_passes_than_mezo_{kind}")
+            cells += ["not reached" if hit is None else str(hit), num(ratio, ".2f") + ("x" if ratio else "")]
+        cells += [f"{r['test_accuracy']:.4f}", f"{r['seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"zero-shot test accuracy {result['zero_shot_test_accuracy']:.4f}; probe = loss on a fixed set of "
+                 f"{result['settings']['probe_size']} training examples; smoothed = moving average of the per-step "
+                 f"loss over {result['smoothing_forward_passes']} forward passes; * = the lr representing the method; "
+                 "adam is compared by steps (its backward passes are not counted)")
     return "\n".join(lines)
 
 
@@ -197,20 +251,26 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, (ax_s, ax_p) = plt.subplots(1, 2, figsize=(13, 5))
     colors = {"fzoo": "tab:blue", "mezo": "tab:red", "adamezo": "tab:green", "adam": "tab:gray"}
     for r in result["runs"]:
-        c = r["curve"]
-        style = "-" if r.get("chosen") else ":"
-        label = f"{r['method']} lr={r['lr']:g}" + (" (by steps, backward not counted)" if r["method"] == "adam" else "")
-        ax.plot(c["forward_passes"], c["smoothed"], style, color=colors[r["method"]], lw=2 if r.get("chosen") else 1,
-                label=label)
-    if result["mezo_final_smoothed_loss"] is not None:
-        ax.axhline(result["mezo_final_smoothed_loss"], color="tab:red", ls="--", lw=0.8, label="MeZO's final loss")
+        style, lw = ("-", 2) if r.get("chosen") else (":", 1)
+        label = f"{r['method']} lr={r['lr']:g}" + (" (steps; backward not counted)" if r["method"] == "adam" else "")
+        ax_s.plot(r["curve"]["forward_passes"], r["curve"]["smoothed"], style, color=colors[r["method"]], lw=lw,
+                  label=label)
+        ax_p.plot(r["probe"]["forward_passes"], r["probe"]["loss"], style, marker=".", color=colors[r["method"]],
+                  lw=lw, label=label)
+    for ax, key in ((ax_s, "mezo_final_smoothed_loss"), (ax_p, "mezo_final_probe_loss")):
+        if result[key] is not None:
+            ax.axhline(result[key], color="tab:red", ls="--", lw=0.8, label="MeZO's final loss")
     s = result["settings"]
-    ax.set(xlabel="forward passes over a batch", ylabel="training loss (moving average)",
-           title=f"{result['task']}, {s['model']}, peft={s['peft']}, B={s['batch_size']}, budget {s['budget']}")
-    ax.legend(fontsize=8)
+    ax_s.set(xlabel="forward passes over a batch", ylabel="training loss",
+             title=f"per-step loss, moving average over {result['smoothing_forward_passes']} forward passes")
+    ax_p.set(xlabel="forward passes over a batch", ylabel="training loss",
+             title=f"loss on a fixed set of {s['probe_size']} training examples")
+    ax_p.legend(fontsize=8)
+    fig.suptitle(f"{result['task']}, {s['model']}, peft={s['peft']}, B={s['batch_size']}, budget {s['budget']} "
+                 "forward passes")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -241,6 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--horizon", type=int, default=10)
     p.add_argument("--smooth", type=float, default=0.1, help="moving-average width as a fraction of the budget "
                    "(default: %(default)s)")
+    p.add_argument("--probes", type=int, default=20, help="probe-loss points per run (default: %(default)s)")
+    p.add_argument("--probe-size", type=int, default=64, help="training examples in the probe set (default: "
+                   "%(default)s)")
     p.add_argument("--n-test", type=int, help="test examples (default: the task's)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--json", type=Path, default=Path("runs/convergence.json"))

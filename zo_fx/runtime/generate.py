@@ -53,23 +53,25 @@ def _key_tensors(seeds, pid: int, kind: str, device) -> tuple[torch.Tensor, torc
 
 
 def _chunk_values(kind: str, n: int, block0, seed_lo, seed_hi, pid, tag, dtype) -> torch.Tensor:
-    """Elements [128*block0*(...)...) of one stream: ``n`` values from a block-aligned start.
+    """``n`` values of one stream from a block-aligned start.
 
     ``block0`` is the index of the first block of this chunk *in units of the kind's
     block* (128 elements for Rademacher, 4 for Gaussian). Written with tensor-valued
     key words so that one compiled graph serves every seed and parameter.
     """
-    if kind == RADEMACHER:
-        nb = (n + 127) // 128
-        blocks = block0 + torch.arange(nb, dtype=torch.int64, device=seed_lo.device)
-        w = philox_words(blocks & MASK32, blocks >> 32, seed_hi, tag, seed_lo, pid)
-        words = torch.stack(torch.broadcast_tensors(*w), -1).to(torch.int32)
-        shifts = torch.arange(32, dtype=torch.int32, device=seed_lo.device)
-        bits = (words.unsqueeze(-1) >> shifts) & 1
-        return (1 - 2 * bits).reshape(-1)[:n].to(dtype)
-    nb = (n + 3) // 4
+    nb = (n + _per_block(kind) - 1) // _per_block(kind)
     blocks = block0 + torch.arange(nb, dtype=torch.int64, device=seed_lo.device)
+    return _block_values(kind, blocks, seed_lo, seed_hi, pid, tag).reshape(-1)[:n].to(dtype)
+
+
+def _block_values(kind: str, blocks, seed_lo, seed_hi, pid, tag) -> torch.Tensor:
+    """Stream values of whole blocks: shape [*seed dims, n_blocks, 128 or 4], float32 or int."""
     w = torch.broadcast_tensors(*philox_words(blocks & MASK32, blocks >> 32, seed_hi, tag, seed_lo, pid))
+    if kind == RADEMACHER:
+        words = torch.stack(w, -1).to(torch.int32)  # [..., nb, 4]
+        shifts = torch.arange(32, dtype=torch.int32, device=blocks.device)
+        bits = (words.unsqueeze(-1) >> shifts) & 1  # word-major, LSB first
+        return (1 - 2 * bits).flatten(-2)
     values = []
     for even, odd in ((w[0], w[1]), (w[2], w[3])):
         u1 = ((even >> 8) + 1).to(torch.float32) * INV_2_24
@@ -77,7 +79,7 @@ def _chunk_values(kind: str, n: int, block0, seed_lo, seed_hi, pid, tag, dtype) 
         r = torch.sqrt(-2.0 * torch.log(u1))
         theta = u2 * TWO_PI_F32
         values += [r * torch.cos(theta), r * torch.sin(theta)]
-    return torch.stack(values, -1).reshape(-1)[:n].to(dtype)
+    return torch.stack(values, -1)
 
 
 def _perturbed_chunk(base, scale, block0, seed_lo, seed_hi, pid, tag, kind: str):
@@ -185,21 +187,8 @@ def perturbed_groups(base: torch.Tensor, seeds, pid: int, scales, kind: str) -> 
 
 def _batched_values(kind, n, blocks, seed_lo, seed_hi, pid, tag, dtype) -> torch.Tensor:
     """[G, n] stream values for G seeds (seed words shaped [G, 1]) at the same blocks."""
-    w = torch.broadcast_tensors(*philox_words(blocks & MASK32, blocks >> 32, seed_hi, tag, seed_lo, pid))
-    groups = w[0].shape[0]
-    if kind == RADEMACHER:
-        words = torch.stack(w, -1).to(torch.int32)  # [G, nb, 4]
-        shifts = torch.arange(32, dtype=torch.int32, device=blocks.device)
-        bits = (words.unsqueeze(-1) >> shifts) & 1
-        return (1 - 2 * bits).reshape(groups, -1)[:, :n].to(dtype)
-    values = []
-    for even, odd in ((w[0], w[1]), (w[2], w[3])):
-        u1 = ((even >> 8) + 1).to(torch.float32) * INV_2_24
-        u2 = (odd >> 8).to(torch.float32) * INV_2_24
-        r = torch.sqrt(-2.0 * torch.log(u1))
-        theta = u2 * TWO_PI_F32
-        values += [r * torch.cos(theta), r * torch.sin(theta)]
-    return torch.stack(values, -1).reshape(groups, -1)[:, :n].to(dtype)
+    values = _block_values(kind, blocks, seed_lo, seed_hi, pid, tag)
+    return values.reshape(values.shape[0], -1)[:, :n].to(dtype)
 
 
 @torch.no_grad()
