@@ -216,7 +216,8 @@ def compare(runs: list[dict], methods: list[str]) -> dict:
         own = reach(mezo, kind)
         for r in runs:
             r[f"forward_passes_to_mezo_{kind}_loss"] = hit = reach(r, kind)
-            r[f"fewer_forward_passes_than_mezo_{kind}"] = own / hit if hit and own else None
+            comparable = r["method"] != "adam"  # Adam's backward passes are not counted: no ratio
+            r[f"fewer_forward_passes_than_mezo_{kind}"] = own / hit if hit and own and comparable else None
     return out
 
 
