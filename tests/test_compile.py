@@ -26,6 +26,24 @@ def _table(groups, kind, rng):
     return GroupTable(seeds, coefs, 1e-3, kind)
 
 
+def _shapes_allocated(fn) -> list[tuple]:
+    """Shapes of every tensor the ops produce while ``fn`` runs (through a dispatch mode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                shapes.append(tuple(out.shape))
+            return out
+
+    with Record():
+        fn()
+    return shapes
+
+
 def _assert_close_rel(actual, expected):
     rel = ((actual - expected).abs() / expected.abs().clamp(min=1e-30)).max().item()
     assert rel <= REL_TOL, f"relative error {rel:.3e} > {REL_TOL}"
@@ -179,23 +197,11 @@ def test_model_that_cannot_be_exported_gives_the_documented_error():
 
 def test_no_weight_is_copied_per_group():
     """Never a [G, out, in] tensor; never more than one perturbed weight alive at a time."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     model, batch = tiny_llama(tied=False), causal_batch()
     zm = zo_fx.zo_compile(model, batch)
     weight_shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
-    shapes = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor):
-                shapes.append(tuple(out.shape))
-            return out
-
     groups = 9
-    with Record():
-        zm.group_losses(batch, GroupTable(list(range(groups)), [1.0] * groups, 1e-3))
+    shapes = _shapes_allocated(lambda: zm.group_losses(batch, GroupTable(list(range(groups)), [1.0] * groups, 1e-3)))
     assert not any(len(s) == 3 and s[0] == groups and s[1:] in weight_shapes for s in shapes)
 
 
@@ -223,24 +229,14 @@ def test_bad_arguments():
 
 def test_head_is_fused_into_the_loss_one_group_at_a_time():
     """No tensor holds the logits of all groups at once; the result equals the unfused graph."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     model, batch = tiny_llama(), causal_batch()
     groups, (b, t), vocab = 5, batch["input_ids"].shape, model.config.vocab_size
     table = GroupTable(list(range(groups)), [0.0, 1.0, -1.0, 0.5, 2.0], 1e-3)
     fused = zo_fx.zo_compile(model, batch)
     assert fused.head is not None and fused.head.weight == "model.embed_tokens.weight"
-    shapes = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor):
-                shapes.append(tuple(out.shape))
-            return out
-
-    with Record():
-        got = fused.group_losses(batch, table)
+    result = {}
+    shapes = _shapes_allocated(lambda: result.setdefault("losses", fused.group_losses(batch, table)))
+    got = result["losses"]
     assert (groups * b, t, vocab) not in shapes and (b, t, vocab) in shapes
     unfused = zo_fx.zo_compile(model, batch, fuse_head=False).group_losses(batch, table)
     _assert_close_rel(got, unfused)
