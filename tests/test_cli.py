@@ -23,7 +23,7 @@ from zo_fx.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data" / "cli"
 REVIEWS = DATA / "reviews.jsonl"
-WORDS = ("pos=great,neg=terrible")
+WORDS = "pos=great,neg=terrible"
 TEMPLATE = "Review: {text} It was"
 METRICS_KEYS = {"settings", "task", "model", "history", "evals", "final"}
 STEP_KEYS = {"step", "loss", "sigma", "lr", "forward_passes", "seconds", "skipped"}
@@ -104,8 +104,9 @@ def test_a_run_writes_metrics_trajectory_weights_and_curves(model_dir, tmp_path,
 
 
 def test_the_saved_trajectory_replays_to_the_saved_weights(model_dir, tmp_path):
-    import zo_fx
     from transformers import AutoModelForCausalLM
+
+    import zo_fx
 
     finetune(model_dir, tmp_path, "--steps", "3", "--directions", "3")
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -249,7 +250,7 @@ def test_bad_input_gets_a_clear_error(model_dir, tmp_path, overrides, phrases):
 
 def test_python_m_zo_fx_finetune_help():
     done = subprocess.run([sys.executable, "-m", "zo_fx", "finetune", "--help"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+                          cwd=ROOT, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     for flag in ("--model", "--task", "--method", "--peft", "--forward-budget", "--resume", "--label-words"):
         assert flag in done.stdout
@@ -261,7 +262,7 @@ def test_convergence_benchmark_smoke_run_writes_json_and_plot(model_dir, tmp_pat
         [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--model", str(model_dir), "--task", str(REVIEWS),
          "--label-words", WORDS, "--template", TEMPLATE, "--budget", "40", "--batch-size", "4", "--adam-steps", "4",
          "--max-length", "16", "--threads", "1", "--json", str(out_json), "--plot", str(out_png)],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        capture_output=True, text=True, cwd=ROOT, timeout=300, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out_json.read_text())

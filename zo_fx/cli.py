@@ -14,10 +14,10 @@ import textwrap
 from zo_fx.finetune import (
     DEFAULT_EVALS,
     DEFAULT_LR,
+    DEFAULT_PEFT_LR,
     DEFAULT_STEPS,
     DTYPES,
     METHODS,
-    PEFT_LR_FACTOR,
     PEFTS,
     FinetuneConfig,
     FinetuneError,
@@ -41,10 +41,11 @@ checkpoints for --resume.
 
 
 def _lr_help() -> str:
-    defaults = ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items())
-    return (f"learning rate (default per method: {defaults}; x{PEFT_LR_FACTOR:g} with --peft; chosen by a sweep on "
-            "VADER validation, see benchmarks/convergence.py). FZOO's step is normalised by the loss spread, so "
-            "its lr is a step size per direction")
+    full = ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items())
+    peft = ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_PEFT_LR.items())
+    return (f"learning rate (default, full fine-tuning: {full}; with --peft: {peft}; from lr sweeps on SmolLM2 / "
+            "VADER, see zo_fx/finetune.py). FZOO's step is normalised by the loss spread, so its lr is a step "
+            "size per direction")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "alpha 16 on the attention q/v projections (MeZO's setting); prefix: 5 prefix tokens per layer; "
                    "prompt: 10 trainable virtual input tokens")
     g.add_argument("--lr", type=float, help=_lr_help())
-    g.add_argument("--eps", type=float, default=1e-3, help="perturbation scale of the ZO methods (default: %(default)g, "
-                   "as MeZO, FZOO and AdaMeZO)")
+    g.add_argument("--eps", type=float, default=1e-3, help="perturbation scale of the ZO methods (default: "
+                   "%(default)g, as MeZO, FZOO and AdaMeZO)")
     g.add_argument("--directions", type=int, default=8, help="FZOO's directions per step, N (default: %(default)s, "
                    "the FZOO paper's)")
     g.add_argument("--horizon", type=int, default=10, help="AdaMeZO's window K of past directions (default: "
