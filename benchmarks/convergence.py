@@ -78,14 +78,31 @@ ZO_METHODS = ("fzoo", "mezo", "adamezo")
 DEFAULT_LRS = {"fzoo": [3e-2], "mezo": [1e-3], "adamezo": [1e-5], "adam": [1e-3]}
 
 
-def parse_lrs(items: list[str]) -> dict[str, list[float]]:
-    lrs = {m: list(v) for m, v in DEFAULT_LRS.items()}
+SCHEDULES = ("constant", "linear")
+
+
+def parse_lrs(items: list[str]) -> dict[str, list[tuple[float, str]]]:
+    """``["fzoo=1e-2,3e-2:linear"]`` -> ``{"fzoo": [(0.01, "constant"), (0.03, "linear")], ...defaults}``.
+
+    ``:linear`` decays that run's lr linearly to 0 over its steps (ZO methods only).
+    """
+    lrs = {m: [(lr, "constant") for lr in v] for m, v in DEFAULT_LRS.items()}
     for item in items:
         method, _, values = item.partition("=")
         if method not in lrs or not values:
-            raise SystemExit(f"--lrs {item!r}: write method=lr[,lr...] with method one of {', '.join(lrs)}")
-        lrs[method] = [float(v) for v in values.split(",")]
+            raise SystemExit(f"--lrs {item!r}: write method=lr[,lr[:linear]...] with method one of {', '.join(lrs)}")
+        lrs[method] = []
+        for value in values.split(","):
+            lr, _, schedule = value.partition(":")
+            schedule = schedule or "constant"
+            if schedule not in SCHEDULES or (schedule != "constant" and method == "adam"):
+                raise SystemExit(f"--lrs {item!r}: the schedule after ':' is one of {SCHEDULES} (adam: constant only)")
+            lrs[method].append((float(lr), schedule))
     return lrs
+
+
+def label(lr: float, schedule: str) -> str:
+    return f"{lr:g}" if schedule == "constant" else f"{lr:g}:{schedule}"
 
 
 def first_reach(points: list[tuple[int, float]], target: float, skip: int = 0) -> int | None:
@@ -117,7 +134,7 @@ class Probe:
         return float(self.loss(logits, self.batch).double().mean())
 
 
-def train_once(method: str, lr: float, seed: int, steps: int, per_probe: int, args, setup) -> dict:
+def train_once(method: str, lr: float, schedule: str, seed: int, steps: int, per_probe: int, args, setup) -> dict:
     """One run from the initial weights: the loss of every step, probe losses, seconds (probes excluded)."""
     model, zm, loss, task, tokenizer, initial, probe = setup
     live = dict(model.named_parameters())
@@ -125,6 +142,8 @@ def train_once(method: str, lr: float, seed: int, steps: int, per_probe: int, ar
         for name, value in initial.items():
             live[name].copy_(value)
     common = {"lr": lr, "eps": args.eps, "seed": seed}
+    if schedule == "linear":
+        common["lr_schedule"] = lambda step: lr * (1.0 - step / steps)
     if method == "fzoo":
         opt = zo_fx.FZOO(zm, n_directions=args.directions, **common)
     elif method == "mezo":
@@ -134,18 +153,19 @@ def train_once(method: str, lr: float, seed: int, steps: int, per_probe: int, ar
     else:
         opt = AdamBaseline(model, loss, lr, 0.0, state_dir=Path("."))  # never checkpointed here
     cursor = task.cursor(args.batch_size, seed=seed)
-    fwd, losses, probes, seconds = [], [], [(0, probe(model))], 0.0
-    bar = tqdm(range(steps), desc=f"{method} lr={lr:g} seed={seed}", unit="step", leave=False, dynamic_ncols=True)
+    fwd, losses, step_lrs, probes, seconds = [], [], [], [(0, probe(model))], 0.0
+    bar = tqdm(range(steps), desc=f"{method} lr={label(lr, schedule)} seed={seed}", unit="step", leave=False, dynamic_ncols=True)
     for _ in bar:
         t0 = time.perf_counter()
         info = opt.step(task.encode(tokenizer, cursor.next_batch(), args.max_length))
         seconds += time.perf_counter() - t0
         fwd.append(info.forward_passes)
+        step_lrs.append(info.lr)
         losses.append(info.loss)  # NaN for a non-finite step; the moving average leaves it out
         if info.forward_passes >= probes[-1][0] + per_probe or len(fwd) == steps:
             probes.append((info.forward_passes, probe(model)))
         bar.set_postfix_str(f"loss={info.loss:.4f} fwd={info.forward_passes} probe={probes[-1][1]:.4f}")
-    return {"fwd": fwd, "losses": losses, "probes": probes, "seconds": seconds}
+    return {"fwd": fwd, "losses": losses, "lrs": step_lrs, "probes": probes, "seconds": seconds}
 
 
 def run(args) -> dict:
@@ -171,28 +191,28 @@ def run(args) -> dict:
         steps = args.adam_steps if method == "adam" else args.budget // per_step[method]
         span = steps * per_step[method]
         window = max(1, round((args.smooth * span if method == "adam" else smooth_fwd) / per_step[method]))
-        for lr in lrs[method]:
+        for lr, schedule in lrs[method]:
             done, tests = [], []
             for seed in args.seeds:
-                done.append(train_once(method, lr, seed, steps, max(1, span // args.probes), args, setup))
+                done.append(train_once(method, lr, schedule, seed, steps, max(1, span // args.probes), args, setup))
                 tests.append(evaluate(model, task, tokenizer, loss, "test", args.max_length, desc=f"{method} test"))
             mean_loss = [sum(v) / len(v) for v in zip(*(d["losses"] for d in done))]
             probes = [(pts[0][0], sum(p[1] for p in pts) / len(pts)) for pts in zip(*(d["probes"] for d in done))]
             smoothed = moving_average(mean_loss, window)
             fwd = done[0]["fwd"]
             runs.append({
-                "method": method, "lr": lr, "seeds": list(args.seeds), "steps": steps, "window_steps": window,
+                "method": method, "lr": lr, "schedule": schedule, "seeds": list(args.seeds), "steps": steps, "window_steps": window,
                 "forward_passes": fwd[-1] if fwd else 0,
                 "final_smoothed_loss": smoothed[-1] if smoothed else None, "final_probe_loss": probes[-1][1],
                 "test_accuracy": sum(t["accuracy"] for t in tests) / len(tests),
                 "test_loss": sum(t["loss"] for t in tests) / len(tests),
                 "test_accuracy_per_seed": [t["accuracy"] for t in tests],
                 "seconds": sum(d["seconds"] for d in done),
-                "curve": {"forward_passes": fwd, "loss": mean_loss, "smoothed": smoothed},
+                "curve": {"forward_passes": fwd, "loss": mean_loss, "smoothed": smoothed, "lr": done[0]["lrs"]},
                 "probe": {"forward_passes": [p[0] for p in probes], "loss": [p[1] for p in probes]},
             })
             r = runs[-1]
-            print(f"{method} lr={lr:g}: final smoothed loss {r['final_smoothed_loss']}, probe loss "
+            print(f"{method} lr={label(lr, schedule)}: final smoothed loss {r['final_smoothed_loss']}, probe loss "
                   f"{r['final_probe_loss']:.4f}, test accuracy {r['test_accuracy']:.4f}, {r['seconds']:.0f} s",
                   flush=True)
     return {
@@ -247,7 +267,7 @@ def table(result: dict) -> str:
     for r in result["runs"]:
         mark = " *" if r.get("chosen") else ""
         fwd = f"{r['forward_passes']} (+backward)" if r["method"] == "adam" else str(r["forward_passes"])
-        cells = [f"{r['method']}{mark}", f"{r['lr']:g}", str(r["steps"]), fwd, num(r["final_probe_loss"], ".4f")]
+        cells = [f"{r['method']}{mark}", label(r["lr"], r.get("schedule", "constant")), str(r["steps"]), fwd, num(r["final_probe_loss"], ".4f")]
         for kind in ("probe", "smoothed"):
             if kind == "smoothed":
                 cells.append(num(r["final_smoothed_loss"], ".4f"))
@@ -272,11 +292,12 @@ def plot(result: dict, path: Path) -> None:
     colors = {"fzoo": "tab:blue", "mezo": "tab:red", "adamezo": "tab:green", "adam": "tab:gray"}
     for r in result["runs"]:
         style, lw = ("-", 2) if r.get("chosen") else (":", 1)
-        label = f"{r['method']} lr={r['lr']:g}" + (" (steps; backward not counted)" if r["method"] == "adam" else "")
+        name = f"{r['method']} lr={label(r['lr'], r.get('schedule', 'constant'))}"
+        name += " (steps; backward not counted)" if r["method"] == "adam" else ""
         ax_s.plot(r["curve"]["forward_passes"], r["curve"]["smoothed"], style, color=colors[r["method"]], lw=lw,
-                  label=label)
+                  label=name)
         ax_p.plot(r["probe"]["forward_passes"], r["probe"]["loss"], style, marker=".", color=colors[r["method"]],
-                  lw=lw, label=label)
+                  lw=lw, label=name)
     for ax, key in ((ax_s, "mezo_final_smoothed_loss"), (ax_p, "mezo_final_probe_loss")):
         if result[key] is not None:
             ax.axhline(result[key], color="tab:red", ls="--", lw=0.8, label="MeZO's final loss")
@@ -311,7 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="optimizer and data-order seeds; curves are "
                    "averaged over them (default: 0)")
     p.add_argument("--data-seed", type=int, default=0, help="task subsampling and adapter init (default: 0)")
-    p.add_argument("--lrs", nargs="*", default=[], help="method=lr[,lr...] (defaults: "
+    p.add_argument("--lrs", nargs="*", default=[], help="method=lr[,lr...]; lr:linear decays that run's lr linearly "
+                   "to 0 (defaults: "
                    + ", ".join(f"{m}={v[0]:g}" for m, v in DEFAULT_LRS.items()) + ")")
     p.add_argument("--eps", type=float, default=1e-3, help="ZO perturbation scale (default: %(default)g)")
     p.add_argument("--directions", type=int, default=8, help="FZOO's N (default: %(default)s)")

@@ -261,11 +261,17 @@ def test_convergence_benchmark_smoke_run_writes_json_and_plot(model_dir, tmp_pat
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--model", str(model_dir), "--task", str(REVIEWS),
          "--label-words", WORDS, "--template", TEMPLATE, "--budget", "40", "--batch-size", "4", "--adam-steps", "4",
-         "--max-length", "16", "--threads", "1", "--json", str(out_json), "--plot", str(out_png)],
+         "--max-length", "16", "--threads", "1", "--lrs", "fzoo=1e-3,2e-3:linear", "--json", str(out_json),
+         "--plot", str(out_png)],
         capture_output=True, text=True, cwd=ROOT, timeout=300, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out_json.read_text())
     assert {r["method"] for r in result["runs"]} == {"fzoo", "mezo", "adamezo", "adam"}
+    constant, linear = (r for r in result["runs"] if r["method"] == "fzoo")
+    assert constant["schedule"] == "constant" and set(constant["curve"]["lr"]) == {1e-3}
+    assert linear["schedule"] == "linear"
+    steps = linear["steps"]
+    assert linear["curve"]["lr"] == pytest.approx([2e-3 * (1 - k / steps) for k in range(steps)])
     assert out_png.read_bytes()[:4] == b"\x89PNG"
     assert "| method" in done.stdout
