@@ -95,6 +95,13 @@ def tiny_prompt_tuning_llama(dtype=torch.float64, seed=0):
     return get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).to(dtype).eval()
 
 
+def tiny_prefix_tuning_llama(dtype=torch.float64, seed=0):
+    from peft import PrefixTuningConfig, get_peft_model
+
+    base = tiny_llama(dtype, tied=False, seed=seed)
+    return get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).to(dtype).eval()
+
+
 def causal_batch(batch_size=3, seq_len=7, seed=0, pad_tail=True):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, VOCAB, (batch_size, seq_len), generator=g)

@@ -13,7 +13,14 @@ import zo_fx
 from zo_fx.runtime.module import GroupTable
 
 from explicit import explicit_group_losses
-from model_zoo import FAMILIES, causal_batch, tiny_llama, tiny_lora_llama, tiny_prompt_tuning_llama
+from model_zoo import (
+    FAMILIES,
+    causal_batch,
+    tiny_llama,
+    tiny_lora_llama,
+    tiny_prefix_tuning_llama,
+    tiny_prompt_tuning_llama,
+)
 
 REL_TOL = 1e-10
 
@@ -100,12 +107,16 @@ def test_lora_perturbs_only_lora_weights_and_frozen_prefix_runs_once():
     assert report.layout_counts["invariant"] > 50
 
 
-def test_prompt_tuning_virtual_tokens_are_perturbed():
-    model, batch = tiny_prompt_tuning_llama(), causal_batch()
+@pytest.mark.parametrize("make_model", [tiny_prompt_tuning_llama, tiny_prefix_tuning_llama], ids=["prompt", "prefix"])
+def test_prompt_and_prefix_tuning_perturb_only_the_virtual_tokens(make_model):
+    model, batch = make_model(), causal_batch()
     zm = zo_fx.zo_compile(model, batch)
-    assert list(zm.pids) == [n for n, p in model.named_parameters() if p.requires_grad]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert list(zm.pids) == trainable and all("prompt_encoder" in n for n in trainable)
     table = GroupTable([1, 2, 3], [0.0, 1.0, -0.5], 1e-2, "gaussian")
-    _assert_close_rel(zm.group_losses(batch, table), explicit_group_losses(model, zm, batch, table))
+    losses = zm.group_losses(batch, table)
+    assert not torch.equal(losses[0], losses[1]), "the virtual tokens do not reach the loss"
+    _assert_close_rel(losses, explicit_group_losses(model, zm, batch, table))
 
 
 def test_batch_of_another_size_than_the_example():
