@@ -155,6 +155,40 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(model_dir, tmp_path, m
             tmp_path / "split" / "trajectory.json").read_text()
 
 
+@pytest.mark.parametrize("method", ["fzoo", "adam"])
+def test_a_linear_schedule_decays_the_lr_to_zero_over_the_run(model_dir, tmp_path, method):
+    metrics = finetune(model_dir, tmp_path, "--method", method, "--steps", "4", "--lr", "0.01", "--lr-schedule",
+                       "linear", "--directions", "3")
+    assert [h["lr"] for h in metrics["history"]] == pytest.approx([0.01, 0.0075, 0.005, 0.0025])
+
+
+def test_a_linear_run_interrupted_midway_resumes_exactly(model_dir, tmp_path, monkeypatch):
+    import zo_fx
+
+    flags = ("--steps", "4", "--lr-schedule", "linear", "--directions", "3", "--checkpoint-every", "1")
+    straight = finetune(model_dir, tmp_path / "straight", *flags)
+    real_step, calls = zo_fx.FZOO.step, []
+
+    def interrupted_step(self, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as Ctrl-C during the third step
+        return real_step(self, batch)
+
+    monkeypatch.setattr(zo_fx.FZOO, "step", interrupted_step)
+    with pytest.raises(SystemExit) as interrupted:
+        finetune(model_dir, tmp_path / "split", *flags)
+    assert "--resume" in str(interrupted.value.code)
+    monkeypatch.undo()
+    refused = error_of(None, _argv(model_dir, tmp_path / "split", **{"--max-length": "16"})
+                       + ["--resume", *flags[:-2], "--steps", "6"])
+    assert "--steps" in refused, "a linear decay spans the planned steps; another --steps must be refused"
+    resumed = finetune(model_dir, tmp_path / "split", *flags, "--resume")
+    assert (tmp_path / "split" / "model.safetensors").read_bytes() == (
+        tmp_path / "straight" / "model.safetensors").read_bytes()
+    assert [h["lr"] for h in resumed["history"]] == [h["lr"] for h in straight["history"]]
+
+
 def test_resume_with_other_settings_is_refused_and_loses_nothing(model_dir, tmp_path):
     finetune(model_dir, tmp_path, "--steps", "2", "--directions", "3")
     before = (tmp_path / "model.safetensors").read_bytes()

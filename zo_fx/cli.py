@@ -17,6 +17,7 @@ from zo_fx.finetune import (
     DEFAULT_PEFT_LR,
     DEFAULT_STEPS,
     DTYPES,
+    LR_SCHEDULES,
     METHODS,
     PEFTS,
     FinetuneConfig,
@@ -96,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "alpha 16 on the attention q/v projections (MeZO's setting); prefix: 5 prefix tokens per layer; "
                    "prompt: 10 trainable virtual input tokens")
     g.add_argument("--lr", type=float, help=_lr_help())
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant", help="constant, or linear decay to 0 "
+                   "over the run's steps (default: %(default)s). A linear run resumes only with the same --steps")
     g.add_argument("--eps", type=float, default=1e-3, help="perturbation scale of the ZO methods (default: "
                    "%(default)g, as MeZO, FZOO and AdaMeZO)")
     g.add_argument("--directions", type=int, default=8, help="FZOO's directions per step, N (default: %(default)s, "

@@ -43,6 +43,7 @@ import torch
 
 METHODS = ("fzoo", "mezo", "adamezo", "adam")
 PEFTS = ("none", "lora", "prefix", "prompt")
+LR_SCHEDULES = ("constant", "linear")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 # Learning rates, from sweeps on SmolLM2-135M-Instruct / VADER (B=16, eps=1e-3, seed 0) on this 2-core CPU.
@@ -72,7 +73,8 @@ EVAL_BATCH_SIZE = 64
 FINAL_CHECKPOINTS_KEPT = 2
 # Settings that change what a run computes; a resumed run must repeat them exactly.
 RESUME_KEYS = ("model", "task", "label_words", "template", "data_dir", "method", "peft", "lr", "eps", "directions",
-               "horizon", "batch_size", "max_length", "seed", "n_train", "n_val", "n_test", "dtype", "weight_decay")
+               "horizon", "batch_size", "max_length", "seed", "n_train", "n_val", "n_test", "dtype", "weight_decay",
+               "lr_schedule")
 LORA_TARGETS = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",), ("query_key_value",), ("Wqkv",))
 LORA_RANK, LORA_ALPHA = 8, 16  # MeZO's LoRA setting (Malladi et al. 2023, appendix E)
 PREFIX_TOKENS = 5  # MeZO's prefix-tuning setting
@@ -103,6 +105,7 @@ class FinetuneConfig:
     steps: int | None = None
     forward_budget: int | None = None
     lr: float | None = None
+    lr_schedule: str = "constant"
     eps: float = 1e-3
     directions: int = 8
     horizon: int = 10
@@ -122,9 +125,11 @@ class FinetuneConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        for name, allowed in (("method", METHODS), ("peft", PEFTS), ("dtype", tuple(DTYPES))):
+        for name, allowed in (("method", METHODS), ("peft", PEFTS), ("dtype", tuple(DTYPES)),
+                              ("lr_schedule", LR_SCHEDULES)):
             if getattr(self, name) not in allowed:
-                raise FinetuneError(f"--{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+                flag = name.replace("_", "-")
+                raise FinetuneError(f"--{flag} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         positive = ("batch_size", "max_length", "directions", "horizon", "steps", "forward_budget", "eval_every",
                     "checkpoint_every", "threads")
         for name in positive:
@@ -147,6 +152,12 @@ class FinetuneConfig:
         if self.lr is not None:
             return self.lr
         return (DEFAULT_LR if self.peft == "none" else DEFAULT_PEFT_LR)[self.method]
+
+    def lr_at(self, step: int) -> float:
+        """The lr of step ``step`` (0-based): constant, or decayed linearly to 0 over the run's steps."""
+        if self.lr_schedule == "constant":
+            return self.learning_rate
+        return self.learning_rate * max(0.0, 1.0 - step / self.total_steps)
 
     @property
     def per_step_forward_passes(self) -> int:
@@ -403,10 +414,11 @@ class AdamBaseline:
 
     method = "adam"
 
-    def __init__(self, model, loss, lr: float, weight_decay: float, state_dir: Path):
+    def __init__(self, model, loss, lr: float, weight_decay: float, state_dir: Path, lr_at=None):
         from zo_fx.passes.capture import model_output_tensor
 
         self.model, self.loss, self.lr, self.state_dir = model, loss, lr, Path(state_dir)
+        self.lr_at = lr_at  # step -> lr; None keeps lr constant
         self._output = model_output_tensor
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.torch_optimizer = torch.optim.AdamW(self.params.values(), lr=lr, weight_decay=weight_decay)
@@ -417,10 +429,13 @@ class AdamBaseline:
         from zo_fx import StepInfo
 
         t0 = time.perf_counter()
+        lr = self.lr if self.lr_at is None else self.lr_at(self.step_count)
+        for group in self.torch_optimizer.param_groups:
+            group["lr"] = lr
         logits = self._output(self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
         loss = self.loss(logits, batch).mean()
         self.forward_passes += 1
-        info = StepInfo(self.step_count, [float(loss.detach())], [], [], self.lr, self.forward_passes)
+        info = StepInfo(self.step_count, [float(loss.detach())], [], [], lr, self.forward_passes)
         if math.isfinite(info.losses[0]):
             loss.backward()
             self.torch_optimizer.step()
@@ -470,7 +485,7 @@ def build_optimizer(cfg: FinetuneConfig, model, loss, example: dict, output_dir:
     import zo_fx
 
     if cfg.method == "adam":
-        return AdamBaseline(model, loss, cfg.learning_rate, cfg.weight_decay, output_dir)
+        return AdamBaseline(model, loss, cfg.learning_rate, cfg.weight_decay, output_dir, lr_at=cfg.lr_at)
     try:
         zm = zo_fx.zo_compile(model, example, loss=loss)
     except (zo_fx.ExportFailedError, zo_fx.UncoveredParameterUseError, zo_fx.UnsupportedGraphError) as err:
@@ -478,6 +493,8 @@ def build_optimizer(cfg: FinetuneConfig, model, loss, example: dict, output_dir:
         raise FinetuneError(f"zo_compile could not prepare {type(model).__name__} for zeroth-order training: "
                             f"{err}.{hint} Or train with --method adam (backprop).") from None
     common = {"lr": cfg.learning_rate, "eps": cfg.eps, "weight_decay": cfg.weight_decay, "seed": cfg.seed}
+    if cfg.lr_schedule != "constant":
+        common["lr_schedule"] = cfg.lr_at
     if cfg.method == "fzoo":
         return zo_fx.FZOO(zm, n_directions=cfg.directions, **common)
     if cfg.method == "mezo":
@@ -521,8 +538,9 @@ def _restore(out: Path, cfg: FinetuneConfig, model, optimizer, cursor) -> dict:
     from zo_fx.runtime.checkpoint import latest_checkpoint, load_checkpoint
 
     extra = json.loads((latest_checkpoint(out) / "extra.json").read_text())
-    saved, now = extra.get("settings", {}), cfg.resolved()
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS if saved.get(k) != now[k]]
+    saved, now = {"lr_schedule": "constant", **extra.get("settings", {})}, cfg.resolved()
+    keys = RESUME_KEYS + (("steps",) if cfg.lr_schedule != "constant" else ())  # the decay spans the planned steps
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in keys if saved.get(k) != now[k]]
     if changed:
         raise FinetuneError(f"--resume: the run in {out} used other settings ({'; '.join(changed)}); resume with the "
                             "saved settings (see its checkpoint's extra.json) or start a new --output-dir")
