@@ -60,8 +60,8 @@ DEFAULT_LR = {"fzoo": 3e-3, "mezo": 1e-4, "adamezo": 1e-6, "adam": 1e-5}
 #   AdaMeZO 1e-6: 0.499, 1e-5: 0.464, 1e-4: ~0.7 (unstable);  Adam (30 steps) 1e-4: 0.395, 1e-3: 0.213, 1e-2: 0.449.
 # FZOO's default is 1e-2, not 3e-2: at a constant 3e-2 the benchmark's 450-forward-pass runs fall fastest, then
 # turn unstable (probe loss 0.28 at 270 forward passes, 0.48 at the end; seeds 0 and 1), while 1e-2 ends at 0.29.
-# 3e-2 decayed linearly to 0 ends at 0.22 (benchmarks/convergence.py); this job's lr is constant. Prefix and
-# prompt tuning use these values too (not swept).
+# 3e-2 decayed linearly to 0 ends at 0.22 (benchmarks/convergence.py; here: --lr 3e-2 --lr-schedule linear).
+# Prefix and prompt tuning use these values too (not swept).
 DEFAULT_PEFT_LR = {"fzoo": 1e-2, "mezo": 1e-3, "adamezo": 1e-5, "adam": 1e-3}
 # The default run (no flags) must finish in about 10 minutes on a 2-core CPU, load and evaluations included.
 # Measured (`zo-fx finetune --threads 1`, on a machine shared with other jobs): 8 min 21 s wall, of which 279 s
