@@ -4,7 +4,6 @@ Without a GPU the kernels run in Triton's CPU interpreter on small ragged shapes
 GPU (``benchmarks/gpu_kernels.sh``) the same cases run compiled on CUDA tensors.
 """
 
-import importlib
 import os
 import subprocess
 import sys
@@ -13,23 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":  # before the kernels are decorated: Triton picks interpreter or compiler then
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from triton_interpreter import device_for_kernels  # noqa: E402 (before zo_fx.kernels is imported)
+
+DEVICE = device_for_kernels()
 
 from zo_fx import kernels  # noqa: E402
-from zo_fx.kernels import _support  # noqa: E402
-
-if DEVICE == "cpu" and _support.kernels_interpreted() is False:
-    # another test module imported the kernels before the interpreter was switched on
-    for _name in (
-        "zo_fx.kernels.philox",
-        "zo_fx.kernels.linear",
-        "zo_fx.kernels.update",
-        "zo_fx.kernels.embedding",
-    ):
-        if _name in sys.modules:
-            importlib.reload(sys.modules[_name])
 
 from zo_fx.kernels.embedding import grouped_embedding, grouped_embedding_reference  # noqa: E402
 from zo_fx.kernels.linear import grouped_linear, grouped_linear_reference  # noqa: E402

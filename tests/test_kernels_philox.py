@@ -4,30 +4,14 @@ Without a GPU these run in Triton's CPU interpreter; on a GPU (``benchmarks/gpu_
 the same tests run the compiled kernels on CUDA tensors.
 """
 
-import importlib
-import os
 import random
-import sys
 
 import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":  # before the kernels are decorated: Triton picks interpreter or compiler then
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from triton_interpreter import device_for_kernels  # noqa: E402 (before zo_fx.kernels is imported)
 
-from zo_fx.kernels import _support  # noqa: E402
-
-if DEVICE == "cpu" and _support.kernels_interpreted() is False:
-    # another test module imported the kernels before the interpreter was switched on
-    for _name in (
-        "zo_fx.kernels.philox",
-        "zo_fx.kernels.linear",
-        "zo_fx.kernels.update",
-        "zo_fx.kernels.embedding",
-    ):
-        if _name in sys.modules:
-            importlib.reload(sys.modules[_name])
+DEVICE = device_for_kernels()
 
 from zo_fx.kernels import philox as TP  # noqa: E402
 from zo_fx.kernels import pick  # noqa: E402
