@@ -5,22 +5,12 @@ import random
 import pytest
 import torch
 
+from random123_kat import KNOWN_ANSWERS, words
 from zo_fx.runtime.philox import _mulhilo, philox4x32_10
-
-KNOWN_ANSWERS = [
-    # counter words, key words -> output words (Random123 kat_vectors, philox4x32_10)
-    (("0", "0", "0", "0"), ("0", "0"), ("6627e8d5", "e169c58d", "bc57ac4c", "9b00dbd8")),
-    (("ffffffff",) * 4, ("ffffffff", "ffffffff"), ("408f276d", "41c83b0e", "a20bc7c6", "6d5451fd")),
-    (
-        ("243f6a88", "85a308d3", "13198a2e", "03707344"),
-        ("a4093822", "299f31d0"),
-        ("d16cfe09", "94fdcceb", "5001e420", "24126ea1"),
-    ),
-]
 
 
 def _words(hex_words):
-    return torch.tensor([int(w, 16) for w in hex_words], dtype=torch.int64)
+    return words(hex_words)
 
 
 @pytest.mark.parametrize("counter, key, expected", KNOWN_ANSWERS)
