@@ -64,9 +64,9 @@ DEFAULT_LR = {"fzoo": 3e-3, "mezo": 1e-4, "adamezo": 1e-6, "adam": 1e-5}
 # Prefix and prompt tuning use these values too (not swept).
 DEFAULT_PEFT_LR = {"fzoo": 1e-2, "mezo": 1e-3, "adamezo": 1e-5, "adam": 1e-3}
 # The default run (no flags) must finish in about 10 minutes on a 2-core CPU, load and evaluations included.
-# Measured (`zo-fx finetune --threads 1`, on a machine shared with other jobs): 8 min 21 s wall, of which 279 s
-# are the 30 FZOO steps (9 forward passes of 16 examples each, about 9 s a step) and the rest model load,
-# compile and five evaluations; test accuracy 0.770 zero-shot -> 0.900, validation 0.798 -> 0.911.
+# Measured (`zo-fx finetune --threads 2`, quiet machine): 4 min 33 s wall, of which 142 s are the 30 FZOO steps
+# (9 forward passes of 16 examples each) and the rest model load, compile and evaluations; test accuracy
+# 0.770 zero-shot -> 0.900, validation 0.798 -> 0.911 (8 min 21 s at one thread on a shared machine).
 DEFAULT_STEPS = 30
 DEFAULT_EVALS = 3
 EVAL_BATCH_SIZE = 64
