@@ -71,6 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import zo_fx  # noqa: E402 (after the sys.path line, so the script runs from a checkout)
 from zo_fx.finetune import (  # noqa: E402
+    LR_SCHEDULES,
     AdamBaseline,
     FinetuneConfig,
     FinetuneError,
@@ -78,16 +79,17 @@ from zo_fx.finetune import (  # noqa: E402
     build_loss,
     build_task,
     evaluate,
+    forward_passes_per_step,
+    linear_decay,
     load_model_and_tokenizer,
     moving_average,
+    zo_optimizer,
 )
 
 ZO_METHODS = ("fzoo", "mezo", "adamezo")
 # Chosen by sweeps on SmolLM2-135M-Instruct / VADER with LoRA (B=16, 270 forward passes); see the docstring.
 DEFAULT_LRS = {"fzoo": ["3e-2:linear"], "mezo": ["1e-3"], "adamezo": ["1e-5"], "adam": ["1e-3"]}
 
-
-SCHEDULES = ("constant", "linear")
 
 
 def parse_lrs(items: list[str]) -> dict[str, list[tuple[float, str]]]:
@@ -99,13 +101,15 @@ def parse_lrs(items: list[str]) -> dict[str, list[tuple[float, str]]]:
     for item in [f"{m}={','.join(v)}" for m, v in DEFAULT_LRS.items()] + list(items):
         method, _, values = item.partition("=")
         if method not in DEFAULT_LRS or not values:
-            raise SystemExit(f"--lrs {item!r}: write method=lr[,lr[:linear]...] with method one of {', '.join(lrs)}")
+            raise SystemExit(f"--lrs {item!r}: write method=lr[,lr[:linear]...] with method one of "
+                             f"{', '.join(DEFAULT_LRS)}")
         lrs[method] = []
         for value in values.split(","):
             lr, _, schedule = value.partition(":")
             schedule = schedule or "constant"
-            if schedule not in SCHEDULES or (schedule != "constant" and method == "adam"):
-                raise SystemExit(f"--lrs {item!r}: the schedule after ':' is one of {SCHEDULES} (adam: constant only)")
+            if schedule not in LR_SCHEDULES or (schedule != "constant" and method == "adam"):
+                raise SystemExit(f"--lrs {item!r}: the schedule after ':' is one of {LR_SCHEDULES} "
+                                 "(adam: constant only)")
             lrs[method].append((float(lr), schedule))
     return lrs
 
@@ -143,27 +147,24 @@ class Probe:
         return float(self.loss(logits, self.batch).double().mean())
 
 
-def train_once(method: str, lr: float, schedule: str, seed: int, steps: int, per_probe: int, args, setup) -> dict:
+def train_once(method: str, lr: float, schedule: str, seed: int, steps: int, per_probe: int, args,
+               setup) -> dict:
     """One run from the initial weights: the loss of every step, probe losses, seconds (probes excluded)."""
     model, zm, loss, task, tokenizer, initial, probe = setup
     live = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in initial.items():
             live[name].copy_(value)
-    common = {"lr": lr, "eps": args.eps, "seed": seed}
-    if schedule == "linear":
-        common["lr_schedule"] = lambda step: lr * (1.0 - step / steps)
-    if method == "fzoo":
-        opt = zo_fx.FZOO(zm, n_directions=args.directions, **common)
-    elif method == "mezo":
-        opt = zo_fx.MeZO(zm, **common)
-    elif method == "adamezo":
-        opt = zo_fx.AdaMeZO(zm, horizon=args.horizon, **common)
-    else:
+    if method == "adam":
         opt = AdamBaseline(model, loss, lr, 0.0, state_dir=Path("."))  # never checkpointed here
+    else:
+        decay = (lambda step: linear_decay(lr, step, steps)) if schedule == "linear" else None
+        opt = zo_optimizer(method, zm, lr=lr, eps=args.eps, seed=seed, directions=args.directions,
+                           horizon=args.horizon, lr_schedule=decay)
     cursor = task.cursor(args.batch_size, seed=seed)
     fwd, losses, step_lrs, probes, seconds = [], [], [], [(0, probe(model))], 0.0
-    bar = tqdm(range(steps), desc=f"{method} lr={label(lr, schedule)} seed={seed}", unit="step", leave=False, dynamic_ncols=True)
+    bar = tqdm(range(steps), desc=f"{method} lr={label(lr, schedule)} seed={seed}", unit="step", leave=False,
+               dynamic_ncols=True)
     for _ in bar:
         t0 = time.perf_counter()
         info = opt.step(task.encode(tokenizer, cursor.next_batch(), args.max_length))
@@ -193,17 +194,18 @@ def run(args) -> dict:
     setup = (model, zm, loss, task, tokenizer, initial, probe)
     zero_shot = evaluate(model, task, tokenizer, loss, "test", args.max_length, desc="zero-shot test")
     lrs = parse_lrs(args.lrs)
-    per_step = {"fzoo": args.directions + 1, "mezo": 2, "adamezo": 2, "adam": 1}
+    per_step = {m: forward_passes_per_step(m, args.directions) for m in (*ZO_METHODS, "adam")}
     smooth_fwd = max(1, round(args.smooth * args.budget))
     runs = []
     for method in args.methods:
         steps = args.adam_steps if method == "adam" else args.budget // per_step[method]
         span = steps * per_step[method]
+        per_probe = max(1, span // args.probes)
         window = max(1, round((args.smooth * span if method == "adam" else smooth_fwd) / per_step[method]))
         for lr, schedule in lrs[method]:
             done, tests = [], []
             for seed in args.seeds:
-                done.append(train_once(method, lr, schedule, seed, steps, max(1, span // args.probes), args, setup))
+                done.append(train_once(method, lr, schedule, seed, steps, per_probe, args, setup))
                 tests.append(evaluate(model, task, tokenizer, loss, "test", args.max_length, desc=f"{method} test"))
             mean_loss = [sum(v) / len(v) for v in zip(*(d["losses"] for d in done))]
             probes = [(pts[0][0], sum(p[1] for p in pts) / len(pts)) for pts in zip(*(d["probes"] for d in done))]

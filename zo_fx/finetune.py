@@ -157,12 +157,11 @@ class FinetuneConfig:
         """The lr of step ``step`` (0-based): constant, or decayed linearly to 0 over the run's steps."""
         if self.lr_schedule == "constant":
             return self.learning_rate
-        return self.learning_rate * max(0.0, 1.0 - step / self.total_steps)
+        return linear_decay(self.learning_rate, step, self.total_steps)
 
     @property
     def per_step_forward_passes(self) -> int:
-        """Forward passes over the batch per step (a backward pass is not counted)."""
-        return {"fzoo": self.directions + 1, "mezo": 2, "adamezo": 2, "adam": 1}[self.method]
+        return forward_passes_per_step(self.method, self.directions)
 
     @property
     def total_steps(self) -> int:
@@ -180,6 +179,16 @@ class FinetuneConfig:
         out = asdict(self)
         out.update(lr=self.learning_rate, steps=self.total_steps)
         return out
+
+
+def forward_passes_per_step(method: str, directions: int) -> int:
+    """Forward passes over the batch per step of ``method`` (Adam's backward pass is not counted)."""
+    return {"fzoo": directions + 1, "mezo": 2, "adamezo": 2, "adam": 1}[method]
+
+
+def linear_decay(lr: float, step: int, total: int) -> float:
+    """``lr`` at 0-based ``step`` of ``total``, decayed linearly to 0 (``--lr-schedule linear``)."""
+    return lr * max(0.0, 1.0 - step / total)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -489,17 +498,24 @@ def build_optimizer(cfg: FinetuneConfig, model, loss, example: dict, output_dir:
     try:
         zm = zo_fx.zo_compile(model, example, loss=loss)
     except (zo_fx.ExportFailedError, zo_fx.UncoveredParameterUseError, zo_fx.UnsupportedGraphError) as err:
-        hint = " Prefix tuning passes past key/values into attention; try --peft lora." if cfg.peft == "prefix" else ""
+        hint = (" Prefix tuning feeds past key/values into attention, which this model's export may not take; try "
+                "--peft lora." if cfg.peft == "prefix" else "")
         raise FinetuneError(f"zo_compile could not prepare {type(model).__name__} for zeroth-order training: "
                             f"{err}.{hint} Or train with --method adam (backprop).") from None
-    common = {"lr": cfg.learning_rate, "eps": cfg.eps, "weight_decay": cfg.weight_decay, "seed": cfg.seed}
-    if cfg.lr_schedule != "constant":
-        common["lr_schedule"] = cfg.lr_at
-    if cfg.method == "fzoo":
-        return zo_fx.FZOO(zm, n_directions=cfg.directions, **common)
-    if cfg.method == "mezo":
+    schedule = cfg.lr_at if cfg.lr_schedule != "constant" else None
+    return zo_optimizer(cfg.method, zm, lr=cfg.learning_rate, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                        seed=cfg.seed, directions=cfg.directions, horizon=cfg.horizon, lr_schedule=schedule)
+
+
+def zo_optimizer(method: str, zm, *, directions: int, horizon: int, **common):
+    """``zo_fx.FZOO`` / ``MeZO`` / ``AdaMeZO`` over ``zm``; ``common`` holds lr, eps, seed, ... as they take them."""
+    import zo_fx
+
+    if method == "fzoo":
+        return zo_fx.FZOO(zm, n_directions=directions, **common)
+    if method == "mezo":
         return zo_fx.MeZO(zm, **common)
-    return zo_fx.AdaMeZO(zm, horizon=cfg.horizon, **common)
+    return zo_fx.AdaMeZO(zm, horizon=horizon, **common)
 
 
 # ---------------------------------------------------------------------------------------------------------
