@@ -18,7 +18,9 @@ import zo_fx
 from zo_fx.models import load_smollm2
 from zo_fx.tasks import get_task
 
-LRS = {"fzoo": 3e-3, "mezo": 1e-5, "adamezo": 1e-6}  # the CLI's defaults (a VADER validation sweep)
+# The lrs of the run in benchmarks/results/real_run_smollm2.json. The CLI has since moved MeZO's full
+# fine-tuning default to 1e-4 (zo_fx.finetune.DEFAULT_LR, from a later sweep).
+LRS = {"fzoo": 3e-3, "mezo": 1e-5, "adamezo": 1e-6}
 
 
 def main(argv=None):
