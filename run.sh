@@ -30,7 +30,9 @@ pip install --no-deps vadersentiment
 
 case "$what" in
     test)
-        # pytest exits 5 when it collects no test: set -e turns that into a failure too.
+        # lint first (rules in pyproject.toml), then the suite; pytest exits 5 when it
+        # collects no test: set -e turns that into a failure too.
+        "$py" -m ruff check .
         exec "$py" -m pytest -q tests "$@"
         ;;
     demo)

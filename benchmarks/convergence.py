@@ -22,14 +22,15 @@ Reported per method: final losses; the forward passes it needed to reach MeZO's 
 Learning rates (``--lrs``): one or several per method (``--lrs fzoo=1e-2,3e-2:linear mezo=1e-3``;
 ``:linear`` decays that run's lr linearly to 0 over its steps); with several, every one runs and
 the lowest final probe loss represents the method. The defaults are the best of sweeps on
-SmolLM2-135M-Instruct / VADER with LoRA r=8, B=16 (numbers in zo_fx/finetune.py beside
+SmolLM2-135M-Instruct / VADER with LoRA r=8, B=16 (numbers in zo_fx/finetune/config.py beside
 DEFAULT_PEFT_LR, and below): FZOO 3e-2 with linear decay, MeZO 1e-3, AdaMeZO 1e-5, Adam 1e-3.
 
 Measured on this 2-core CPU (``--threads 2``; LoRA, budget 450 forward passes, B=16, curves
 averaged over seeds 0 and 1; JSON and PNG in benchmarks/results/convergence_smollm2_lora*):
 
 ``python benchmarks/convergence.py --threads 2 --seeds 0 1 --lrs fzoo=1e-2,3e-2`` (57 min) and
-``python benchmarks/convergence.py --threads 2 --seeds 0 1 --methods fzoo mezo --lrs fzoo=2e-2:linear,3e-2:linear``
+``python benchmarks/convergence.py --threads 2 --seeds 0 1 --methods fzoo mezo
+--lrs fzoo=2e-2:linear,3e-2:linear``
 
 | method | lr | fwd | probe loss | fwd to MeZO's | vs MeZO | smoothed | fwd to MeZO's | vs MeZO | test acc |
 |---|---|---|---|---|---|---|---|---|---|
@@ -51,8 +52,9 @@ passes, 0.48 at the end); decaying the same lr linearly keeps the early speed an
 Example::
 
     python benchmarks/convergence.py --json runs/convergence.json --plot runs/convergence.png
-    python benchmarks/convergence.py --model tiny-folder --task reviews.jsonl --label-words pos=great,neg=terrible \\
-        --template '{text} It was' --budget 40 --adam-steps 4    # smoke run
+    python benchmarks/convergence.py --model tiny-folder --task reviews.jsonl \\
+        --label-words pos=great,neg=terrible --template '{text} It was' \\
+        --budget 40 --adam-steps 4    # smoke run
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import zo_fx  # noqa: E402 (after the sys.path line, so the script runs from a checkout)
+# zo_fx is imported after the sys.path line, so the script runs from a checkout
+from zo_fx.compile import zo_compile  # noqa: E402
 from zo_fx.finetune import (  # noqa: E402
     LR_SCHEDULES,
     AdamBaseline,
@@ -89,7 +92,6 @@ from zo_fx.finetune import (  # noqa: E402
 ZO_METHODS = ("fzoo", "mezo", "adamezo")
 # Chosen by sweeps on SmolLM2-135M-Instruct / VADER with LoRA (B=16, 270 forward passes); see the docstring.
 DEFAULT_LRS = {"fzoo": ["3e-2:linear"], "mezo": ["1e-3"], "adamezo": ["1e-5"], "adam": ["1e-3"]}
-
 
 
 def parse_lrs(items: list[str]) -> dict[str, list[tuple[float, str]]]:
@@ -143,7 +145,8 @@ class Probe:
 
     @torch.no_grad()
     def __call__(self, model) -> float:
-        logits = self._output(model(input_ids=self.batch["input_ids"], attention_mask=self.batch["attention_mask"]))
+        outputs = model(input_ids=self.batch["input_ids"], attention_mask=self.batch["attention_mask"])
+        logits = self._output(outputs)
         return float(self.loss(logits, self.batch).double().mean())
 
 
@@ -181,14 +184,14 @@ def train_once(method: str, lr: float, schedule: str, seed: int, steps: int, per
 def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = FinetuneConfig(model=args.model, task=args.task, label_words=args.label_words, template=args.template,
-                         batch_size=args.batch_size, max_length=args.max_length, peft=args.peft, n_test=args.n_test,
-                         seed=args.data_seed)
+    cfg = FinetuneConfig(model=args.model, task=args.task, label_words=args.label_words,
+                         template=args.template, batch_size=args.batch_size, max_length=args.max_length,
+                         peft=args.peft, n_test=args.n_test, seed=args.data_seed)
     task = build_task(cfg)
     model, tokenizer = load_model_and_tokenizer(args.model, torch.float32)
     model = apply_peft(model, args.peft, args.data_seed)
     loss = build_loss(task, tokenizer, model, args.peft)
-    zm = zo_fx.zo_compile(model, task.encode(tokenizer, task.train[:args.batch_size], args.max_length), loss=loss)
+    zm = zo_compile(model, task.encode(tokenizer, task.train[:args.batch_size], args.max_length), loss=loss)
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     probe = Probe(task, tokenizer, loss, args.max_length, args.probe_size)
     setup = (model, zm, loss, task, tokenizer, initial, probe)
@@ -206,26 +209,30 @@ def run(args) -> dict:
             done, tests = [], []
             for seed in args.seeds:
                 done.append(train_once(method, lr, schedule, seed, steps, per_probe, args, setup))
-                tests.append(evaluate(model, task, tokenizer, loss, "test", args.max_length, desc=f"{method} test"))
+                tests.append(evaluate(model, task, tokenizer, loss, "test", args.max_length,
+                                      desc=f"{method} test"))
             mean_loss = [sum(v) / len(v) for v in zip(*(d["losses"] for d in done))]
-            probes = [(pts[0][0], sum(p[1] for p in pts) / len(pts)) for pts in zip(*(d["probes"] for d in done))]
+            probes = [(pts[0][0], sum(p[1] for p in pts) / len(pts))
+                      for pts in zip(*(d["probes"] for d in done))]
             smoothed = moving_average(mean_loss, window)
             fwd = done[0]["fwd"]
             runs.append({
-                "method": method, "lr": lr, "schedule": schedule, "seeds": list(args.seeds), "steps": steps, "window_steps": window,
+                "method": method, "lr": lr, "schedule": schedule, "seeds": list(args.seeds), "steps": steps,
+                "window_steps": window,
                 "forward_passes": fwd[-1] if fwd else 0,
                 "final_smoothed_loss": smoothed[-1] if smoothed else None, "final_probe_loss": probes[-1][1],
                 "test_accuracy": sum(t["accuracy"] for t in tests) / len(tests),
                 "test_loss": sum(t["loss"] for t in tests) / len(tests),
                 "test_accuracy_per_seed": [t["accuracy"] for t in tests],
                 "seconds": sum(d["seconds"] for d in done),
-                "curve": {"forward_passes": fwd, "loss": mean_loss, "smoothed": smoothed, "lr": done[0]["lrs"]},
+                "curve": {"forward_passes": fwd, "loss": mean_loss, "smoothed": smoothed,
+                          "lr": done[0]["lrs"]},
                 "probe": {"forward_passes": [p[0] for p in probes], "loss": [p[1] for p in probes]},
             })
             r = runs[-1]
-            print(f"{method} lr={label(lr, schedule)}: final smoothed loss {r['final_smoothed_loss']}, probe loss "
-                  f"{r['final_probe_loss']:.4f}, test accuracy {r['test_accuracy']:.4f}, {r['seconds']:.0f} s",
-                  flush=True)
+            print(f"{method} lr={label(lr, schedule)}: final smoothed loss {r['final_smoothed_loss']}, "
+                  f"probe loss {r['final_probe_loss']:.4f}, test accuracy {r['test_accuracy']:.4f}, "
+                  f"{r['seconds']:.0f} s", flush=True)
     return {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "task": task.name, "sizes": {s: len(getattr(task, s)) for s in ("train", "validation", "test")},
@@ -250,14 +257,16 @@ def compare(runs: list[dict], methods: list[str]) -> dict:
     if "mezo" not in chosen:
         return out
     mezo = chosen["mezo"]
-    out.update(mezo_final_probe_loss=mezo["final_probe_loss"], mezo_final_smoothed_loss=mezo["final_smoothed_loss"])
+    out.update(mezo_final_probe_loss=mezo["final_probe_loss"],
+               mezo_final_smoothed_loss=mezo["final_smoothed_loss"])
 
     def reach(r, kind: str) -> int | None:
         if kind == "probe":
             points = list(zip(r["probe"]["forward_passes"], r["probe"]["loss"]))
             return first_reach(points, mezo["final_probe_loss"], skip=1)
         points = list(zip(r["curve"]["forward_passes"], r["curve"]["smoothed"]))
-        return first_reach(points, mezo["final_smoothed_loss"], skip=r["window_steps"] - 1)  # full windows only
+        full_windows_only = r["window_steps"] - 1
+        return first_reach(points, mezo["final_smoothed_loss"], skip=full_windows_only)
 
     for kind in ("probe", "smoothed"):
         own = reach(mezo, kind)
@@ -272,24 +281,27 @@ def table(result: dict) -> str:
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    lines = [("| method | lr | steps | forward passes | final probe loss | fwd to MeZO's probe loss | fewer fwd than "
-              "MeZO | final smoothed loss | fwd to MeZO's smoothed loss | fewer fwd than MeZO | test acc | seconds |"),
+    lines = [("| method | lr | steps | forward passes | final probe loss | fwd to MeZO's probe loss | "
+              "fewer fwd than MeZO | final smoothed loss | fwd to MeZO's smoothed loss | "
+              "fewer fwd than MeZO | test acc | seconds |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         mark = " *" if r.get("chosen") else ""
         fwd = f"{r['forward_passes']} (+backward)" if r["method"] == "adam" else str(r["forward_passes"])
-        cells = [f"{r['method']}{mark}", label(r["lr"], r.get("schedule", "constant")), str(r["steps"]), fwd, num(r["final_probe_loss"], ".4f")]
+        cells = [f"{r['method']}{mark}", label(r["lr"], r.get("schedule", "constant")), str(r["steps"]), fwd,
+                 num(r["final_probe_loss"], ".4f")]
         for kind in ("probe", "smoothed"):
             if kind == "smoothed":
                 cells.append(num(r["final_smoothed_loss"], ".4f"))
-            hit, ratio = r.get(f"forward_passes_to_mezo_{kind}_loss"), r.get(f"fewer_forward_passes_than_mezo_{kind}")
+            hit = r.get(f"forward_passes_to_mezo_{kind}_loss")
+            ratio = r.get(f"fewer_forward_passes_than_mezo_{kind}")
             cells += ["not reached" if hit is None else str(hit), num(ratio, ".2f") + ("x" if ratio else "")]
         cells += [f"{r['test_accuracy']:.4f}", f"{r['seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"zero-shot test accuracy {result['zero_shot_test_accuracy']:.4f}; probe = loss on a fixed set of "
-                 f"{result['settings']['probe_size']} training examples; smoothed = moving average of the per-step "
-                 f"loss over {result['smoothing_forward_passes']} forward passes; * = the lr representing the method; "
-                 "adam is compared by steps (its backward passes are not counted)")
+    lines.append(f"zero-shot test accuracy {result['zero_shot_test_accuracy']:.4f}; probe = loss on a fixed "
+                 f"set of {result['settings']['probe_size']} training examples; smoothed = moving average of "
+                 f"the per-step loss over {result['smoothing_forward_passes']} forward passes; * = the lr "
+                 "representing the method; adam is compared by steps (its backward passes are not counted)")
     return "\n".join(lines)
 
 
@@ -305,10 +317,10 @@ def plot(result: dict, path: Path) -> None:
         style, lw = ("-", 2) if r.get("chosen") else (":", 1)
         name = f"{r['method']} lr={label(r['lr'], r.get('schedule', 'constant'))}"
         name += " (steps; backward not counted)" if r["method"] == "adam" else ""
-        ax_s.plot(r["curve"]["forward_passes"], r["curve"]["smoothed"], style, color=colors[r["method"]], lw=lw,
+        color = colors[r["method"]]
+        ax_s.plot(r["curve"]["forward_passes"], r["curve"]["smoothed"], style, color=color, lw=lw, label=name)
+        ax_p.plot(r["probe"]["forward_passes"], r["probe"]["loss"], style, marker=".", color=color, lw=lw,
                   label=name)
-        ax_p.plot(r["probe"]["forward_passes"], r["probe"]["loss"], style, marker=".", color=colors[r["method"]],
-                  lw=lw, label=name)
     for ax, key in ((ax_s, "mezo_final_smoothed_loss"), (ax_p, "mezo_final_probe_loss")):
         if result[key] is not None:
             ax.axhline(result[key], color="tab:red", ls="--", lw=0.8, label="MeZO's final loss")
@@ -318,8 +330,8 @@ def plot(result: dict, path: Path) -> None:
     ax_p.set(xlabel="forward passes over a batch", ylabel="training loss",
              title=f"loss on a fixed set of {s['probe_size']} training examples")
     ax_p.legend(fontsize=8)
-    fig.suptitle(f"{result['task']}, {s['model']}, peft={s['peft']}, B={s['batch_size']}, budget {s['budget']} "
-                 "forward passes")
+    fig.suptitle(f"{result['task']}, {s['model']}, peft={s['peft']}, B={s['batch_size']}, "
+                 f"budget {s['budget']} forward passes")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -327,7 +339,8 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="smollm2", help="as zo-fx finetune --model (default: %(default)s)")
     p.add_argument("--task", default="vader", help="as zo-fx finetune --task (default: %(default)s)")
     p.add_argument("--label-words", help="as zo-fx finetune --label-words")
@@ -335,22 +348,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peft", default="lora", choices=["none", "lora", "prompt"], help="what trains (default: "
                    "%(default)s; 'none' is full fine-tuning, several times slower per step on a CPU)")
     p.add_argument("--methods", nargs="+", default=[*ZO_METHODS, "adam"], choices=[*ZO_METHODS, "adam"],
-                   help="methods to run (default: all; MeZO is the yardstick of the 'fwd to MeZO's loss' column)")
+                   help="methods to run (default: all; MeZO is the yardstick of the 'fwd to MeZO's loss' "
+                   "column)")
     p.add_argument("--budget", type=int, default=450, help="forward passes per ZO run (default: %(default)s)")
     p.add_argument("--adam-steps", type=int, help="Adam's steps (default: as many as FZOO takes)")
     p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
     p.add_argument("--max-length", type=int, default=64, help="(default: %(default)s)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="optimizer and data-order seeds; curves are "
-                   "averaged over them (default: 0)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="optimizer and data-order seeds; curves "
+                   "are averaged over them (default: 0)")
     p.add_argument("--data-seed", type=int, default=0, help="task subsampling and adapter init (default: 0)")
-    p.add_argument("--lrs", nargs="*", default=[], help="method=lr[,lr...]; lr:linear decays that run's lr linearly "
-                   "to 0 (defaults: "
+    p.add_argument("--lrs", nargs="*", default=[], help="method=lr[,lr...]; lr:linear decays that run's lr "
+                   "linearly to 0 (defaults: "
                    + ", ".join(f"{m}={','.join(v)}" for m, v in DEFAULT_LRS.items()) + ")")
     p.add_argument("--eps", type=float, default=1e-3, help="ZO perturbation scale (default: %(default)g)")
     p.add_argument("--directions", type=int, default=8, help="FZOO's N (default: %(default)s)")
     p.add_argument("--horizon", type=int, default=10, help="AdaMeZO's K (default: %(default)s)")
-    p.add_argument("--smooth", type=float, default=0.1, help="moving-average width as a fraction of the budget "
-                   "(default: %(default)s)")
+    p.add_argument("--smooth", type=float, default=0.1, help="moving-average width as a fraction of the "
+                   "budget (default: %(default)s)")
     p.add_argument("--probes", type=int, default=20, help="probe-loss points per run (default: %(default)s)")
     p.add_argument("--probe-size", type=int, default=64, help="training examples in the probe set (default: "
                    "%(default)s)")
@@ -358,7 +372,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--json", type=Path, default=Path("runs/convergence.json"), help="every number (default: "
                    "%(default)s)")
-    p.add_argument("--plot", type=Path, default=Path("runs/convergence.png"), help="the curves (default: %(default)s)")
+    p.add_argument("--plot", type=Path, default=Path("runs/convergence.png"),
+                   help="the curves (default: %(default)s)")
     args = p.parse_args(argv)
     if args.adam_steps is None:
         args.adam_steps = args.budget // (args.directions + 1)

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from zo_fx.runtime import directions as D
-from zo_fx.runtime import generate as G
+from zo_fx.kernels import perturb as G
+from zo_fx.streams import layout as D
 
 
 def _time(fn, repeats):
@@ -72,7 +72,8 @@ def main(argv=None):
         print(f"| {name} | {r['seconds'] * args.numel / r['elements']:.3f} | {r['elements_per_s']/1e9:.2f} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        settings = {**vars(args), "json": str(args.json), "torch": torch.__version__, "threads": torch.get_num_threads()}
+        settings = {**vars(args), "json": str(args.json), "torch": torch.__version__,
+                    "threads": torch.get_num_threads()}
         args.json.write_text(json.dumps({"settings": settings, "results": results}, indent=2))
 
 

@@ -29,8 +29,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import zo_fx  # noqa: E402
 from reference import _add_noise_  # noqa: E402
+
+import zo_fx  # noqa: E402
 from zo_fx.models import load_model, synthetic_batch  # noqa: E402
 
 

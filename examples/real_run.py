@@ -14,8 +14,10 @@ import json
 import torch
 from tqdm import tqdm
 
-import zo_fx
+from zo_fx.compile import zo_compile
+from zo_fx.losses import CandidateClassificationLoss
 from zo_fx.models import load_smollm2
+from zo_fx.optim.registry import build_optimizer
 from zo_fx.tasks import get_task
 
 # The lrs of the run in benchmarks/results/real_run_smollm2.json. The CLI has since moved MeZO's full
@@ -36,15 +38,14 @@ def main(argv=None):
     model, tokenizer = load_smollm2()
     base = {k: v.clone() for k, v in model.state_dict().items()}
     task = get_task("vader")
-    loss = zo_fx.CandidateClassificationLoss(task.label_token_ids(tokenizer))
+    loss = CandidateClassificationLoss(task.label_token_ids(tokenizer))
     results = {}
     for method in args.methods.split(","):
         model.load_state_dict(base)
         cursor = task.cursor(args.batch_size, seed=0)
         batches = [task.encode(tokenizer, cursor.next_batch(), max_length=32) for _ in range(args.steps)]
-        zm = zo_fx.zo_compile(model, batches[0], loss=loss)
-        cls = {"fzoo": zo_fx.FZOO, "mezo": zo_fx.MeZO, "adamezo": zo_fx.AdaMeZO}[method]
-        opt = cls(zm, lr=LRS[method])
+        zm = zo_compile(model, batches[0], loss=loss)
+        opt = build_optimizer(method, zm, lr=LRS[method])
         losses, seconds = [], []
         for batch in tqdm(batches, desc=method):
             info = opt.step(batch)

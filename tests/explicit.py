@@ -2,7 +2,7 @@
 
 import torch
 
-from zo_fx.runtime.losses import default_loss
+from zo_fx.losses import default_loss
 
 
 def explicit_group_losses(model, zm, batch, table, loss_fn=None):

@@ -43,7 +43,8 @@ def model_dir(tmp_path_factory) -> Path:
     vocab = {w: i for i, w in enumerate(dict.fromkeys(_vocabulary()))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", vocab["<s>"])])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
                                         bos_token="<s>", eos_token="</s>")
     torch.manual_seed(0)
@@ -101,6 +102,8 @@ def test_a_run_writes_metrics_trajectory_weights_and_curves(model_dir, tmp_path,
     if method != "adam":
         trajectory = json.loads((tmp_path / "trajectory.json").read_text())
         assert trajectory["method"] == method and len(trajectory["records"]) == 3
+    leftovers = [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name]
+    assert not leftovers, "every atomic write renamed its temporary file into place"
 
 
 def test_the_saved_trajectory_replays_to_the_saved_weights(model_dir, tmp_path):
@@ -157,8 +160,8 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(model_dir, tmp_path, m
 
 @pytest.mark.parametrize("method", ["fzoo", "adam"])
 def test_a_linear_schedule_decays_the_lr_to_zero_over_the_run(model_dir, tmp_path, method):
-    metrics = finetune(model_dir, tmp_path, "--method", method, "--steps", "4", "--lr", "0.01", "--lr-schedule",
-                       "linear", "--directions", "3")
+    metrics = finetune(model_dir, tmp_path, "--method", method, "--steps", "4", "--lr", "0.01",
+                       "--lr-schedule", "linear", "--directions", "3")
     assert [h["lr"] for h in metrics["history"]] == pytest.approx([0.01, 0.0075, 0.005, 0.0025])
 
 
@@ -192,9 +195,10 @@ def test_a_linear_run_interrupted_midway_resumes_exactly(model_dir, tmp_path, mo
 def test_resume_with_other_settings_is_refused_and_loses_nothing(model_dir, tmp_path):
     finetune(model_dir, tmp_path, "--steps", "2", "--directions", "3")
     before = (tmp_path / "model.safetensors").read_bytes()
-    message = error_of(None, ["finetune", "--model", str(model_dir), "--task", str(REVIEWS), "--label-words", WORDS,
-                              "--template", TEMPLATE, "--batch-size", "4", "--max-length", "16", "--directions", "3",
-                              "--output-dir", str(tmp_path), "--resume", "--steps", "4", "--lr", "0.5"])
+    message = error_of(None, ["finetune", "--model", str(model_dir), "--task", str(REVIEWS),
+                              "--label-words", WORDS, "--template", TEMPLATE, "--batch-size", "4",
+                              "--max-length", "16", "--directions", "3", "--output-dir", str(tmp_path),
+                              "--resume", "--steps", "4", "--lr", "0.5"])
     assert "--lr" in message and "other settings" in message
     assert (tmp_path / "model.safetensors").read_bytes() == before
 
@@ -204,11 +208,14 @@ def test_an_earlier_run_is_replaced_only_by_overwrite_and_only_once_the_new_run_
     before = (tmp_path / "metrics.json").read_text()
     message = error_of(None, _argv(model_dir, tmp_path))
     assert "--resume" in message and "--overwrite" in message
-    error_of(None, _argv(model_dir, tmp_path, **{"--label-words": "pos=very good,neg=terrible"}) + ["--overwrite"])
-    assert (tmp_path / "metrics.json").read_text() == before, "a rejected --overwrite run must not cost the old one"
+    two_token_word = {"--label-words": "pos=very good,neg=terrible"}
+    error_of(None, _argv(model_dir, tmp_path, **two_token_word) + ["--overwrite"])
+    assert (tmp_path / "metrics.json").read_text() == before, (
+        "a rejected --overwrite run must not cost the old one")
     metrics = finetune(model_dir, tmp_path, "--steps", "1", "--directions", "3", "--overwrite")
     assert metrics["final"]["steps"] == 1 and (tmp_path / "LATEST").read_text().strip() == "step-00000001"
-    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000001"], "the old checkpoints are gone"
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000001"], (
+        "the old checkpoints are gone")
 
 
 def test_a_skipped_step_is_reported_and_training_goes_on(model_dir, tmp_path, capsys):
@@ -251,7 +258,8 @@ BAD_INPUTS = [
     ("unknown model", {"--model": "no-such-model"}, ["not in the local Hugging Face cache", "smollm2"]),
     ("model folder without weights", {"--model": "WEIGHTLESS"}, ["no weights", "save_pretrained"]),
     ("random shape without tokenizer", {"--model": "tiny-llama"}, ["no tokenizer"]),
-    ("label word of two tokens", {"--label-words": "pos=very good,neg=terrible"}, ["single token", "--label-words"]),
+    ("label word of two tokens", {"--label-words": "pos=very good,neg=terrible"},
+     ["single token", "--label-words"]),
     ("label words half mapped", {"--label-words": "pos=great,terrible"}, ["label=word"]),
     ("label not covered", {"--label-words": "pos=great,meh=terrible"}, ["has no label word"]),
     ("template without text", {"--template": "It was"}, ["{text}"]),
@@ -283,8 +291,8 @@ def test_bad_input_gets_a_clear_error(model_dir, tmp_path, overrides, phrases):
 
 
 def test_python_m_zo_fx_finetune_help():
-    done = subprocess.run([sys.executable, "-m", "zo_fx", "finetune", "--help"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120, check=False)
+    done = subprocess.run([sys.executable, "-m", "zo_fx", "finetune", "--help"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     for flag in ("--model", "--task", "--method", "--peft", "--forward-budget", "--resume", "--label-words"):
         assert flag in done.stdout
@@ -293,10 +301,10 @@ def test_python_m_zo_fx_finetune_help():
 def test_convergence_benchmark_smoke_run_writes_json_and_plot(model_dir, tmp_path):
     out_json, out_png = tmp_path / "convergence.json", tmp_path / "convergence.png"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--model", str(model_dir), "--task", str(REVIEWS),
-         "--label-words", WORDS, "--template", TEMPLATE, "--budget", "40", "--batch-size", "4", "--adam-steps", "4",
-         "--max-length", "16", "--threads", "1", "--lrs", "fzoo=1e-3,2e-3:linear", "--json", str(out_json),
-         "--plot", str(out_png)],
+        [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--model", str(model_dir),
+         "--task", str(REVIEWS), "--label-words", WORDS, "--template", TEMPLATE, "--budget", "40",
+         "--batch-size", "4", "--adam-steps", "4", "--max-length", "16", "--threads", "1",
+         "--lrs", "fzoo=1e-3,2e-3:linear", "--json", str(out_json), "--plot", str(out_png)],
         capture_output=True, text=True, cwd=ROOT, timeout=300, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -6,8 +6,9 @@ import random
 import pytest
 import torch
 
-from zo_fx.runtime import directions as D
-from zo_fx.runtime import generate as G
+from zo_fx.kernels import update as U
+from zo_fx.streams import ids as I
+from zo_fx.streams import layout as D
 
 KINDS = ["rademacher", "gaussian"]
 
@@ -68,7 +69,7 @@ def test_update_does_not_depend_on_chunk_size(kind):
     results = []
     for chunk in (128, 384, 1024, 8192, 1 << 14):
         p = base.clone()
-        G.apply_update_(p, [11, 22, 33], [0.5, -2.0, 1.5], 77, kind, lr=0.1, weight_decay=0.01, chunk=chunk)
+        U.fused_update_reference_(p, [11, 22, 33], [0.5, -2.0, 1.5], 77, kind, lr=0.1, weight_decay=0.01, chunk=chunk)
         results.append(p)
     for r in results[1:]:
         assert torch.equal(r, results[0])
@@ -155,23 +156,23 @@ def test_gaussian_moments():
 
 def test_param_ids_are_stable_32_bit_and_collisions_raise(monkeypatch):
     # frozen: changing this breaks every saved trajectory
-    assert D.stable_param_id("model.embed_tokens.weight") == D.stable_param_id("model.embed_tokens.weight")
-    ids = D.assign_param_ids(["a.weight", "b.weight"])
+    assert I.stable_param_id("model.embed_tokens.weight") == I.stable_param_id("model.embed_tokens.weight")
+    ids = I.assign_param_ids(["a.weight", "b.weight"])
     assert all(0 <= v < 2**32 for v in ids.values()) and ids["a.weight"] != ids["b.weight"]
-    monkeypatch.setattr(D, "stable_param_id", lambda name: 7)
-    with pytest.raises(D.ParamIdCollisionError, match="a.weight.*b.weight"):
-        D.assign_param_ids(["a.weight", "b.weight"])
+    monkeypatch.setattr(I, "stable_param_id", lambda name: 7)
+    with pytest.raises(I.ParamIdCollisionError, match="a.weight.*b.weight"):
+        I.assign_param_ids(["a.weight", "b.weight"])
 
 
 def test_frozen_layout_fingerprint():
     """The first words of known streams, pinned: a change here invalidates saved trajectories."""
-    assert D.stable_param_id("weight") == int.from_bytes(
+    assert I.stable_param_id("weight") == int.from_bytes(
         __import__("hashlib").blake2b(b"weight", digest_size=8).digest()[:4], "little"
     )
     signs = D.rademacher(1, 2, 0, 8).tolist()
     words = D.block_words(1, 2, torch.tensor([0]), "rademacher")[0].tolist()
     assert signs == [1.0 - 2 * ((words[0] >> i) & 1) for i in range(8)]
-    from zo_fx.runtime.philox import philox4x32_10
+    from zo_fx.streams.philox import philox4x32_10
 
     assert words == philox4x32_10(torch.tensor([0, 0, 0, 0]), torch.tensor([1, 2])).tolist()
     gw = D.block_words(2**33 + 5, 9, torch.tensor([3]), "gaussian")[0].tolist()

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from zo_fx.runtime import directions as D
-from zo_fx.runtime import generate as G
+from zo_fx.kernels import _chunks as C
+from zo_fx.kernels import perturb as G
+from zo_fx.kernels import update as U
+from zo_fx.streams import layout as D
 
 KINDS = ["rademacher", "gaussian"]
 
@@ -32,7 +34,7 @@ def test_update_equals_naive_per_direction_reference_float64(kind):
     p = torch.randn(3, 1000, dtype=torch.float64)
     p0 = p.clone()
     seeds, coefs = [3, 1 << 40, 17, 99], [0.3, -1.7, 2.5, 1e-3]
-    G.apply_update_(p, seeds, coefs, 1234, kind, lr=0.05, weight_decay=0.1, chunk=384)
+    U.fused_update_reference_(p, seeds, coefs, 1234, kind, lr=0.05, weight_decay=0.1, chunk=384)
     naive = p0.clone()
     step = sum(c * D.direction(s, 1234, p0.shape, kind, dtype=torch.float64) for s, c in zip(seeds, coefs))
     naive -= 0.05 * (step + 0.1 * p0)
@@ -42,13 +44,13 @@ def test_update_equals_naive_per_direction_reference_float64(kind):
 def test_update_with_zero_lr_leaves_weights_bit_identical():
     p = torch.randn(5000)
     p0 = p.clone()
-    G.apply_update_(p, [1, 2], [3.0, -4.0], 5, "gaussian", lr=0.0, weight_decay=0.1)
+    U.fused_update_reference_(p, [1, 2], [3.0, -4.0], 5, "gaussian", lr=0.0, weight_decay=0.1)
     assert torch.equal(p, p0)
 
 
 def test_compiled_path_gives_the_eager_signs(monkeypatch):
     """Above COMPILE_MIN_NUMEL the kernel is compiled; its signs equal the eager stream bit for bit."""
-    n = G.COMPILE_MIN_NUMEL + 300
+    n = C.COMPILE_MIN_NUMEL + 300
     base = torch.zeros(n)
     u = G.perturbed(base, 2**35 + 1, 4, 1.0, "rademacher")
     assert torch.equal(u, D.rademacher(2**35 + 1, 4, 0, n))
@@ -58,9 +60,9 @@ def test_compiled_path_gives_the_eager_signs(monkeypatch):
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="multiple of 128"):
-        G.apply_update_(torch.zeros(10), [1], [1.0], 1, "rademacher", lr=1.0, chunk=100)
+        U.fused_update_reference_(torch.zeros(10), [1], [1.0], 1, "rademacher", lr=1.0, chunk=100)
     with pytest.raises(ValueError, match="seeds but"):
-        G.apply_update_(torch.zeros(10), [1, 2], [1.0], 1, "rademacher", lr=1.0)
+        U.fused_update_reference_(torch.zeros(10), [1, 2], [1.0], 1, "rademacher", lr=1.0)
     with pytest.raises(ValueError, match="block-aligned"):
         G.perturbed(torch.zeros(10), 1, 1, 1.0, "rademacher", start=3)
 

@@ -8,12 +8,11 @@ import copy  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from model_zoo import causal_batch, tiny_gpt2, tiny_llama  # noqa: E402
 
 import zo_fx  # noqa: E402
 from zo_fx import kernels  # noqa: E402
-from zo_fx.runtime.module import GroupTable  # noqa: E402
-
-from model_zoo import causal_batch, tiny_gpt2, tiny_llama  # noqa: E402
+from zo_fx.streams import GroupTable  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason="Triton is not installed")
 

@@ -8,17 +8,16 @@ import random
 
 import pytest
 import torch
-
 from triton_interpreter import device_for_kernels  # noqa: E402 (before zo_fx.kernels is imported)
 
 DEVICE = device_for_kernels()
 
-from zo_fx.kernels import philox as TP  # noqa: E402
-from zo_fx.kernels import pick  # noqa: E402
-from zo_fx.runtime import directions as D  # noqa: E402
-from zo_fx.runtime.philox import philox4x32_10  # noqa: E402
-
 from random123_kat import KNOWN_ANSWERS, words  # noqa: E402
+
+from zo_fx.kernels import pick  # noqa: E402
+from zo_fx.kernels import tiles as TP  # noqa: E402
+from zo_fx.streams import layout as D  # noqa: E402
+from zo_fx.streams.philox import philox4x32_10  # noqa: E402
 
 
 def _words(hex_words):

@@ -10,22 +10,27 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import zo_fx
-from zo_fx.runtime import directions as D
-from zo_fx.runtime.generate import apply_adamezo_update_
-from zo_fx.runtime.module import GroupTable
-from zo_fx.runtime.optimizers import decays, direction_seed
-
 from explicit import explicit_group_losses
 from model_zoo import causal_batch, tiny_llama
 from toy_problems import TOYS, Toy2D, identity_loss, toy_batch
 
-OPTIMIZERS = {
-    "mezo": lambda zm, lr: zo_fx.MeZO(zm, lr=lr, eps=1e-3, weight_decay=0.01, seed=3),
-    "fzoo": lambda zm, lr: zo_fx.FZOO(zm, lr=lr, eps=1e-3, n_directions=4, weight_decay=0.01, seed=3),
-    "adamezo": lambda zm, lr: zo_fx.AdaMeZO(zm, lr=lr, eps=1e-3, horizon=3, weight_decay=0.01, seed=3),
+import zo_fx
+from zo_fx.kernels.update import adamezo_update_reference_
+from zo_fx.optim.base import decays, direction_seed
+from zo_fx.streams import GroupTable
+from zo_fx.streams import layout as D
+
+SETTINGS = {
+    "mezo": dict(eps=1e-3, weight_decay=0.01, seed=3),
+    "fzoo": dict(eps=1e-3, n_directions=4, weight_decay=0.01, seed=3),
+    "adamezo": dict(eps=1e-3, horizon=3, weight_decay=0.01, seed=3),
 }
+assert set(SETTINGS) == set(zo_fx.METHODS), "every registered method is tested"
+
+
+def make_optimizer(method: str, zm, lr: float, **overrides):
+    """The registry's optimizer ``method`` with this file's settings (``overrides`` win)."""
+    return zo_fx.build_optimizer(method, zm, lr=lr, **{**SETTINGS[method], **overrides})
 
 
 def _weights(model):
@@ -100,7 +105,7 @@ def test_adamezo_blockwise_replay_equals_materialised_moments(chunk, kind):
     m = sum(b1**j * c * z for j, (c, z) in enumerate(zip(coefs, zs)))
     v = sum(b2**j * (c * z) ** 2 for j, (c, z) in enumerate(zip(coefs, zs)))
     expected -= lr * (100.0 * m / (v.sqrt() + 1e-5) + wd * expected)
-    apply_adamezo_update_(param, seeds, coefs, 123, kind, lr, (b1, b2), wd, chunk=chunk)
+    adamezo_update_reference_(param, seeds, coefs, 123, kind, lr, (b1, b2), wd, chunk=chunk)
     torch.testing.assert_close(param, expected, rtol=1e-12, atol=1e-13)
 
 
@@ -120,7 +125,7 @@ def test_adamezo_scratch_memory_is_bounded_by_the_chunk():
 
     param_storage = param.untyped_storage().data_ptr()
     with Record():
-        apply_adamezo_update_(param, list(range(6)), [0.1] * 6, 1, "gaussian", 1e-3, chunk=1024)
+        adamezo_update_reference_(param, list(range(6)), [0.1] * 6, 1, "gaussian", 1e-3, chunk=1024)
     assert max(largest) <= 1024 * 32  # one chunk of values (the sign expansion works on 32 bits per word)
 
 
@@ -136,23 +141,21 @@ def test_adamezo_warms_up_with_mezo_steps_then_uses_moments():
 # ---- exactness ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("method", sorted(SETTINGS))
 def test_zero_learning_rate_leaves_every_weight_bit_identical(method):
     model, batch = tiny_llama(torch.float32), causal_batch()
     before = _weights(model)
-    opt = OPTIMIZERS[method](zo_fx.zo_compile(model, batch), 0.0)
-    opt.weight_decay = 0.0
-    opt.trajectory.weight_decay = 0.0
+    opt = make_optimizer(method, zo_fx.zo_compile(model, batch), 0.0, weight_decay=0.0)
     for b in _batches(5):
         opt.step(b)
     assert _bit_identical(before, _weights(model))
 
 
-@pytest.mark.parametrize("method", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("method", sorted(SETTINGS))
 def test_replay_reproduces_trained_weights_bit_for_bit(method, tmp_path):
     model, batch = tiny_llama(torch.float32), causal_batch()
     base = copy.deepcopy(model)
-    opt = OPTIMIZERS[method](zo_fx.zo_compile(model, batch), 1e-3)
+    opt = make_optimizer(method, zo_fx.zo_compile(model, batch), 1e-3)
     for b in _batches(6):
         opt.step(b)
     path = opt.trajectory.save(tmp_path / "trajectory.json")
@@ -167,11 +170,11 @@ RESUME_SCRIPT = textwrap.dedent(
     import json, sys, torch
     sys.path.insert(0, {tests!r})
     import zo_fx
-    from zo_fx.runtime.checkpoint import load_checkpoint
+    from zo_fx.optim.checkpoint import load_checkpoint
     from model_zoo import causal_batch, tiny_llama
-    from test_optimizers import OPTIMIZERS
+    from test_optimizers import make_optimizer
     model = tiny_llama(torch.float32)
-    opt = OPTIMIZERS[{method!r}](zo_fx.zo_compile(model, causal_batch()), 1e-3)
+    opt = make_optimizer({method!r}, zo_fx.zo_compile(model, causal_batch()), 1e-3)
     extra = load_checkpoint({ckpt!r}, model, opt)
     for i in range(extra["next_batch"], {total}):
         opt.step(causal_batch(3, 7, seed=i))
@@ -180,15 +183,15 @@ RESUME_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("method", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("method", sorted(SETTINGS))
 def test_resume_in_a_new_process_equals_running_straight(method, tmp_path):
-    from zo_fx.runtime.checkpoint import save_checkpoint
+    from zo_fx.optim.checkpoint import save_checkpoint
 
     t = 3
     model = tiny_llama(torch.float32)
-    opt = OPTIMIZERS[method](zo_fx.zo_compile(model, causal_batch()), 1e-3)
+    opt = make_optimizer(method, zo_fx.zo_compile(model, causal_batch()), 1e-3)
     straight = tiny_llama(torch.float32)
-    opt_straight = OPTIMIZERS[method](zo_fx.zo_compile(straight, causal_batch()), 1e-3)
+    opt_straight = make_optimizer(method, zo_fx.zo_compile(straight, causal_batch()), 1e-3)
     for i in range(2 * t):
         opt_straight.step(causal_batch(3, 7, seed=i))
     for i in range(t):

@@ -4,9 +4,9 @@ import random
 
 import pytest
 import torch
-
 from random123_kat import KNOWN_ANSWERS, words
-from zo_fx.runtime.philox import _mulhilo, philox4x32_10
+
+from zo_fx.streams.philox import _mulhilo, philox4x32_10
 
 
 def _words(hex_words):

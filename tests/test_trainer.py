@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from model_zoo import causal_batch, tiny_llama
 from transformers import TrainingArguments
 
 import zo_fx
-
-from model_zoo import causal_batch, tiny_llama
 
 
 class _ListDataset(torch.utils.data.Dataset):

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-KERNEL_MODULES = ("zo_fx.kernels.philox", "zo_fx.kernels.linear", "zo_fx.kernels.update", "zo_fx.kernels.embedding")
+KERNEL_MODULES = ("zo_fx.kernels.tiles", "zo_fx.kernels.linear", "zo_fx.kernels.update", "zo_fx.kernels.embedding")
 
 
 def device_for_kernels() -> str:

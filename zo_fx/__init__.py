@@ -1,17 +1,31 @@
 """zo_fx: zeroth-order fine-tuning compiled into one batched forward pass."""
 
+from .compile import ZOModule, zo_compile
+from .losses import CandidateClassificationLoss, causal_lm_loss
+from .optim import (
+    FZOO,
+    METHODS,
+    AdaMeZO,
+    AdaMeZOConfig,
+    FZOOConfig,
+    MeZO,
+    MeZOConfig,
+    StepInfo,
+    Trajectory,
+    ZOConfig,
+    ZOOptimizer,
+    build_optimizer,
+    replay,
+)
 from .passes.capture import ExportFailedError
 from .passes.rewrite import UncoveredParameterUseError, UnsupportedGraphError
-from .runtime.losses import CandidateClassificationLoss, causal_lm_loss
-from .runtime.module import GroupTable, ZOModule, zo_compile
-from .runtime.optimizers import FZOO, AdaMeZO, MeZO, StepInfo, ZOOptimizer
-from .runtime.trajectory import Trajectory, replay
+from .streams.table import GroupTable
 
 
 def __getattr__(name):
     # transformers' Trainer is a heavy import: load ZOTrainer only when asked for
     if name == "ZOTrainer":
-        from .runtime.trainer import ZOTrainer
+        from .integrations.hf_trainer import ZOTrainer
 
         return ZOTrainer
     raise AttributeError(f"module 'zo_fx' has no attribute {name!r}")
@@ -21,5 +35,6 @@ __version__ = "0.1.0"
 __all__ = [
     "zo_compile", "ZOModule", "GroupTable", "CandidateClassificationLoss", "causal_lm_loss",
     "MeZO", "FZOO", "AdaMeZO", "ZOOptimizer", "StepInfo", "Trajectory", "replay", "ZOTrainer",
+    "ZOConfig", "MeZOConfig", "FZOOConfig", "AdaMeZOConfig", "METHODS", "build_optimizer",
     "ExportFailedError", "UncoveredParameterUseError", "UnsupportedGraphError",
 ]

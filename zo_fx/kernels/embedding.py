@@ -13,11 +13,11 @@ from collections.abc import Sequence
 
 import torch
 
-from zo_fx.runtime.directions import check_kind, sample_at
+from zo_fx.streams.layout import check_kind, sample_at
 
-from . import pick
 from ._support import interpreting, key_words, tl, triton
-from .philox import KIND_CODE, alignment, direction_tile, load_key, round_to
+from .dispatch import pick
+from .tiles import KIND_CODE, alignment, direction_tile, load_key, round_to
 
 _BLOCK_T = 32
 _BLOCK_D = 64  # a multiple of 32, so the aligned direction path applies when D is one too
@@ -31,7 +31,7 @@ def grouped_embedding_reference(
     scales: Sequence[float],
     kind: str,
 ) -> torch.Tensor:
-    """The specification of :func:`grouped_embedding`, with :func:`zo_fx.runtime.directions.sample_at`.
+    """The specification of :func:`grouped_embedding`, with :func:`zo_fx.streams.sample_at`.
 
     Computed in float32 and rounded once to the table's dtype (float64 tables stay float64).
     """
@@ -120,7 +120,7 @@ def grouped_embedding(
         pid: the table's stream id.
         seeds, scales: one direction seed and one scale per group (scale 0: the plain lookup).
         kind: ``"rademacher"`` or ``"gaussian"``.
-        impl: ``"auto"``, ``"torch"`` or ``"triton"``; see :func:`zo_fx.kernels.pick`.
+        impl: ``"auto"``, ``"torch"`` or ``"triton"``; see :func:`zo_fx.kernels.dispatch.pick`.
 
     Returns:
         ``[G, *ids.shape, D]`` in the table's dtype.

@@ -4,14 +4,14 @@ A ZOModule evaluates G groups (MeZO: +eps and -eps; FZOO: the unperturbed weight
 directions) in one batch. Materialising ``W + s_g U_g`` per group costs G weight-sized
 writes and reads per step; this kernel instead loads each W tile once and forms every
 group's perturbed tile in registers, with ``U_g`` regenerated from its seed
-(:mod:`zo_fx.kernels.philox`).
+(:mod:`zo_fx.kernels.tiles`).
 
 How groups are tiled
 --------------------
 The grid is (M tiles, N tiles, group pairs). A program owns ``GROUP_TILE`` consecutive
 groups, 1 or 2, chosen by the autotuner together with the tile shape. At each K step it
 loads the W tile once and, for each of its groups, forms ``W + s_g U_g`` in float32,
-rounds it to the input dtype (the rounding :func:`zo_fx.runtime.generate.perturbed`
+rounds it to the input dtype (the rounding :func:`zo_fx.kernels.perturb.perturbed`
 does) and accumulates ``x_g @ .`` in that group's float32 accumulator. With
 ``GROUP_TILE = 2`` one W load serves both groups, so MeZO's two groups read W once;
 larger G are covered by more programs along the group axis, each reading W once for its
@@ -39,20 +39,48 @@ import os
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from zo_fx.runtime.directions import check_kind
-from zo_fx.runtime.generate import perturbed
+from zo_fx.streams.layout import check_kind
 
-from . import pick
 from ._support import interpreting, key_words, tl, triton
-from .philox import KIND_CODE, alignment, direction_at, direction_tile, load_key, round_to
+from .dispatch import pick
+from .perturb import perturbed
+from .tiles import KIND_CODE, alignment, direction_at, direction_tile, load_key, round_to
 
 #: "out_in": [N, K] (nn.Linear); "in_out": [K, N] (GPT-2 Conv1D, addmm, mm)
 WEIGHT_LAYOUTS = ("out_in", "in_out")
 
 
 # --------------------------------------------------------------------------- reference
+
+
+def perturbed_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    w_pid: int | None,
+    b_pid: int | None,
+    seed: int,
+    scale: float,
+    kind: str,
+    weight_layout: str = "out_in",
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One group's product ``x @ (W + scale U)^T + (b + scale v)`` (``in_out``: ``x @ (W + scale U)``).
+
+    The one perturbed linear of the torch path: the reference below, the graph op's
+    group loop and the fused output head all call it. It forms the perturbed weight
+    (:func:`zo_fx.kernels.perturb.perturbed`: float32, rounded once to the weight's
+    dtype) and drops it on return, so at most one is alive. A None pid or a zero scale
+    leaves that tensor unperturbed. ``out`` (``[rows, N]``) receives the 2-D product.
+    """
+    w = weight if w_pid is None or scale == 0.0 else perturbed(weight, seed, w_pid, scale, kind)
+    b = bias if bias is None or b_pid is None or scale == 0.0 else perturbed(bias, seed, b_pid, scale, kind)
+    w_t = w.t() if weight_layout == "out_in" else w
+    rows = x.reshape(-1, x.shape[-1])
+    y = torch.mm(rows, w_t, out=out) if b is None else torch.addmm(b, rows, w_t, out=out)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def grouped_linear_reference(
@@ -68,27 +96,17 @@ def grouped_linear_reference(
     shared_input: bool,
     weight_layout: str = "out_in",
 ) -> torch.Tensor:
-    """The specification of :func:`grouped_linear`: loop over groups, materialise each perturbed weight.
+    """The specification of :func:`grouped_linear`: loop over groups, one perturbed weight at a time.
 
-    Holds one perturbed weight at a time (``W + s_g U_g`` via
-    :func:`zo_fx.runtime.generate.perturbed`, i.e. computed in float32, rounded once to
-    the weight's dtype). Arguments as in :func:`grouped_linear`.
+    Arguments as in :func:`grouped_linear`; each group is :func:`perturbed_linear`.
     """
     kind = check_kind(kind)
     _check_groups(x, seeds, scales, shared_input)
     _check_layout(weight_layout)
-    outs = []
-    for g, (seed, scale) in enumerate(zip(seeds, scales)):
-        w = weight if w_pid is None else perturbed(weight, seed, w_pid, scale, kind)
-        b = bias if bias is None or b_pid is None else perturbed(bias, seed, b_pid, scale, kind)
-        xg = x if shared_input else x[g]
-        if weight_layout == "out_in":
-            outs.append(F.linear(xg, w, b))
-        elif b is None:
-            outs.append(xg @ w)
-        else:  # GPT-2 Conv1D: addmm(b, x, W)
-            outs.append(torch.addmm(b, xg.reshape(-1, xg.shape[-1]), w).view(*xg.shape[:-1], w.shape[1]))
-        del w, b  # at most one perturbed weight alive
+    outs = [
+        perturbed_linear(x if shared_input else x[g], weight, bias, w_pid, b_pid, seed, scale, kind, weight_layout)
+        for g, (seed, scale) in enumerate(zip(seeds, scales))
+    ]
     return torch.stack(outs)
 
 
@@ -307,7 +325,7 @@ def grouped_linear(
         seeds: one direction seed per group, integers in ``[0, 2**64)``.
         scales: one float per group; 0.0 gives the unperturbed weights.
         kind: ``"rademacher"`` or ``"gaussian"``.
-        impl: ``"auto"``, ``"torch"`` or ``"triton"``; see :func:`zo_fx.kernels.pick`.
+        impl: ``"auto"``, ``"torch"`` or ``"triton"``; see :func:`zo_fx.kernels.dispatch.pick`.
 
     Returns:
         ``[G, *, N]`` in x's dtype. The kernel accumulates in float32 (fp32 inputs use IEEE
@@ -349,4 +367,4 @@ def grouped_linear(
     )
 
 
-__all__ = ["WEIGHT_LAYOUTS", "grouped_linear", "grouped_linear_reference"]
+__all__ = ["WEIGHT_LAYOUTS", "grouped_linear", "grouped_linear_reference", "perturbed_linear"]

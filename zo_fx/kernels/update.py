@@ -1,40 +1,128 @@
 """In-place multi-direction updates: one read and one write of every parameter element.
 
 * ``fused_update_``: ``param -= lr * (sum_i coefs[i] u_i + weight_decay * param)``, the
-  MeZO / FZOO step, same semantics as :func:`zo_fx.runtime.generate.apply_update_`
-  (which is its torch reference).
+  MeZO / FZOO step.
 * ``adamezo_update_``: the AdaMeZO step over the last K directions (most recent first),
   ``m = sum_j b1^j c_j u_j``, ``v = sum_j b2^j c_j^2 u_j^2``,
   ``param -= lr * (scale * m / (sqrt(v) + adam_eps) + weight_decay * param)``; the
   moments are rebuilt from the seeds each step, never stored (AdaMeZO's "cached Philox
-  state"). Its torch reference is ``adamezo_update_reference_`` below.
+  state").
+
+Each has its torch reference first (``fused_update_reference_``,
+``adamezo_update_reference_``: chunked, every direction regenerated per chunk, scratch
+O(chunk) whatever the parameter size or K), then the Triton kernel, then the entry
+point that picks between them.
 
 The kernel gives each program ``BLOCK`` consecutive elements (a multiple of 128, so every
 program starts on a Philox block of both streams), loads them once, regenerates every
-direction on them in registers (``philox.direction_tile``, the aligned path), and writes
+direction on them in registers (``tiles.direction_tile``, the aligned path), and writes
 them once. Accumulation is float32 for float32, bfloat16 and float16 parameters, and
 the result is rounded once, exactly as the torch path does for them. float64 parameters
 (which the torch path accumulates in float64) are not taken by the kernel:
-:func:`zo_fx.kernels.pick` sends them to the reference, since no GPU training run keeps
-float64 weights and float64 Philox/Box-Muller would be needlessly slow.
+:func:`zo_fx.kernels.dispatch.pick` sends them to the reference, since no GPU training
+run keeps float64 weights and float64 Philox/Box-Muller would be needlessly slow.
 """
 
 from collections.abc import Sequence
 
 import torch
 
-from zo_fx.runtime.directions import check_kind
-from zo_fx.runtime.generate import apply_adamezo_update_, apply_update_
+from zo_fx.streams.layout import check_kind, key_tensors, per_block
 
-from . import pick
+from ._chunks import CHUNK, accumulation_dtype, check_chunk, chunk_starts, chunk_values, runner
 from ._support import interpreting, key_words, tl, triton
-from .philox import KIND_CODE, direction_tile, load_key, round_to
+from .dispatch import pick
+from .tiles import KIND_CODE, direction_tile, load_key, round_to
+
+# --------------------------------------------------------------------------- references
+
+
+def _update_chunk(param, coefs, lr, weight_decay, block0, seed_lo, seed_hi, pid, tag, kind: str):
+    acc_dtype = accumulation_dtype(param.dtype)
+    acc = torch.zeros(param.shape, dtype=acc_dtype, device=param.device)
+    for i in range(coefs.shape[0]):
+        u = chunk_values(kind, param.shape[0], block0, seed_lo[i], seed_hi[i], pid, tag, acc_dtype)
+        acc = acc + coefs[i].to(acc_dtype) * u
+    p = param.to(acc_dtype)
+    return (p - lr.to(acc_dtype) * (acc + weight_decay.to(acc_dtype) * p)).to(param.dtype)
+
+
+def _adamezo_chunk(param, coefs, lr, weight_decay, beta1_pows, beta2_pows, scale, adam_eps,
+                   block0, seed_lo, seed_hi, pid, tag, kind: str):
+    """Truncated Adam moments of the last K directions, rebuilt for this chunk only."""
+    acc_dtype = accumulation_dtype(param.dtype)
+    m = torch.zeros(param.shape, dtype=acc_dtype, device=param.device)
+    v = torch.zeros(param.shape, dtype=acc_dtype, device=param.device)
+    for j in range(coefs.shape[0]):
+        u = chunk_values(kind, param.shape[0], block0, seed_lo[j], seed_hi[j], pid, tag, acc_dtype)
+        g = coefs[j].to(acc_dtype) * u
+        m = m + beta1_pows[j].to(acc_dtype) * g
+        v = v + beta2_pows[j].to(acc_dtype) * (g * g)
+    step = scale.to(acc_dtype) * m / (torch.sqrt(v) + adam_eps.to(acc_dtype))
+    p = param.to(acc_dtype)
+    return (p - lr.to(acc_dtype) * (step + weight_decay.to(acc_dtype) * p)).to(param.dtype)
+
+
+def _f64(values, device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
+@torch.no_grad()
+def fused_update_reference_(param, seeds, coefs, pid, kind, lr, weight_decay=0.0, *, chunk: int = CHUNK):
+    """The specification of :func:`fused_update_`, in torch ops (arguments as there).
+
+    One read and one write of every element; directions regenerated chunk by chunk, so
+    scratch memory is O(chunk), never O(parameter * directions).
+    """
+    kind = check_kind(kind)
+    check_chunk(chunk)
+    _check(param, seeds, coefs)
+    if len(seeds) == 0 and weight_decay == 0.0:
+        return param
+    flat, dev = param.view(-1), param.device
+    lo, hi, pid_t, tag = key_tensors(seeds, pid, kind, dev)
+    coefs_t, lr_t, wd_t = _f64([float(c) for c in coefs], dev), _f64(float(lr), dev), _f64(float(weight_decay), dev)
+    for s, n in chunk_starts(flat.numel(), chunk):
+        view = flat[s : s + n]
+        block0 = torch.tensor(s // per_block(kind), dtype=torch.int64, device=dev)
+        view.copy_(runner(_update_chunk, n)(view, coefs_t, lr_t, wd_t, block0, lo, hi, pid_t, tag, kind))
+    return param
+
+
+@torch.no_grad()
+def adamezo_update_reference_(param, seeds, coefs, pid, kind, lr, betas=(0.7, 0.9), weight_decay=0.0,
+                              scale=100.0, adam_eps=1e-5, *, chunk: int = CHUNK):
+    """The specification of :func:`adamezo_update_`, in torch ops (arguments as there).
+
+    The moments exist only for the chunk being updated: a few chunk-sized buffers of
+    scratch, whatever the parameter size or K.
+    """
+    kind = check_kind(kind)
+    check_chunk(chunk)
+    _check(param, seeds, coefs)
+    if not seeds:
+        raise ValueError("the AdaMeZO update needs at least one (seed, coef) pair")
+    flat, dev = param.view(-1), param.device
+    lo, hi, pid_t, tag = key_tensors(seeds, pid, kind, dev)
+    coefs_t = _f64([float(c) for c in coefs], dev)
+    b1 = _f64([betas[0] ** j for j in range(len(seeds))], dev)
+    b2 = _f64([betas[1] ** j for j in range(len(seeds))], dev)
+    consts = [_f64(float(v), dev) for v in (lr, weight_decay)]
+    scale_t, eps_t = _f64(float(scale), dev), _f64(float(adam_eps), dev)
+    for s, n in chunk_starts(flat.numel(), chunk):
+        view = flat[s : s + n]
+        block0 = torch.tensor(s // per_block(kind), dtype=torch.int64, device=dev)
+        run = runner(_adamezo_chunk, n)
+        view.copy_(run(view, coefs_t, *consts, b1, b2, scale_t, eps_t, block0, lo, hi, pid_t, tag, kind))
+    return param
+
+
+# --------------------------------------------------------------------------- kernel
+
 
 #: elements per program; a multiple of 128 (one Rademacher block). The update is
 #: memory-bound for a few directions, so a moderate block with 4 warps suffices.
 _BLOCK = 1024
-#: chunk of the torch AdaMeZO reference (a multiple of 128)
-_REFERENCE_CHUNK = 1 << 20
 
 
 @triton.jit
@@ -85,6 +173,9 @@ def _launch(
     )  # fmt: skip
 
 
+# --------------------------------------------------------------------------- entry points
+
+
 def _check(param: torch.Tensor, seeds, coefs) -> None:
     if len(seeds) != len(coefs):
         raise ValueError(f"{len(seeds)} seeds but {len(coefs)} coefficients")
@@ -114,8 +205,8 @@ def fused_update_(
         pid: the parameter's stream id.
         kind: ``"rademacher"`` or ``"gaussian"``.
         lr, weight_decay: as in the formula.
-        impl: ``"auto"``, ``"torch"`` (:func:`zo_fx.runtime.generate.apply_update_`) or
-            ``"triton"``; see :func:`zo_fx.kernels.pick`.
+        impl: ``"auto"``, ``"torch"`` (:func:`fused_update_reference_`) or ``"triton"``;
+            see :func:`zo_fx.kernels.dispatch.pick`.
 
     Example:
         >>> p = torch.zeros(4)
@@ -125,7 +216,7 @@ def fused_update_(
     kind = check_kind(kind)
     _check(param, seeds, coefs)
     if pick(impl, param) == "torch":
-        return apply_update_(param, seeds, coefs, pid, kind, lr, weight_decay)
+        return fused_update_reference_(param, seeds, coefs, pid, kind, lr, weight_decay)
     if param.numel() and (len(seeds) or weight_decay != 0.0):
         _launch(param, seeds, coefs, pid, kind, lr, weight_decay)
     return param
@@ -157,17 +248,17 @@ def adamezo_update_(
         weight_decay: decoupled from the adaptive step, as in the formula.
         scale: the constant the AdaMeZO reference multiplies the step by (100).
         adam_eps: added to sqrt(v).
-        impl: ``"auto"``, ``"torch"`` (:func:`zo_fx.runtime.generate.apply_adamezo_update_`) or ``"triton"``.
+        impl: ``"auto"``, ``"torch"`` (:func:`adamezo_update_reference_`) or ``"triton"``.
     """
     kind = check_kind(kind)
     _check(param, seeds, coefs)
     if len(betas) != 2:
         raise ValueError(f"betas must be (b1, b2); got {betas!r}")
     if pick(impl, param) == "torch":
-        return apply_adamezo_update_(param, seeds, coefs, pid, kind, lr, betas, weight_decay, scale, adam_eps)
+        return adamezo_update_reference_(param, seeds, coefs, pid, kind, lr, betas, weight_decay, scale, adam_eps)
     if param.numel():
         _launch(param, seeds, coefs, pid, kind, lr, weight_decay, betas, scale, adam_eps)
     return param
 
 
-__all__ = ["fused_update_", "adamezo_update_"]
+__all__ = ["adamezo_update_", "adamezo_update_reference_", "fused_update_", "fused_update_reference_"]

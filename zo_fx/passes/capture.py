@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.export import Dim
 
-from ..runtime.directions import assign_param_ids
+from ..streams.ids import assign_param_ids
 
 
 class ExportFailedError(RuntimeError):
@@ -141,7 +141,9 @@ def capture(model: torch.nn.Module, example_batch: dict, *, extra_kwargs: dict |
         extra.setdefault("use_cache", False)
     wrapper = _Forward(model, keys, extra)
     example = _export_example(example_batch, keys)
-    dynamic = tuple({d: Dim.AUTO for d in range(min(example[k].dim(), 2)) if d == 0 or example[k].shape[d] > 1} for k in keys)
+    dynamic = tuple(
+        {d: Dim.AUTO for d in range(min(example[k].dim(), 2)) if d == 0 or example[k].shape[d] > 1} for k in keys
+    )
     try:
         with torch.no_grad():
             ep = torch.export.export(wrapper, tuple(example[k] for k in keys), dynamic_shapes=(dynamic,), strict=False)

@@ -1,7 +1,7 @@
 """The perturbation rewrite: one graph that evaluates G perturbed copies of the model.
 
 Walks the captured ATen graph in order and gives every node one of three layouts
-(see :mod:`zo_fx.runtime.ops`): *invariant* (computed once for the B examples),
+(see :mod:`zo_fx.ops`): *invariant* (computed once for the B examples),
 *grouped* (G slices of the batch dim) or *per-group* (a list of G batch-free values).
 
 * A node that depends on no perturbed parameter stays invariant and runs once: this is
@@ -28,7 +28,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 from torch.utils import _pytree as pytree
 
-from ..runtime import ops
+from .. import ops
 from .capture import CapturedModel
 
 aten = torch.ops.aten
@@ -368,12 +368,16 @@ class _Rewriter:
             if not isinstance(a, Node):
                 outs.append(a)
             elif self.layout.get(a, INV) == PG:
-                raise UnsupportedGraphError(f"model output {a.name} has no batch dimension but depends on a perturbation")
+                raise UnsupportedGraphError(
+                    f"model output {a.name} has no batch dimension but depends on a perturbation"
+                )
             else:
                 outs.append(self.as_grouped(a))
         self.g.output(tuple(outs))
 
 
-def rewrite(captured: CapturedModel, groups: int, kind: str, impl: str = "auto", allow_fallback: bool = False) -> Rewritten:
+def rewrite(
+    captured: CapturedModel, groups: int, kind: str, impl: str = "auto", allow_fallback: bool = False
+) -> Rewritten:
     """Rewrite ``captured`` to evaluate ``groups`` perturbed copies in one pass."""
     return _Rewriter(captured, groups, kind, impl, allow_fallback).run()

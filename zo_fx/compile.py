@@ -8,59 +8,22 @@ seen immediately, and it never writes a parameter itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
-from ..passes.capture import CapturedModel, capture, live_inputs
-from ..passes.readout import Head, cut_head
-from ..passes.report import ZOReport, build_report
-from ..passes.rewrite import Rewritten, rewrite
-from .directions import MAX_SEED, check_kind, check_seed
-from .generate import perturbed
+from .kernels.dispatch import check_impl
+from .kernels.perturb import perturbed
 from .losses import LossFn, default_loss
 from .ops import head_logits, head_readout
+from .passes.capture import CapturedModel, capture, live_inputs
+from .passes.readout import Head, cut_head
+from .passes.report import ZOReport, build_report
+from .passes.rewrite import Rewritten, rewrite
+from .streams.layout import check_kind
+from .streams.table import GroupTable
 
-IMPLS = ("auto", "torch", "triton")
 BACKENDS = ("eager", "inductor")
-
-
-@dataclass(frozen=True)
-class GroupTable:
-    """G rows of (seed, coefficient): group g sees ``theta + eps * coefs[g] * u(seeds[g])``.
-
-    A coefficient of 0 is the unperturbed model. MeZO uses ``GroupTable([s, s], [1, -1], eps)``,
-    FZOO ``GroupTable([0, s1..sN], [0, 1..1], eps)``.
-    """
-
-    seeds: tuple
-    coefs: tuple
-    eps: float
-    kind: str = "rademacher"
-
-    def __init__(self, seeds: Sequence[int], coefs: Sequence[float], eps: float, kind: str = "rademacher"):
-        seeds = tuple(check_seed(s) for s in seeds)
-        coefs = tuple(float(c) for c in coefs)
-        if len(seeds) != len(coefs) or not seeds:
-            raise ValueError(f"a group table needs as many seeds as coefficients (>= 1); got {len(seeds)} and {len(coefs)}")
-        object.__setattr__(self, "seeds", seeds)
-        object.__setattr__(self, "coefs", coefs)
-        object.__setattr__(self, "eps", float(eps))
-        object.__setattr__(self, "kind", check_kind(kind))
-
-    @property
-    def groups(self) -> int:
-        return len(self.seeds)
-
-    @property
-    def scales(self) -> tuple:
-        return tuple(self.eps * c for c in self.coefs)
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(seeds, scales) as the graph takes them: int64 (two's complement of the uint64 seed), float64."""
-        signed = [s - (MAX_SEED + 1) if s >= 2**63 else s for s in self.seeds]
-        return torch.tensor(signed, dtype=torch.int64), torch.tensor(self.scales, dtype=torch.float64)
 
 
 def repeat_batch(batch: dict, groups: int, batch_size: int) -> dict:
@@ -221,12 +184,14 @@ def zo_compile(
         fuse_head: compute the output head and the loss one group at a time (see
             :mod:`zo_fx.passes.readout`), so only one group's logits exist at once.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    check_impl(impl)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     if not isinstance(example_batch, dict):
-        raise TypeError(f"example_batch must be a dict of tensors (e.g. input_ids, attention_mask); got {type(example_batch).__name__}")
+        raise TypeError(
+            "example_batch must be a dict of tensors (e.g. input_ids, attention_mask); "
+            f"got {type(example_batch).__name__}"
+        )
     model.eval()
     captured = capture(model, example_batch)
     if not captured.pids:

@@ -10,22 +10,29 @@ weights). Tensors flowing through the rewritten graph come in three layouts:
 * per-group list: a Python list of G tensors without a batch dimension (a perturbed
   bias or norm weight, a learned position table looked up without batch).
 
-These functions are the torch reference implementation. Each matmul-like op has a
-single dispatch point (``impl``) where the Triton kernels plug in. Nothing here ever
-writes a parameter, and no op holds more than one weight-sized temporary at a time.
+The torch path of each op calls the per-group functions of :mod:`zo_fx.kernels` (one
+perturbed linear, :func:`zo_fx.kernels.linear.perturbed_linear`, for every matmul-like
+use); ops with a Triton kernel have one dispatch point (``impl``, decided by
+:func:`zo_fx.kernels.dispatch.pick`). Nothing here ever writes a parameter, and no op
+holds more than one weight-sized temporary at a time.
 """
 
 from __future__ import annotations
 
 import operator
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
-from .directions import MAX_SEED, sample_at
-from .generate import perturbed, perturbed_groups
+from . import kernels
+from .kernels.dispatch import pick
+from .kernels.linear import perturbed_linear
+from .kernels.perturb import perturbed, perturbed_groups
+from .streams.layout import sample_at
+from .streams.table import seeds_from_tensor
 
 # leaf codes of map_groups (a non-negative code is the batch dim of a grouped tensor)
 PASS = -1  # same value for every group
@@ -43,7 +50,7 @@ def _is_per_group(x) -> bool:
 
 def _table(seeds: torch.Tensor, scales: torch.Tensor) -> tuple[list[int], list[float]]:
     # seeds travel as int64 (two's complement of the uint64 seed)
-    return [int(s) & MAX_SEED for s in seeds.tolist()], [float(s) for s in scales.tolist()]
+    return seeds_from_tensor(seeds), [float(s) for s in scales.tolist()]
 
 
 def _weight(param: torch.Tensor, pid: int | None, seed: int, scale: float, kind: str) -> torch.Tensor:
@@ -53,12 +60,11 @@ def _weight(param: torch.Tensor, pid: int | None, seed: int, scale: float, kind:
 
 
 def _kernel(impl: str, name: str, *tensors):
-    """The dispatch point: the Triton entry point ``name`` when ``impl`` picks Triton for these tensors."""
-    if impl == "torch":
-        return None
-    from .. import kernels
+    """The dispatch point: the Triton entry point ``name`` when ``impl`` picks Triton for these tensors.
 
-    if kernels.pick(impl, *tensors) != "triton":
+    Looked up at call time, so a kernel module reloaded under ``TRITON_INTERPRET=1`` is the one used.
+    """
+    if pick(impl, *tensors) != "triton":
         return None
     return getattr(kernels, name)
 
@@ -107,40 +113,22 @@ def grouped_linear(
         rows = xs[0].reshape(-1, x.shape[-1]).shape[0]
         out = torch.empty(groups, rows, n_out, dtype=torch.result_type(x, weight), device=x.device)
         for g in range(groups):
-            w = _weight(weight, w_pid, seed_list[g], scale_list[g], kind)
-            b = _weight(bias, b_pid, seed_list[g], scale_list[g], kind)
-            w_t = w.t() if weight_layout == "out_in" else w
-            x2d = xs[g].reshape(-1, x.shape[-1])
-            if b is None:
-                torch.mm(x2d, w_t, out=out[g])
-            else:
-                torch.addmm(b, x2d, w_t, out=out[g])
-            del w
+            perturbed_linear(xs[g], weight, bias, w_pid, b_pid, seed_list[g], scale_list[g], kind, weight_layout,
+                             out=out[g])
         lead = list(xs[0].shape[:-1])
         lead[0] *= groups
         return out.view(*lead, n_out)
-    outs = []
-    for g in range(groups):
-        w = _weight(weight, w_pid, seed_list[g], scale_list[g], kind)
-        b = _weight(bias, b_pid, seed_list[g], scale_list[g], kind)
-        if weight_layout == "out_in":
-            outs.append(F.linear(xs[g], w, b))
-        else:
-            y = torch.matmul(xs[g], w)
-            outs.append(y if b is None else y + b)
-        del w
+    outs = [
+        perturbed_linear(xs[g], weight, bias, w_pid, b_pid, seed_list[g], scale_list[g], kind, weight_layout)
+        for g in range(groups)
+    ]
     return torch.cat(outs, dim=out_dim)
 
 
 def head_logits(x: torch.Tensor, weight, bias, w_pid, b_pid, seed: int, scale: float, kind: str,
                 layout: str) -> torch.Tensor:
     """One group's output head over all of ``x``'s rows (the head cut off by the readout pass)."""
-    w = _weight(weight, w_pid, seed, scale, kind)
-    b = _weight(bias, b_pid, seed, scale, kind)
-    if layout == "out_in":
-        return F.linear(x, w, b)
-    y = torch.matmul(x, w)
-    return y if b is None else y + b
+    return perturbed_linear(x, weight, bias, w_pid, b_pid, seed, scale, kind, layout)
 
 
 def head_readout(x_rows: torch.Tensor, weight, bias, w_pid, b_pid, seed: int, scale: float, kind: str,
@@ -178,10 +166,11 @@ def grouped_embedding(
 ) -> torch.Tensor | list[torch.Tensor]:
     """Rows ``W[ids] + scale_g * U_g[ids]``, the perturbation generated at the looked-up rows only.
 
-    ``ids_bdim >= 0``: ids are grouped along that dim and the result is grouped;
-    ``ids_bdim == PASS``: ids are shared (invariant): the result is grouped along
-    dim 0 when ids carry the batch (``groups_out='grouped'``) -- the caller says which
-    by how it uses the result -- otherwise a per-group list.
+    Returns a per-group list of G row tensors. ``ids_bdim >= 0``: ids are grouped along
+    that dim and group g looks up its own slice; ``ids_bdim == PASS``: ids are shared
+    (invariant) and every group looks up all of them (the base rows are gathered once).
+    The rewrite concatenates the list along the batch dim (:func:`grouped_embedding_cat`)
+    when the result carries the batch, and keeps it per group otherwise.
     """
     seed_list, scale_list = _table(seeds, scales)
     kernel = _kernel(impl, "grouped_embedding", weight) if ids_bdim == PASS and padding_idx == -1 else None

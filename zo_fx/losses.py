@@ -9,7 +9,7 @@ so a non-differentiable objective (accuracy, F1) is a legal loss.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -10,12 +10,13 @@ moment leaves the previous checkpoint usable.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from zo_fx.files import atomic_write_text, replace_dir
 
 LATEST = "LATEST"
 
@@ -35,10 +36,8 @@ def save_checkpoint(output_dir, model: torch.nn.Module, optimizer, extra: dict |
     (tmp / "optimizer.json").write_text(json.dumps(optimizer.state_dict()))
     (tmp / "extra.json").write_text(json.dumps(extra or {}))
     shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    pointer = output_dir / (LATEST + ".tmp")
-    pointer.write_text(name)
-    os.replace(pointer, output_dir / LATEST)
+    replace_dir(tmp, final)
+    atomic_write_text(output_dir / LATEST, name)
     old = sorted(p for p in output_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
     for stale in old[:-keep] if keep > 0 else []:
         shutil.rmtree(stale, ignore_errors=True)

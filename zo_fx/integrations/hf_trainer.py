@@ -19,10 +19,9 @@ import os
 import torch
 from transformers import Trainer
 
-from .module import zo_compile
-from .optimizers import FZOO, AdaMeZO, MeZO
+from zo_fx.compile import zo_compile
+from zo_fx.optim.registry import build_optimizer, get_method
 
-METHODS = {"fzoo": FZOO, "mezo": MeZO, "adamezo": AdaMeZO}
 ZO_STATE = "zo_optimizer.json"
 
 
@@ -39,8 +38,10 @@ class ZOTrainer(Trainer):
 
     def __init__(self, *args, zo_method: str = "fzoo", zo_kwargs: dict | None = None, zo_loss=None,
                  zo_impl: str = "auto", **kwargs):
-        if zo_method not in METHODS:
-            raise ValueError(f"zo_method must be one of {sorted(METHODS)}; got {zo_method!r}")
+        try:
+            get_method(zo_method)  # an unknown name fails here, before the Trainer is built
+        except ValueError as err:
+            raise ValueError(f"zo_method: {err}") from None
         super().__init__(*args, **kwargs)
         self.zo_method = zo_method
         self.zo_kwargs = dict(zo_kwargs or {})
@@ -53,14 +54,15 @@ class ZOTrainer(Trainer):
 
     def _build_zo(self, batch: dict) -> None:
         self.zo_module = zo_compile(self.model, batch, loss=self.zo_loss, impl=self.zo_impl)
-        self.zo_optimizer = METHODS[self.zo_method](
-            self.zo_module, lr=self.args.learning_rate, weight_decay=self.args.weight_decay, seed=self.args.seed,
-            **self.zo_kwargs,
+        self.zo_optimizer = build_optimizer(
+            self.zo_method, self.zo_module, lr=self.args.learning_rate, weight_decay=self.args.weight_decay,
+            seed=self.args.seed, **self.zo_kwargs,
         )
         # share the Trainer's optimizer param group, so its scheduler sets our lr
         self.zo_optimizer.torch_optimizer = self.optimizer
         if self._pending_zo_state is not None:
-            self.zo_optimizer.load_state_dict({**self._pending_zo_state, "torch_optimizer": self.optimizer.state_dict()})
+            state = {**self._pending_zo_state, "torch_optimizer": self.optimizer.state_dict()}
+            self.zo_optimizer.load_state_dict(state)
             self._pending_zo_state = None
 
     def create_optimizer(self):

@@ -1,7 +1,7 @@
 """Philox4x32-10 and the direction streams inside Triton kernels.
 
 The ``@triton.jit`` helpers here produce exactly the bits of
-:mod:`zo_fx.runtime.philox` and :mod:`zo_fx.runtime.directions`, laid out as
+:mod:`zo_fx.streams.philox` and :mod:`zo_fx.streams.layout`, laid out as
 ``docs/directions.md`` freezes them; the other kernels (linear, update, embedding)
 generate their directions through them and nowhere else.
 
@@ -35,22 +35,21 @@ first imported, so in a process that imported Triton before setting
 ``TRITON_INTERPRET=1`` interpreted kernels could not call them.
 """
 
-import math
 
 import torch
 
-from zo_fx.runtime.directions import STREAM_TAG, check_kind
+from zo_fx.streams.layout import STREAM_TAG, TWO_PI_F32, check_kind
 
 from ._support import key_words, tl, triton
 
-# Random123 round multipliers and Weyl key increments (same values as zo_fx.runtime.philox).
+# Random123 round multipliers and Weyl key increments (same values as zo_fx.streams.philox).
 _M0 = tl.constexpr(0xD2511F53)
 _M1 = tl.constexpr(0xCD9E8D57)
 _W0 = tl.constexpr(0x9E3779B9)
 _W1 = tl.constexpr(0xBB67AE85)
 _INV_2_24 = tl.constexpr(2.0**-24)
-#: float32(2 pi), as zo_fx.runtime.directions.TWO_PI_F32 (exactly representable, so no double rounding)
-_TWO_PI_F32 = tl.constexpr(float(torch.tensor(2 * math.pi, dtype=torch.float32).item()))
+#: float32(2 pi), the layout's constant (exactly representable, so no double rounding)
+_TWO_PI_F32 = tl.constexpr(float(TWO_PI_F32))
 
 #: the KIND constexpr of every kernel: the stream tag of docs/directions.md
 KIND_CODE = dict(STREAM_TAG)
@@ -224,7 +223,7 @@ def alignment(kind: str) -> int:
 
 # --------------------------------------------------------------------------- test launchers
 # Thin launchers over the helpers above, with the torch functions' signatures, so the
-# tests can hold the Triton bits against zo_fx.runtime bit for bit.
+# tests can hold the Triton bits against zo_fx.streams bit for bit.
 
 _BLOCK = 256
 

@@ -5,20 +5,21 @@ frozen direction streams (docs/directions.md), so a run of thousands of steps is
 kilobytes of JSON. ``replay(model, trajectory)`` applies the recorded updates to a
 fresh copy of the base model with the very same fused update functions the optimizer
 used, which is why the result is bit-identical (same device and dtype). The update runs
-through ``zo_fx.kernels`` with ``impl="auto"``: the Triton kernel for CUDA tensors, the
-torch reference elsewhere, so training and replay on one device take the same path.
+through ``zo_fx.kernels`` with the ``impl`` the caller gives (the optimizer passes the
+one its module was compiled with; ``"auto"``: the Triton kernel for CUDA tensors, the
+torch reference elsewhere), so training and replay on one device take the same path.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .. import kernels
+from zo_fx import kernels
+from zo_fx.files import atomic_write_json
 
 FORMAT_VERSION = 1
 
@@ -58,8 +59,14 @@ class Trajectory:
                     return seeds, coefs
         return seeds, coefs
 
-    def apply(self, tensors: dict[str, torch.Tensor], index: int) -> None:
-        """Apply record ``index`` to ``tensors`` (name -> parameter), in place."""
+    def constants(self) -> dict:
+        """The method's constants: what every record is applied with."""
+        return {"method": self.method, "kind": self.kind, "weight_decay": self.weight_decay,
+                "horizon": self.horizon, "betas": tuple(self.betas), "ada_scale": self.ada_scale,
+                "adam_eps": self.adam_eps}
+
+    def apply(self, tensors: dict[str, torch.Tensor], index: int, *, impl: str = "auto") -> None:
+        """Apply record ``index`` to ``tensors`` (name -> parameter), in place, through ``impl``."""
         rec = self.records[index]
         with torch.no_grad():
             if rec.get("mode", "linear") == "adamezo":
@@ -67,13 +74,13 @@ class Trajectory:
                 for spec in self.params:
                     kernels.adamezo_update_(
                         tensors[spec.name].data, seeds, coefs, spec.pid, self.kind, rec["lr"], self.betas,
-                        self.weight_decay if spec.decay else 0.0, self.ada_scale, self.adam_eps, impl="auto",
+                        self.weight_decay if spec.decay else 0.0, self.ada_scale, self.adam_eps, impl=impl,
                     )
             else:
                 for spec in self.params:
                     kernels.fused_update_(
                         tensors[spec.name].data, rec["seeds"], rec["coefs"], spec.pid, self.kind, rec["lr"],
-                        self.weight_decay if spec.decay else 0.0, impl="auto",
+                        self.weight_decay if spec.decay else 0.0, impl=impl,
                     )
 
     # ---- persistence ------------------------------------------------------------------------------------
@@ -86,7 +93,7 @@ class Trajectory:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Trajectory":
+    def from_dict(cls, d: dict) -> Trajectory:
         if d.get("format") != FORMAT_VERSION:
             raise ValueError(f"unsupported trajectory format {d.get('format')!r}; this zo_fx reads {FORMAT_VERSION}")
         return cls(
@@ -97,15 +104,10 @@ class Trajectory:
 
     def save(self, path) -> Path:
         """Write JSON atomically (a crash mid-write leaves the previous file intact)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), separators=(",", ":")))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_json(path, self.to_dict(), separators=(",", ":"))
 
     @classmethod
-    def load(cls, path) -> "Trajectory":
+    def load(cls, path) -> Trajectory:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no trajectory at {path}")
@@ -115,16 +117,18 @@ class Trajectory:
         return len(self.records)
 
 
-def replay(model: torch.nn.Module, trajectory: Trajectory, start: int = 0, stop: int | None = None) -> torch.nn.Module:
+def replay(model: torch.nn.Module, trajectory: Trajectory, start: int = 0, stop: int | None = None, *,
+           impl: str = "auto") -> torch.nn.Module:
     """Apply ``trajectory``'s updates [start, stop) to ``model`` in place and return it.
 
     ``model`` must be the base model the run started from (or the result of replaying
-    the first ``start`` records); parameters are matched by name.
+    the first ``start`` records); parameters are matched by name. ``impl`` as the run's
+    ``zo_compile`` had it gives the bit-identical result.
     """
     tensors = dict(model.named_parameters())
     missing = [p.name for p in trajectory.params if p.name not in tensors]
     if missing:
         raise KeyError(f"the model has no parameters named {missing[:5]}; replay needs the model the run trained")
     for i in range(start, len(trajectory) if stop is None else stop):
-        trajectory.apply(tensors, i)
+        trajectory.apply(tensors, i, impl=impl)
     return model

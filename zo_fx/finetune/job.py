@@ -1,0 +1,169 @@
+"""One fine-tuning run end to end: set up, evaluate zero-shot (or resume), train, evaluate, write outputs.
+
+:class:`FinetuneJob` sequences the other modules of :mod:`zo_fx.finetune`; :func:`run` is
+what ``zo-fx finetune`` calls. All setup that can fail on bad input happens in the
+constructor, before anything is written or an earlier run is replaced.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from zo_fx.files import atomic_path, atomic_write_json
+from zo_fx.finetune.config import DEFAULT_EVALS, DTYPES, FinetuneConfig
+from zo_fx.finetune.evaluation import evaluate
+from zo_fx.finetune.loss import build_loss
+from zo_fx.finetune.model import apply_peft, load_model_and_tokenizer
+from zo_fx.finetune.optimizer import build_optimizer
+from zo_fx.finetune.plots import plot_curves, summary_table
+from zo_fx.finetune.resume import prepare_output_dir, restore_checkpoint, write_checkpoint
+from zo_fx.finetune.task import build_task
+
+
+class FinetuneJob:
+    """One run of :func:`run`, in three parts: ``start`` (zero-shot or resume), ``train``, ``finish``.
+
+    The constructor does all the setup that can fail on bad input (task, model, tokenizer, label
+    words, compile) before anything is written or an earlier run is replaced.
+    """
+
+    def __init__(self, cfg: FinetuneConfig):
+        self.wall0 = time.perf_counter()
+        self.cfg = cfg
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        self.out, stale = prepare_output_dir(cfg)
+        self.task = build_task(cfg)
+        print(self.task.summary(), flush=True)
+        print(f"loading {cfg.model} ...", flush=True)
+        model, self.tokenizer = load_model_and_tokenizer(cfg.model, DTYPES[cfg.dtype])
+        self.model = apply_peft(model, cfg.peft, cfg.seed)
+        self.loss = build_loss(self.task, self.tokenizer, self.model, cfg.peft)
+        self.cursor = self.task.cursor(cfg.batch_size, seed=cfg.seed)
+        example = self.encode(self.task.train[:cfg.batch_size])
+        self.optimizer = build_optimizer(cfg, self.model, self.loss, example, self.out)
+        for path in stale:  # --overwrite, now that the new run is set up
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.total = cfg.total_steps
+        self.eval_every = cfg.eval_every or max(1, math.ceil(self.total / DEFAULT_EVALS))
+        self.checkpoint_every = cfg.checkpoint_every or self.eval_every
+        trainable = sum(p.numel() for p in self.optimizer.params.values())
+        parameters = sum(p.numel() for p in self.model.parameters())
+        print(f"{cfg.method} on {trainable:,} of {parameters:,} parameters (peft={cfg.peft}), "
+              f"lr={cfg.learning_rate:g}, {self.total} steps x {cfg.per_step_forward_passes} "
+              f"forward passes of {cfg.batch_size} examples -> {self.out}", flush=True)
+
+    def encode(self, examples) -> dict:
+        return self.task.encode(self.tokenizer, examples, self.cfg.max_length)
+
+    def evaluation(self, split: str, phase: str) -> dict:
+        opt = self.optimizer
+        if phase == "train":
+            desc = f"{split} at step {opt.step_count}"
+        else:
+            desc = f"{phase.replace('_', '-')} {split}"
+        result = evaluate(self.model, self.task, self.tokenizer, self.loss, split, self.cfg.max_length,
+                          desc=desc)
+        return {"step": opt.step_count, "forward_passes": opt.forward_passes, "phase": phase, **result}
+
+    def start(self) -> dict:
+        """The run's state: restored from the newest checkpoint, or fresh with zero-shot evaluations."""
+        if self.cfg.resume:
+            state = restore_checkpoint(self.out, self.cfg, self.model, self.optimizer, self.cursor)
+            print(f"resumed at step {self.optimizer.step_count} from {self.out}", flush=True)
+        else:
+            zero_shot = [self.evaluation(split, "zero_shot") for split in ("validation", "test")]
+            state = {"history": [], "evals": zero_shot}
+        state["settings"] = self.cfg.resolved()
+        return state
+
+    def train(self, state: dict) -> None:
+        """Step until ``total``; validate and checkpoint on schedule; report skipped steps as they happen."""
+        opt, history = self.optimizer, state["history"]
+        bar = tqdm(total=self.total, initial=min(opt.step_count, self.total), desc=self.cfg.method,
+                   unit="step", dynamic_ncols=True)
+        smooth = history[-1]["loss"] if history else math.nan
+        while opt.step_count < self.total:
+            info = opt.step(self.encode(self.cursor.next_batch()))
+            done = opt.step_count
+            record = {"step": done, "loss": info.loss, "sigma": info.sigma, "lr": info.lr,
+                      "forward_passes": info.forward_passes, "seconds": info.seconds, "skipped": info.skipped}
+            if info.skipped:
+                record["reason"] = info.reason
+                bar.write(f"step {done}: {info.reason}")
+            history.append(record)
+            if math.isfinite(info.loss):
+                smooth = info.loss if not math.isfinite(smooth) else 0.9 * smooth + 0.1 * info.loss
+            sigma = "" if info.sigma is None else f" sigma={info.sigma:.2e}"
+            bar.set_postfix_str(f"loss={smooth:.4f}{sigma} fwd={info.forward_passes:,} "
+                                f"ex/s={self.cfg.batch_size / max(info.seconds, 1e-9):.1f}")
+            bar.update(1)
+            if done % self.eval_every == 0 or done == self.total:
+                ev = self.evaluation("validation", "train")
+                state["evals"].append(ev)
+                bar.write(f"step {done} ({ev['forward_passes']:,} forward passes): validation accuracy "
+                          f"{ev['accuracy']:.4f}, loss {ev['loss']:.4f}")
+            if done % self.checkpoint_every == 0 or done == self.total:
+                write_checkpoint(self.out, self.model, opt, self.cursor, state)
+        bar.close()
+
+    def finish(self, state: dict) -> dict:
+        """Final evaluations; metrics.json, trajectory.json, model.safetensors, curves.png; the summary."""
+        opt, evals = self.optimizer, state["evals"]
+        if not any(e["split"] == "validation" and e["step"] == opt.step_count and e["phase"] != "zero_shot"
+                   for e in evals):
+            evals.append(self.evaluation("validation", "final"))
+        evals.append(self.evaluation("test", "final"))
+        metrics = self.metrics(state)
+        with atomic_path(self.out / "model.safetensors") as tmp:
+            save_file({n: p.detach().contiguous() for n, p in opt.params.items()}, str(tmp))
+        if opt.trajectory is not None:
+            opt.trajectory.save(self.out / "trajectory.json")
+        plot_curves(metrics, self.out / "curves.png")
+        atomic_write_json(self.out / "metrics.json", metrics, indent=1)
+        print(summary_table(metrics, self.out), flush=True)
+        return metrics
+
+    def metrics(self, state: dict) -> dict:
+        """What ``metrics.json`` holds: settings, task, model, step history, evaluations, final numbers."""
+        opt, evals, history, task = self.optimizer, state["evals"], state["history"], self.task
+
+        def last(split: str, zero_shot: bool) -> dict:
+            picked = [e for e in evals if e["split"] == split and (e["phase"] == "zero_shot") == zero_shot]
+            return {k: picked[-1][k] for k in ("accuracy", "loss", "n")} if picked else {}
+
+        return {
+            "settings": state["settings"],
+            "task": {"name": task.name, "description": task.description, "label_words": task.label_words,
+                     "template": task.template,
+                     "sizes": {s: len(getattr(task, s)) for s in ("train", "validation", "test")}},
+            "model": {"name": self.cfg.model, "class": type(self.model).__name__,
+                      "parameters": sum(p.numel() for p in self.model.parameters()),
+                      "trainable": sum(p.numel() for p in opt.params.values())},
+            "history": history,
+            "evals": evals,
+            "final": {
+                "zero_shot": {s: last(s, True) for s in ("validation", "test")},
+                "fine_tuned": {s: last(s, False) for s in ("validation", "test")},
+                "steps": opt.step_count,
+                "forward_passes": opt.forward_passes,
+                "skipped_steps": sum(1 for h in history if h["skipped"]),
+                "train_seconds": sum(h["seconds"] for h in history),
+                "wall_seconds": time.perf_counter() - self.wall0,
+            },
+        }
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    """Run the job of ``cfg`` end to end and return what ``metrics.json`` holds."""
+    job = FinetuneJob(cfg)
+    state = job.start()
+    job.train(state)
+    return job.finish(state)

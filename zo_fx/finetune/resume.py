@@ -1,0 +1,77 @@
+"""The run folder: where a job writes, what it may replace, and how it checkpoints and resumes.
+
+A job must never lose an earlier run by mistake and must continue an interrupted one exactly.
+:func:`prepare_output_dir` decides the folder and what ``--overwrite`` would replace (deleting
+nothing yet); :func:`write_checkpoint` and :func:`restore_checkpoint` wrap
+:mod:`zo_fx.optim.checkpoint` with the job's data position and its check that a resumed run
+repeats the settings that change what it computes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from zo_fx.finetune.adam import AdamBaseline
+from zo_fx.finetune.config import FinetuneConfig, FinetuneError
+from zo_fx.optim.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+FINAL_CHECKPOINTS_KEPT = 2
+# Settings that change what a run computes; a resumed run must repeat them exactly.
+RESUME_KEYS = ("model", "task", "label_words", "template", "data_dir", "method", "peft", "lr", "eps",
+               "directions", "horizon", "batch_size", "max_length", "seed", "n_train", "n_val", "n_test",
+               "dtype", "weight_decay", "lr_schedule")
+_RUN_FILES = ("metrics.json", "trajectory.json", "model.safetensors", "curves.png", "LATEST")
+
+
+def prepare_output_dir(cfg: FinetuneConfig) -> tuple[Path, list[Path]]:
+    """The run folder, and the files of an earlier run in it that ``overwrite`` will replace.
+
+    Nothing is deleted here: the job removes them only once the new run has been set up without
+    error, so a mistake in the new run's flags cannot cost the old one.
+    """
+    if cfg.output_dir is None:
+        stem = Path(cfg.task).stem if cfg.task.endswith(".jsonl") else cfg.task.lower()
+        return Path("runs") / "finetune" / f"{stem}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}", []
+    out = Path(cfg.output_dir)
+    if cfg.resume:
+        if latest_checkpoint(out) is None:
+            raise FinetuneError(f"--resume: {out} holds no checkpoint (no LATEST pointing at a complete "
+                                "step-* folder); run without --resume to start afresh")
+        return out, []
+    stale = [out / f for f in _RUN_FILES if (out / f).exists()] + sorted(out.glob("step-*"))
+    stale += sorted(out.glob("adam-state-*"))
+    if stale and not cfg.overwrite:
+        names = ", ".join(p.name for p in stale[:4])
+        raise FinetuneError(f"--output-dir {out} already holds a run ({names}); pass --resume to continue "
+                            "it, --overwrite to replace it, or choose another --output-dir")
+    return out, stale
+
+
+def restore_checkpoint(out: Path, cfg: FinetuneConfig, model, optimizer, cursor) -> dict:
+    """Load the newest checkpoint in ``out`` into model, optimizer and data cursor; return the run's state."""
+    extra = json.loads((latest_checkpoint(out) / "extra.json").read_text())
+    saved, now = {"lr_schedule": "constant", **extra.get("settings", {})}, cfg.resolved()
+    decays = cfg.lr_schedule != "constant"
+    keys = RESUME_KEYS + (("steps",) if decays else ())  # a decay spans the planned steps
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}"
+               for k in keys if saved.get(k) != now[k]]
+    if changed:
+        raise FinetuneError(f"--resume: the run in {out} used other settings ({'; '.join(changed)}); resume "
+                            "with the saved settings (see its checkpoint's extra.json) or start a new "
+                            "--output-dir")
+    try:
+        extra = load_checkpoint(out, model, optimizer)
+        cursor.load_state_dict(extra["cursor"])
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        raise FinetuneError(f"--resume: cannot continue the run in {out}: {err}") from None
+    return extra
+
+
+def write_checkpoint(out: Path, model, optimizer, cursor, state: dict) -> None:
+    """Checkpoint weights, optimizer, data position and ``state``; drop Adam moments no checkpoint names."""
+    save_checkpoint(out, model, optimizer, extra={**state, "cursor": cursor.state_dict()},
+                    keep=FINAL_CHECKPOINTS_KEPT)
+    if isinstance(optimizer, AdamBaseline):
+        optimizer.prune({int(p.name[len("step-"):]) for p in out.glob("step-*") if p.name[5:].isdigit()})

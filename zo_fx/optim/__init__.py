@@ -1,0 +1,16 @@
+"""Update rules over a compiled module: one file per method, the registry, trajectories, checkpoints."""
+
+from .adamezo import AdaMeZO, AdaMeZOConfig
+from .base import StepInfo, ZOOptimizer, decays, direction_seed
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import ZOConfig
+from .fzoo import FZOO, FZOOConfig
+from .mezo import MeZO, MeZOConfig
+from .registry import METHODS, Method, build_optimizer, get_method
+from .trajectory import ParamSpec, Trajectory, replay
+
+__all__ = [
+    "METHODS", "FZOO", "AdaMeZO", "AdaMeZOConfig", "FZOOConfig", "MeZO", "MeZOConfig", "Method", "ParamSpec",
+    "StepInfo", "Trajectory", "ZOConfig", "ZOOptimizer", "build_optimizer", "decays", "direction_seed",
+    "get_method", "latest_checkpoint", "load_checkpoint", "replay", "save_checkpoint",
+]

@@ -1,0 +1,210 @@
+"""The machinery every zeroth-order method shares: one step = one grouped pass + one fused update.
+
+Each step is one call of ``ZOModule.group_losses`` (G perturbed copies in one batched
+pass), a few scalars of arithmetic (the method's :meth:`ZOOptimizer.estimate`), and one
+fused update pass per parameter that regenerates every direction from its seed. No
+weight is ever perturbed in place, so a skipped step (non-finite loss or learning rate,
+zero loss spread) leaves the weights bit-identical.
+
+Direction seeds are a pure function of (run seed, step, index), so a run resumed from
+``state_dict()`` draws the same directions as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+import torch
+
+from zo_fx.compile import ZOModule
+from zo_fx.streams.table import GroupTable
+
+from .config import ZOConfig
+from .trajectory import ParamSpec, Trajectory
+
+NO_DECAY_KEYS = ("bias", "norm", "ln_")
+
+
+def direction_seed(seed: int, step: int, index: int) -> int:
+    """Seed of direction ``index`` at ``step``: 63 bits of BLAKE2b(seed, step, index)."""
+    digest = hashlib.blake2b(f"zo_fx:{seed}:{step}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Weight decay applies to weight matrices, not to biases and norms (as the MeZO reference)."""
+    return param.dim() >= 2 and not any(k in name.lower() for k in NO_DECAY_KEYS)
+
+
+@dataclass
+class StepInfo:
+    step: int
+    losses: list[float]
+    seeds: list[int]
+    coefs: list[float]
+    lr: float
+    forward_passes: int
+    sigma: float | None = None
+    skipped: bool = False
+    reason: str | None = None
+    seconds: float = 0.0
+    timing: dict = field(default_factory=dict)
+
+    @property
+    def loss(self) -> float:
+        """The loss of the unperturbed model where the method evaluates it, else the mean of the groups."""
+        return self.losses[0] if self.sigma is not None else sum(self.losses) / len(self.losses)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class ZOOptimizer:
+    """Learning rate and schedule, seeds, skipping, trajectory and state, over a method's config.
+
+    Subclasses set ``method`` and ``Config`` and implement :meth:`table` (the groups a step
+    evaluates) and :meth:`estimate` (the update's seeds and coefficients from their losses).
+    Build one with keyword settings (``FZOO(zm, lr=1e-3, n_directions=8)``) or with a
+    ready config (``FZOO(zm, config=FZOOConfig(lr=1e-3))``).
+    """
+
+    method: ClassVar[str] = "zo"
+    Config: ClassVar[type[ZOConfig]] = ZOConfig
+
+    def __init__(self, zm: ZOModule, lr: float | None = None, *, config: ZOConfig | None = None,
+                 lr_schedule: Callable[[int], float] | None = None, **settings):
+        if config is None:
+            config = self.Config.from_settings(type(self).__name__, lr=lr, **settings)
+        elif lr is not None or settings:
+            raise TypeError(f"{type(self).__name__}: pass either config= or keyword settings, not both")
+        if type(config) is not self.Config:
+            raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}; got {type(config).__name__}")
+        self.config = config
+        self.zm = zm
+        self.lr_schedule = lr_schedule
+        self.step_count = 0
+        self.forward_passes = 0
+        self.skipped_steps = 0
+        self.params = zm.trainable_parameters()
+        # a torch optimizer over one dummy tensor: lets torch LR schedulers and the HF Trainer drive our lr
+        self.torch_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+        self.trajectory = self._new_trajectory()
+
+    # ---- settings (read from the config, the one place they live) -----------------------------------------
+    lr = property(lambda self: self.config.lr, doc="the base learning rate (a schedule may change the current one)")
+    eps = property(lambda self: self.config.eps)
+    kind = property(lambda self: self.config.kind)
+    seed = property(lambda self: self.config.seed)
+    weight_decay = property(lambda self: self.config.weight_decay)
+
+    def _new_trajectory(self) -> Trajectory:
+        specs = [ParamSpec(n, self.zm.pids[n], decays(n, p)) for n, p in self.params.items()]
+        return Trajectory(method=self.method, kind=self.kind, weight_decay=self.weight_decay, params=specs)
+
+    # ---- learning rate ----------------------------------------------------------------------------------
+    def current_lr(self) -> float:
+        if self.lr_schedule is None:
+            return float(self.torch_optimizer.param_groups[0]["lr"])
+        if isinstance(self.lr_schedule, torch.optim.lr_scheduler.LRScheduler):
+            return float(self.lr_schedule.get_last_lr()[0])
+        return float(self.lr_schedule(self.step_count))
+
+    # ---- the step -----------------------------------------------------------------------------------------
+    def table(self) -> GroupTable:
+        raise NotImplementedError
+
+    def estimate(self, means: list[float]) -> tuple[list[int], list[float], float | None, str | None]:
+        """(seeds, coefs, sigma, skip reason) of this step's update from the group mean losses."""
+        raise NotImplementedError
+
+    def _record(self, seeds, coefs, lr) -> dict:
+        return {"step": self.step_count, "seeds": seeds, "coefs": coefs, "lr": lr, "mode": "linear"}
+
+    @staticmethod
+    def _lr_problem(lr: float) -> str | None:
+        if not math.isfinite(lr) or lr < 0:
+            return f"the learning rate of this step is {lr} (from the schedule): step skipped, weights untouched"
+        return None
+
+    @torch.no_grad()
+    def step(self, batch: dict) -> StepInfo:
+        t0 = time.perf_counter()
+        table = self.table()
+        losses = self.zm.group_losses(batch, table)
+        t1 = time.perf_counter()
+        self.forward_passes += table.groups
+        means = [float(v) for v in losses.double().mean(1).tolist()]
+        lr = self.current_lr()
+        seeds, coefs, sigma, reason = [], [], None, None
+        if not all(math.isfinite(v) for v in means):
+            bad = [i for i, v in enumerate(means) if not math.isfinite(v)]
+            reason = f"non-finite loss in group(s) {bad}: step skipped, weights untouched"
+        else:
+            seeds, coefs, sigma, reason = self.estimate(means)
+            reason = reason or self._lr_problem(lr)
+        info = StepInfo(self.step_count, means, seeds, coefs, lr, self.forward_passes, sigma)
+        if reason is not None:
+            info.skipped, info.reason = True, reason
+            self.skipped_steps += 1
+        else:
+            self.trajectory.records.append(self._record(seeds, coefs, lr))
+            self.trajectory.apply(self.params, len(self.trajectory.records) - 1, impl=self.zm.impl)
+        t2 = time.perf_counter()
+        info.timing = {"forward_s": t1 - t0, "update_s": t2 - t1}
+        info.seconds = t2 - t0
+        self.step_count += 1
+        if isinstance(self.lr_schedule, torch.optim.lr_scheduler.LRScheduler):
+            self.torch_optimizer.step()  # a no-op (its one tensor has no gradient), in the order schedulers expect
+            self.lr_schedule.step()
+        return info
+
+    # ---- state ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {
+            "method": self.method, "config": self.config.to_dict(), "step_count": self.step_count,
+            "forward_passes": self.forward_passes, "skipped_steps": self.skipped_steps,
+            "torch_optimizer": self.torch_optimizer.state_dict(), "trajectory": self.trajectory.to_dict(),
+        }
+        if isinstance(self.lr_schedule, torch.optim.lr_scheduler.LRScheduler):
+            state["lr_schedule"] = self.lr_schedule.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue a saved run; refuses a state whose method or any setting differs from this optimizer's."""
+        if state.get("method") != self.method:
+            raise ValueError(f"state was saved by {state.get('method')!r}, not {self.method!r}")
+        saved = state.get("config")
+        if saved is None:  # states written before settings lived in a config
+            saved = {k: state[k] for k in ("seed", "eps", "kind", "weight_decay") if k in state}
+            diffs = [d for d in self.config.differences(saved) if d.split(":")[0] in saved]
+        else:
+            diffs = self.config.differences(saved)
+        if diffs:
+            raise ValueError(
+                f"the saved {self.method} state has other settings than this optimizer ({'; '.join(diffs)}); "
+                "build the optimizer with the saved settings to resume"
+            )
+        trajectory = Trajectory.from_dict(state["trajectory"])
+        self.check_trajectory(trajectory)
+        self.step_count = state["step_count"]
+        self.forward_passes = state["forward_passes"]
+        self.skipped_steps = state["skipped_steps"]
+        self.torch_optimizer.load_state_dict(state["torch_optimizer"])
+        self.trajectory = trajectory
+        if "lr_schedule" in state and isinstance(self.lr_schedule, torch.optim.lr_scheduler.LRScheduler):
+            self.lr_schedule.load_state_dict(state["lr_schedule"])
+
+    def check_trajectory(self, trajectory: Trajectory) -> None:
+        """Refuse a saved trajectory whose constants or parameters are not this optimizer's."""
+        fresh = self._new_trajectory()
+        mine, theirs = fresh.constants(), trajectory.constants()
+        diffs = [f"{k}: saved {theirs.get(k)!r}, here {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+        if [p.name for p in trajectory.params] != [p.name for p in fresh.params]:
+            diffs.append("the trainable parameters differ")
+        if diffs:
+            raise ValueError(f"the saved trajectory does not belong to this optimizer ({'; '.join(diffs)})")

@@ -1,0 +1,104 @@
+"""Validated optimizer settings: every number checked where it enters, or a clear error.
+
+A config is a frozen dataclass: the one place an optimizer's settings live (its
+trajectory copies them for replay), serialisable with :meth:`ZOConfig.to_dict` and
+compared field by field when a run resumes (:meth:`ZOConfig.differences`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+
+from zo_fx.streams.layout import KINDS, RADEMACHER
+
+#: direction seeds derive from the optimizer seed; it is hashed, so any non-negative 63-bit int works
+MAX_RUN_SEED = 2**63 - 1
+
+
+def check_real(value, name: str, *, low: float | None = None, high: float | None = None,
+               low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` as a finite float in the given range, or an error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {value!r} ({type(value).__name__})")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"{name} must be finite; got {out}")
+    if low is not None and (out < low or (low_open and out == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}; got {out}")
+    if high is not None and (out > high or (high_open and out == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}; got {out}")
+    return out
+
+
+def check_int(value, name: str, *, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as an int in the given range; floats (even 2.0) and bools are refused, never rounded."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer; got {value!r} ({type(value).__name__})")
+    out = int(value)
+    if (low is not None and out < low) or (high is not None and out > high):
+        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise ValueError(f"{name} must be an integer in {bounds}; got {out}")
+    return out
+
+
+@dataclass(frozen=True)
+class ZOConfig:
+    """Settings every zeroth-order method shares.
+
+    Attributes:
+        lr: learning rate, finite and >= 0 (0 evaluates without moving the weights).
+        eps: perturbation scale, finite and > 0.
+        weight_decay: decoupled weight decay, finite and >= 0 (never on biases and norms).
+        kind: direction distribution, "rademacher" or "gaussian".
+        seed: run seed (non-negative integer): direction seeds are a hash of (seed, step, index).
+    """
+
+    lr: float
+    eps: float = 1e-3
+    weight_decay: float = 0.0
+    kind: str = RADEMACHER
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._set("lr", check_real(self.lr, "lr", low=0.0))
+        self._set("eps", check_real(self.eps, "eps", low=0.0, low_open=True))
+        self._set("weight_decay", check_real(self.weight_decay, "weight_decay", low=0.0))
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}; got {self.kind!r}")
+        self._set("seed", check_int(self.seed, "seed", low=0, high=MAX_RUN_SEED))
+
+    def _set(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+
+    def to_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ZOConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no settings {unknown}; it has {sorted(names)}")
+        return cls(**data)
+
+    @classmethod
+    def from_settings(cls, owner: str, **settings) -> ZOConfig:
+        """Build from keyword settings, naming the valid ones when one is unknown."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(k for k in settings if k not in names)
+        if unknown:
+            raise TypeError(f"{owner} has no setting {', '.join(map(repr, unknown))}; its settings are {names}")
+        if settings.get("lr") is None:
+            raise TypeError(f"{owner} needs a learning rate: pass lr=...")
+        return cls(**settings)
+
+    def differences(self, saved: dict) -> list[str]:
+        """Human-readable ``name: saved -> here`` for every setting that differs from ``saved``."""
+        mine = self.to_dict()
+        keys = sorted(set(mine) | set(saved))
+        return [f"{k}: saved {saved.get(k, '<absent>')!r}, here {mine.get(k, '<absent>')!r}"
+                for k in keys if saved.get(k, "<absent>") != mine.get(k, "<absent>")]

@@ -1,0 +1,28 @@
+"""Direction streams: Philox4x32-10, the frozen direction layout, stable ids and the group table.
+
+The bottom layer of zo_fx: it imports nothing else from the package. Every random value
+any other part uses is defined here (``docs/directions.md`` freezes the layout).
+"""
+
+from .ids import ParamIdCollisionError, assign_param_ids, stable_param_id
+from .layout import (
+    GAUSSIAN,
+    KINDS,
+    MAX_SEED,
+    RADEMACHER,
+    check_kind,
+    check_seed,
+    direction,
+    gaussian,
+    rademacher,
+    sample,
+    sample_at,
+)
+from .philox import philox4x32_10
+from .table import GroupTable, finite_float
+
+__all__ = [
+    "GAUSSIAN", "KINDS", "MAX_SEED", "RADEMACHER", "GroupTable", "ParamIdCollisionError",
+    "assign_param_ids", "check_kind", "check_seed", "direction", "finite_float", "gaussian",
+    "philox4x32_10", "rademacher", "sample", "sample_at", "stable_param_id",
+]

@@ -1,0 +1,217 @@
+"""Direction streams: element k of parameter ``pid`` in direction ``seed``, random access.
+
+This module is the contract every other part of zo_fx shares (the graph ops, the
+fused update, the Triton kernels, saved trajectories). Its bit layout is written down
+in ``docs/directions.md`` and is frozen:
+
+* Philox4x32-10 key    = (seed mod 2**32, pid)
+* Philox4x32-10 counter = (block mod 2**32, block div 2**32, seed div 2**32, stream)
+  with ``stream`` 0 for Rademacher signs and 1 for Gaussian values.
+* Rademacher: element k lives in block k // 128; inside the block it is bit (k % 32)
+  of output word (k % 128) // 32. Bit 0 gives +1, bit 1 gives -1.
+* Gaussian: element k lives in block k // 4; words (0, 1) feed elements 4b, 4b+1 and
+  words (2, 3) feed 4b+2, 4b+3 through Box-Muller in float32:
+  u1 = ((w_even >> 8) + 1) * 2**-24 in (0, 1],  u2 = (w_odd >> 8) * 2**-24 in [0, 1),
+  r = sqrt(-2 ln u1), element 4b+2j = r cos(2 pi u2), element 4b+2j+1 = r sin(2 pi u2).
+
+A value never depends on the dtype asked for (values are made in float32 and then
+cast), the device, the chunking, or on which other parameters exist.
+
+Everything that turns (seed, pid, block) into values lives here exactly once: the key
+packing (:func:`seed_words`, :func:`key_tensors`), the Philox call on block counters
+(:func:`philox_block_words`), the sign expansion (:func:`signs_from_words`) and
+Box-Muller (:func:`box_muller_uniforms`, :func:`normals_from_words`). The chunked
+generators in :mod:`zo_fx.kernels` and the Triton kernels' key tensors are built on them.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .philox import MASK32, philox_words
+
+RADEMACHER = "rademacher"
+GAUSSIAN = "gaussian"
+KINDS = (RADEMACHER, GAUSSIAN)
+STREAM_TAG = {RADEMACHER: 0, GAUSSIAN: 1}
+ELEMENTS_PER_BLOCK = {RADEMACHER: 128, GAUSSIAN: 4}
+TWO_PI_F32 = torch.tensor(2 * math.pi, dtype=torch.float32).item()
+INV_2_24 = 2.0**-24
+MAX_SEED = 2**64 - 1
+
+
+# ---- checked inputs ---------------------------------------------------------------------------------
+
+
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"unknown direction kind {kind!r}; use one of {KINDS}")
+    return kind
+
+
+def check_seed(seed) -> int:
+    """A seed as a Python int in ``[0, 2**64)``; floats, bools and strings are refused, never rounded."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        if isinstance(seed, torch.Tensor) and seed.numel() == 1 and not seed.is_floating_point():
+            seed = seed.item()
+        else:
+            raise TypeError(f"a direction seed must be an integer; got {seed!r} ({type(seed).__name__})")
+    seed = int(seed)
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"a direction seed must be an integer in [0, 2**64); got {seed}")
+    return seed
+
+
+def check_pid(pid) -> int:
+    pid = int(pid)
+    if not 0 <= pid <= MASK32:
+        raise ValueError(f"a parameter stream id must be in [0, 2**32); got {pid}")
+    return pid
+
+
+def per_block(kind: str) -> int:
+    """Elements one Philox call gives: 128 signs or 4 normals."""
+    return ELEMENTS_PER_BLOCK[check_kind(kind)]
+
+
+# ---- key packing ------------------------------------------------------------------------------------
+
+
+def seed_words(seed) -> tuple[int, int]:
+    """(seed mod 2**32, seed div 2**32): key word 0 and counter word 2 of every Philox call."""
+    seed = check_seed(seed)
+    return seed & MASK32, seed >> 32
+
+
+def key_tensors(seeds, pid, kind: str, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int64 tensors (seed lo words [G], seed hi words [G], pid [], stream tag []) for G seeds.
+
+    Tensor-valued keys let one compiled generator serve every seed and parameter.
+    """
+    words = [seed_words(s) for s in seeds]
+    lo = torch.tensor([w[0] for w in words], dtype=torch.int64, device=device)
+    hi = torch.tensor([w[1] for w in words], dtype=torch.int64, device=device)
+    pid_t = torch.tensor(check_pid(pid), dtype=torch.int64, device=device)
+    tag = torch.tensor(STREAM_TAG[check_kind(kind)], dtype=torch.int64, device=device)
+    return lo, hi, pid_t, tag
+
+
+# ---- from counters to values --------------------------------------------------------------------------
+
+
+def philox_block_words(blocks, seed_lo, seed_hi, pid, tag) -> tuple[torch.Tensor, ...]:
+    """The four output words of Philox on the given block counters (all inputs broadcast)."""
+    return torch.broadcast_tensors(*philox_words(blocks & MASK32, blocks >> 32, seed_hi, tag, seed_lo, pid))
+
+
+def signs_from_words(words: torch.Tensor) -> torch.Tensor:
+    """[..., 4] words -> [..., 128] int32 signs in element order (word-major, bit 0 first)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+    bits = (words.to(torch.int32).unsqueeze(-1) >> shifts) & 1
+    return (1 - 2 * bits).flatten(-2)
+
+
+def sign_at(words: torch.Tensor, lane: torch.Tensor) -> torch.Tensor:
+    """The sign of lane ``lane`` (0..127) of a block whose words are ``words`` ([..., 4])."""
+    word = torch.gather(words, -1, (lane // 32).unsqueeze(-1)).squeeze(-1)
+    return 1 - 2 * ((word >> (lane % 32)) & 1)
+
+
+def box_muller_uniforms(w_even: torch.Tensor, w_odd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 Box-Muller inputs: u1 in (0, 1] from the even word, u2 in [0, 1) from the odd one."""
+    u1 = ((w_even >> 8) + 1).to(torch.float32) * INV_2_24
+    u2 = (w_odd >> 8).to(torch.float32) * INV_2_24
+    return u1, u2
+
+
+def normals_from_words(words: torch.Tensor) -> torch.Tensor:
+    """[..., 4] words -> [..., 4] float32 normals: pair q of words gives (r cos, r sin)."""
+    u1, u2 = box_muller_uniforms(words[..., 0::2], words[..., 1::2])  # [..., 2]: pair q
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    theta = u2 * TWO_PI_F32
+    return torch.stack((r * torch.cos(theta), r * torch.sin(theta)), dim=-1).flatten(-2)
+
+
+def block_values(kind: str, blocks, seed_lo, seed_hi, pid, tag) -> torch.Tensor:
+    """Values of whole blocks, shape ``[*broadcast dims, per_block(kind)]`` (int32 signs or float32 normals)."""
+    words = torch.stack(philox_block_words(blocks, seed_lo, seed_hi, pid, tag), dim=-1)
+    return signs_from_words(words) if kind == RADEMACHER else normals_from_words(words)
+
+
+# ---- random access by (seed, pid, element range) ---------------------------------------------------------
+
+
+def block_words(seed: int, pid: int, blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """The four Philox output words (int64 [n, 4]) of the given blocks of a stream."""
+    lo, hi, pid_t, tag = key_tensors([seed], pid, kind, blocks.device)
+    return torch.stack(philox_block_words(blocks, lo[0], hi[0], pid_t, tag), dim=-1)
+
+
+def _check_range(start: int, count: int) -> None:
+    if start < 0 or count < 0:
+        raise ValueError(f"element range must be non-negative; got start={start}, count={count}")
+
+
+def _range_words(seed, pid, start: int, count: int, kind: str, device) -> tuple[torch.Tensor, int]:
+    """Words of the blocks covering ``[start, start + count)`` and the offset of ``start`` in the first one."""
+    n = per_block(kind)
+    first, last = start // n, (start + count - 1) // n
+    blocks = torch.arange(first, last + 1, dtype=torch.int64, device=device)
+    return block_words(seed, pid, blocks, kind), start - first * n
+
+
+def sample(seed, pid, start, count, kind, *, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Elements ``[start, start + count)`` of the ``kind`` stream of (seed, pid)."""
+    kind = check_kind(kind)
+    _check_range(start, count)
+    if count == 0:
+        return torch.empty(0, dtype=dtype, device=device)
+    words, skip = _range_words(seed, pid, start, count, kind, device)
+    values = signs_from_words(words) if kind == RADEMACHER else normals_from_words(words)
+    return values.reshape(-1)[skip : skip + count].to(dtype)
+
+
+def rademacher(seed, pid, start, count, *, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Signs (+1/-1) of elements ``[start, start + count)`` of a Rademacher stream."""
+    return sample(seed, pid, start, count, RADEMACHER, dtype=dtype, device=device)
+
+
+def gaussian(seed, pid, start, count, *, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Standard normal values of elements ``[start, start + count)`` of a Gaussian stream."""
+    return sample(seed, pid, start, count, GAUSSIAN, dtype=dtype, device=device)
+
+
+def gaussian_uniforms(seed, pid, start, count, *, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 Box-Muller inputs (u1, u2) behind elements ``[start, start + count)``."""
+    _check_range(start, count)
+    words, skip = _range_words(seed, pid, start, count, GAUSSIAN, device)
+    u1, u2 = box_muller_uniforms(words[:, 0::2], words[:, 1::2])
+    # element 4b + 2j + s uses pair j of block b, whatever s is
+    u1 = u1.repeat_interleave(2, dim=1).reshape(-1)[skip : skip + count]
+    u2 = u2.repeat_interleave(2, dim=1).reshape(-1)[skip : skip + count]
+    return u1, u2
+
+
+def sample_at(seed, pid, index: torch.Tensor, kind, *, dtype=torch.float32) -> torch.Tensor:
+    """Elements at arbitrary flat indices (any shape, int64); only their blocks are generated."""
+    n = per_block(kind)
+    index = index.to(torch.int64)
+    flat = index.reshape(-1)
+    if flat.numel() == 0:
+        return torch.empty(index.shape, dtype=dtype, device=index.device)
+    blocks, inverse = torch.unique(flat // n, return_inverse=True)
+    words = block_words(seed, pid, blocks, kind)
+    if kind == RADEMACHER:
+        out = sign_at(words[inverse], flat % 128).to(dtype)
+    else:
+        out = normals_from_words(words)[inverse, flat % 4].to(dtype)
+    return out.view(index.shape)
+
+
+def direction(seed, pid, shape, kind, *, dtype=torch.float32, device=None) -> torch.Tensor:
+    """A whole parameter's direction, shaped like the parameter (row-major element order)."""
+    shape = torch.Size(shape)
+    return sample(seed, pid, 0, shape.numel(), kind, dtype=dtype, device=device).view(shape)
