@@ -141,15 +141,10 @@ def _zo_fx_api() -> dict[str, Callable]:
     try:
         import zo_fx
 
-        return {
-            "zo_compile": zo_fx.zo_compile,
-            "FZOO": zo_fx.FZOO,
-            "MeZO": zo_fx.MeZO,
-            "AdaMeZO": zo_fx.AdaMeZO,
-        }
+        return {"zo_compile": zo_fx.zo_compile, "build_optimizer": zo_fx.build_optimizer}
     except (ImportError, AttributeError) as e:
         raise RuntimeError(
-            "the zo_fx methods need zo_fx.zo_compile, FZOO, MeZO and AdaMeZO, and importing them failed "
+            "the zo_fx methods need zo_fx.zo_compile and zo_fx.build_optimizer, and importing them failed "
             f"({e}). Fix zo_fx, or run the baselines only: --methods reference_fzoo,reference_mezo,adam,floor"
         ) from e
 
@@ -171,12 +166,10 @@ def _build_step(
         t = time.perf_counter()
         zm = api["zo_compile"](model, batch)
         compile_s = time.perf_counter() - t
-        if name == "zo_fx_fzoo":
-            opt = api["FZOO"](zm, lr=lr, eps=eps, n_directions=n, seed=0)
-        elif name == "zo_fx_mezo":
-            opt = api["MeZO"](zm, lr=lr, eps=eps, kind="gaussian", seed=0)
-        else:
-            opt = api["AdaMeZO"](zm, lr=lr, eps=eps, horizon=args.adamezo_horizon, seed=0)
+        method = name.removeprefix("zo_fx_")
+        extra = {"fzoo": {"n_directions": n}, "mezo": {"kind": "gaussian"},
+                 "adamezo": {"horizon": args.adamezo_horizon}}[method]
+        opt = api["build_optimizer"](method, zm, lr=lr, eps=eps, seed=0, **extra)
         extra_warmup = args.adamezo_horizon if name == "zo_fx_adamezo" else 0
         return (lambda: opt.step(batch)), {"compile_s": compile_s, "extra_warmup": extra_warmup}
     facts = {"compile_s": None, "extra_warmup": 0}
