@@ -195,13 +195,21 @@ class _Rewriter:
             self._param_use(node, params)
             return
         layouts = {self.layout.get(a, INV) for a in node.all_input_nodes}
-        if PG in layouts:
+        if PG in layouts or (GRP in layouts and self._indexes_by_example(node)):
             self._map_groups(node, rule=None)
         elif GRP in layouts:
             self._grouped_copy(node)
         else:
             self.new[node] = self.g.node_copy(node, lambda a: self.new[a])
             self.layout[node] = INV
+
+    def _indexes_by_example(self, node: Node) -> bool:
+        """An advanced index whose index tensors carry the batch (``h[arange(B), last]``): its index
+        values count examples, so on the repeated batch they would pick group 0's rows for every
+        group. It runs once per group instead, which is exact."""
+        if node.target != aten.index.Tensor:
+            return False
+        return any(isinstance(i, Node) and self.batch_dim(i) is not None for i in node.args[1])
 
     def _grouped_copy(self, node: Node):
         val = node.meta.get("val")
