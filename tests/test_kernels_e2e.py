@@ -8,6 +8,7 @@ import copy  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from close import assert_close  # noqa: E402
 from model_zoo import causal_batch, tiny_gpt2, tiny_llama  # noqa: E402
 
 import zo_fx  # noqa: E402
@@ -46,7 +47,7 @@ def test_triton_impl_gives_the_torch_group_losses(make_model, monkeypatch):
     calls = _used_kernel(monkeypatch)
     triton_losses = zo_fx.zo_compile(model, batch, impl="triton").group_losses(batch, table)
     assert "grouped_linear" in calls
-    torch.testing.assert_close(triton_losses, torch_losses, rtol=1e-5, atol=1e-5)
+    assert_close(triton_losses, torch_losses, rtol=1e-5, atol=1e-5, what="group losses, Triton vs torch")
 
 
 def test_fzoo_steps_through_the_kernels_match_the_torch_path():
@@ -61,4 +62,4 @@ def test_fzoo_steps_through_the_kernels_match_the_torch_path():
     for (n, a), b in zip(results["torch"].named_parameters(), results["triton"].parameters()):
         # the updates are identical code on CPU; the forward may differ by float32 rounding, which
         # moves the coefficients by ~1e-5 relative: the weights agree to lr * that
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+        assert_close(b, a, rtol=1e-5, atol=1e-6, what=f"{n} after 2 FZOO steps, Triton vs torch")

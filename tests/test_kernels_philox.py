@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from close import assert_close, assert_equal
 from triton_interpreter import device_for_kernels  # noqa: E402 (before zo_fx.kernels is imported)
 
 DEVICE = device_for_kernels()
@@ -54,23 +55,24 @@ def test_philox_equals_torch_on_random_words_and_broadcasts_the_key():
     g = torch.Generator().manual_seed(1)
     counters = torch.randint(0, 2**32, (300, 4), generator=g, dtype=torch.int64).to(DEVICE)
     keys = torch.randint(0, 2**32, (300, 2), generator=g, dtype=torch.int64).to(DEVICE)
-    assert torch.equal(TP.triton_philox4x32_10(counters, keys), philox4x32_10(counters, keys))
-    assert torch.equal(TP.triton_philox4x32_10(counters, keys[0]), philox4x32_10(counters, keys[0]))
+    assert_equal(TP.triton_philox4x32_10(counters, keys), philox4x32_10(counters, keys), what="one key per counter")
+    assert_equal(TP.triton_philox4x32_10(counters, keys[0]), philox4x32_10(counters, keys[0]), what="one key for all")
 
 
 @pytest.mark.parametrize("seed, pid, start, count", _streams(random.Random(2), 6))
 def test_rademacher_signs_are_identical(seed, pid, start, count):
     ours = TP.triton_rademacher(seed, pid, start, count, device=DEVICE)
-    assert torch.equal(ours, D.rademacher(seed, pid, start, count, device=DEVICE))
+    assert_equal(ours, D.rademacher(seed, pid, start, count, device=DEVICE))
 
 
 @pytest.mark.parametrize("seed, pid, start, count", _streams(random.Random(3), 6))
 def test_gaussian_uniforms_are_identical_and_values_agree_to_a_few_ulps(seed, pid, start, count):
     u1, u2 = TP.triton_gaussian_uniforms(seed, pid, start, count, device=DEVICE)
     r1, r2 = D.gaussian_uniforms(seed, pid, start, count, device=DEVICE)
-    assert torch.equal(u1, r1) and torch.equal(u2, r2)
+    assert_equal(u1, r1, what="u1")
+    assert_equal(u2, r2, what="u2")
     values = TP.triton_gaussian(seed, pid, start, count, device=DEVICE)
-    torch.testing.assert_close(values, D.gaussian(seed, pid, start, count, device=DEVICE), **GAUSSIAN_ULPS)
+    assert_close(values, D.gaussian(seed, pid, start, count, device=DEVICE), **GAUSSIAN_ULPS, what="normals")
 
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
@@ -82,9 +84,9 @@ def test_tile_path_gives_the_stream_at_each_row(kind):
     tile = TP.triton_direction_rows(seed, pid, starts, 64, kind, device=DEVICE)
     expected = torch.stack([D.sample(seed, pid, s, 64, kind, device=DEVICE) for s in starts])
     if kind == "rademacher":
-        assert torch.equal(tile, expected)
+        assert_equal(tile, expected, what=f"rows starting at {starts}")
     else:
-        torch.testing.assert_close(tile, expected, **GAUSSIAN_ULPS)
+        assert_close(tile, expected, **GAUSSIAN_ULPS, what=f"rows starting at {starts}")
 
 
 def test_tile_path_refuses_unaligned_rows():
