@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 from . import kernels
 from .kernels.dispatch import pick
 from .kernels.linear import perturbed_linear
-from .kernels.perturb import perturbed, perturbed_groups
+from .kernels.perturb import perturbed_groups, perturbed_or_base
 from .streams.layout import sample_at
 from .streams.table import seeds_from_tensor
 
@@ -51,12 +51,6 @@ def _is_per_group(x) -> bool:
 def _table(seeds: torch.Tensor, scales: torch.Tensor) -> tuple[list[int], list[float]]:
     # seeds travel as int64 (two's complement of the uint64 seed)
     return seeds_from_tensor(seeds), [float(s) for s in scales.tolist()]
-
-
-def _weight(param: torch.Tensor, pid: int | None, seed: int, scale: float, kind: str) -> torch.Tensor:
-    if pid is None or param is None or scale == 0.0:
-        return param
-    return perturbed(param, seed, pid, scale, kind)
 
 
 def _kernel(impl: str, name: str, *tensors):
@@ -147,7 +141,7 @@ def head_readout(x_rows: torch.Tensor, weight, bias, w_pid, b_pid, seed: int, sc
         rows = (rows.to(acc) + scale * sample_at(seed, w_pid, index, kind, dtype=acc)).to(weight.dtype)
     logits = x_rows @ rows.t()
     if bias is not None:
-        logits = logits + _weight(bias, b_pid, seed, scale, kind)[token_ids]
+        logits = logits + perturbed_or_base(bias, seed, b_pid, scale, kind)[token_ids]
     return logits
 
 

@@ -44,7 +44,7 @@ from zo_fx.streams.layout import check_kind
 
 from ._support import interpreting, key_words, tl, triton
 from .dispatch import pick
-from .perturb import perturbed
+from .perturb import perturbed_or_base
 from .tiles import KIND_CODE, alignment, direction_at, direction_tile, load_key, round_to
 
 #: "out_in": [N, K] (nn.Linear); "in_out": [K, N] (GPT-2 Conv1D, addmm, mm)
@@ -75,8 +75,8 @@ def perturbed_linear(
     dtype) and drops it on return, so at most one is alive. A None pid or a zero scale
     leaves that tensor unperturbed. ``out`` (``[rows, N]``) receives the 2-D product.
     """
-    w = weight if w_pid is None or scale == 0.0 else perturbed(weight, seed, w_pid, scale, kind)
-    b = bias if bias is None or b_pid is None or scale == 0.0 else perturbed(bias, seed, b_pid, scale, kind)
+    w = perturbed_or_base(weight, seed, w_pid, scale, kind)
+    b = perturbed_or_base(bias, seed, b_pid, scale, kind)
     w_t = w.t() if weight_layout == "out_in" else w
     rows = x.reshape(-1, x.shape[-1])
     y = torch.mm(rows, w_t, out=out) if b is None else torch.addmm(b, rows, w_t, out=out)

@@ -49,6 +49,14 @@ def perturbed(base: torch.Tensor, seed: int, pid: int, scale: float, kind: str, 
     return out.view(base.shape)
 
 
+def perturbed_or_base(base: torch.Tensor | None, seed: int, pid: int | None, scale: float, kind: str):
+    """:func:`perturbed`, or ``base`` itself when there is nothing to perturb (no tensor, a frozen
+    tensor: ``pid`` None, or a zero scale)."""
+    if base is None or pid is None or scale == 0.0:
+        return base
+    return perturbed(base, seed, pid, scale, kind)
+
+
 def perturbed_groups(base: torch.Tensor, seeds, pid: int, scales, kind: str) -> list[torch.Tensor]:
     """``[base + scales[g] * u(seeds[g], pid) for g]``: the per-group copies of a parameter.
 
@@ -69,4 +77,4 @@ def perturbed_groups(base: torch.Tensor, seeds, pid: int, scales, kind: str) -> 
     return [base if s == 0.0 else out[g].view(base.shape) for g, s in enumerate(scales)]
 
 
-__all__ = ["SMALL_NUMEL", "perturbed", "perturbed_groups"]
+__all__ = ["SMALL_NUMEL", "perturbed", "perturbed_groups", "perturbed_or_base"]

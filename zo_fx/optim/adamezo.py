@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import check_int, check_real
+from zo_fx.checks import check_int, check_real
+
 from .mezo import MeZO, MeZOConfig
 from .trajectory import Trajectory
 

@@ -181,7 +181,7 @@ class ZOOptimizer:
         saved = state.get("config")
         if saved is None:  # states written before settings lived in a config
             saved = {k: state[k] for k in ("seed", "eps", "kind", "weight_decay") if k in state}
-            diffs = [d for d in self.config.differences(saved) if d.split(":")[0] in saved]
+            diffs = self.config.differences(saved, keys=saved)
         else:
             diffs = self.config.differences(saved)
         if diffs:

@@ -8,40 +8,13 @@ compared field by field when a run resumes (:meth:`ZOConfig.differences`).
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from dataclasses import dataclass
 
+from zo_fx.checks import check_int, check_real
 from zo_fx.streams.layout import KINDS, RADEMACHER
 
 #: direction seeds derive from the optimizer seed; it is hashed, so any non-negative 63-bit int works
 MAX_RUN_SEED = 2**63 - 1
-
-
-def check_real(value, name: str, *, low: float | None = None, high: float | None = None,
-               low_open: bool = False, high_open: bool = False) -> float:
-    """``value`` as a finite float in the given range, or an error naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number; got {value!r} ({type(value).__name__})")
-    out = float(value)
-    if not math.isfinite(out):
-        raise ValueError(f"{name} must be finite; got {out}")
-    if low is not None and (out < low or (low_open and out == low)):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}; got {out}")
-    if high is not None and (out > high or (high_open and out == high)):
-        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}; got {out}")
-    return out
-
-
-def check_int(value, name: str, *, low: int | None = None, high: int | None = None) -> int:
-    """``value`` as an int in the given range; floats (even 2.0) and bools are refused, never rounded."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer; got {value!r} ({type(value).__name__})")
-    out = int(value)
-    if (low is not None and out < low) or (high is not None and out > high):
-        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-        raise ValueError(f"{name} must be an integer in {bounds}; got {out}")
-    return out
 
 
 @dataclass(frozen=True)
@@ -96,9 +69,10 @@ class ZOConfig:
             raise TypeError(f"{owner} needs a learning rate: pass lr=...")
         return cls(**settings)
 
-    def differences(self, saved: dict) -> list[str]:
-        """Human-readable ``name: saved -> here`` for every setting that differs from ``saved``."""
+    def differences(self, saved: dict, keys=None) -> list[str]:
+        """Human-readable ``name: saved -> here`` for every setting that differs from ``saved``
+        (only ``keys``, when given)."""
         mine = self.to_dict()
-        keys = sorted(set(mine) | set(saved))
+        keys = sorted(set(mine) | set(saved) if keys is None else keys)
         return [f"{k}: saved {saved.get(k, '<absent>')!r}, here {mine.get(k, '<absent>')!r}"
                 for k in keys if saved.get(k, "<absent>") != mine.get(k, "<absent>")]

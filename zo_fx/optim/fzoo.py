@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from zo_fx.checks import check_int
 from zo_fx.streams.table import GroupTable
 
 from .base import ZOOptimizer, direction_seed
-from .config import ZOConfig, check_int
+from .config import ZOConfig
 
 
 @dataclass(frozen=True)

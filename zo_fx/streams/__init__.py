@@ -19,10 +19,10 @@ from .layout import (
     sample_at,
 )
 from .philox import philox4x32_10
-from .table import GroupTable, finite_float
+from .table import GroupTable
 
 __all__ = [
     "GAUSSIAN", "KINDS", "MAX_SEED", "RADEMACHER", "GroupTable", "ParamIdCollisionError",
-    "assign_param_ids", "check_kind", "check_seed", "direction", "finite_float", "gaussian",
+    "assign_param_ids", "check_kind", "check_seed", "direction", "gaussian",
     "philox4x32_10", "rademacher", "sample", "sample_at", "stable_param_id",
 ]

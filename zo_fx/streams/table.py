@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from zo_fx.checks import check_real
+
 from .layout import MAX_SEED, RADEMACHER, check_kind, check_seed
-
-
-def finite_float(value, what: str) -> float:
-    """``value`` as a float, or a ValueError naming ``what`` when it is not a finite real number."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
-        raise TypeError(f"{what} must be a real number; got {value!r} ({type(value).__name__})")
-    out = float(value)
-    if not math.isfinite(out):
-        raise ValueError(f"{what} must be finite; got {out}")
-    return out
 
 
 @dataclass(frozen=True)
@@ -38,14 +28,12 @@ class GroupTable:
 
     def __init__(self, seeds: Sequence[int], coefs: Sequence[float], eps: float, kind: str = RADEMACHER):
         seeds = tuple(check_seed(s) for s in seeds)
-        coefs = tuple(finite_float(c, f"coefficient {i}") for i, c in enumerate(coefs))
+        coefs = tuple(check_real(c, f"coefficient {i}", allow_tensor=True) for i, c in enumerate(coefs))
         if len(seeds) != len(coefs) or not seeds:
             raise ValueError(
                 f"a group table needs as many seeds as coefficients (>= 1); got {len(seeds)} and {len(coefs)}"
             )
-        eps = finite_float(eps, "eps")
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0; got {eps}")
+        eps = check_real(eps, "eps", low=0.0, allow_tensor=True)
         object.__setattr__(self, "seeds", seeds)
         object.__setattr__(self, "coefs", coefs)
         object.__setattr__(self, "eps", eps)
