@@ -255,8 +255,9 @@ def test_model_that_cannot_be_exported_gives_the_documented_error():
 # the torch functions that make direction values during group_losses: (module, name) -> what they generate.
 # A wrapper around each tells the dispatch mode below which allocations are direction scratch.
 _GENERATORS = {
-    ("zo_fx.kernels.linear", "perturbed"): "perturbed",  # a perturbed weight of a linear / the head
-    ("zo_fx.ops", "perturbed"): "perturbed",
+    # a perturbed weight of a linear / the head / a bias: every caller reaches it through
+    # kernels.perturb (perturbed_or_base looks it up there), so one wrapper sees them all
+    ("zo_fx.kernels.perturb", "perturbed"): "perturbed",
     ("zo_fx.ops", "perturbed_groups"): "perturbed_groups",  # G copies of a norm weight / bias at once
     ("zo_fx.ops", "sample_at"): "sample_at",  # the direction at the looked-up embedding rows only
 }
