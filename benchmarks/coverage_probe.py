@@ -30,7 +30,6 @@ Output torch prints while a model fails (export dumps the whole graph to stderr)
 out of the table; its tail is in the JSON (``stderr_tail``); ``--verbose`` shows it.
 
     python benchmarks/coverage_probe.py --json runs/coverage_probe.json
-    python benchmarks/coverage_probe.py --only t5 --only mamba --allow-fallback
 """
 
 from __future__ import annotations
@@ -116,7 +115,7 @@ def probe(name: str, make_model, make_batch, loss, args) -> dict:
 
         phase = "compile"
         t = time.perf_counter()
-        zm = zo_fx.zo_compile(model, batch, loss=loss, allow_fallback=args.allow_fallback)
+        zm = zo_fx.zo_compile(model, batch, loss=loss)
         rec["compile_s"] = time.perf_counter() - t
         rec["compiled_tensors"] = len(zm.pids)
 
@@ -192,7 +191,6 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", default=None, metavar="NAME", help=f"one of {', '.join(ZOO)}")
     ap.add_argument("--json", type=Path, default=None, metavar="PATH")
-    ap.add_argument("--allow-fallback", action="store_true", help="zo_compile(..., allow_fallback=True)")
     ap.add_argument("--reach", action="store_true", help="also check each trainable tensor reaches the loss (eager)")
     ap.add_argument("--tol", type=float, default=None, help="max relative error of the losses (default by dtype)")
     ap.add_argument("--diff-tol", type=float, default=None, help="max relative error of l_0 - l_1 (default by dtype)")

@@ -4,7 +4,8 @@ Companion of :mod:`model_zoo`: the same style (float64, eval mode, dropout 0, hi
 size 16-32, 1-2 layers, ``VOCAB`` tokens where the family allows), more families and
 more PEFT methods. Every entry of ``ZOO`` is ``name -> (make_model, make_batch, loss)``
 where ``loss`` is ``None`` when :func:`zo_fx.losses.default_loss` knows the model class
-and a per-example loss otherwise (encoder-decoder and image models).
+(all entries: encoder-decoder LMs get ``seq2seq_lm_loss``, image classifiers
+``sequence_classification_loss``) and a per-example loss otherwise.
 
 Families: Mixtral (MoE, 4 experts, top-2), T5 and BART (encoder-decoder), Falcon (fused
 qkv; old and new decoder architecture), Qwen2, Gemma, Gemma2, Mistral, GPT-NeoX, BLOOM
@@ -40,8 +41,6 @@ from __future__ import annotations
 import torch
 from model_zoo import VOCAB, causal_batch, tiny_llama
 
-from zo_fx.losses import masked_lm_loss, sequence_classification_loss
-
 IMAGE_SIZE = 16
 NUM_LABELS = 3
 
@@ -58,19 +57,6 @@ def jitter_trainable(model, seed: int, scale: float = 0.1):
             if p.requires_grad:
                 p.add_(scale * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
     return model
-
-
-# ---- losses --------------------------------------------------------------------------------------------
-
-
-def seq2seq_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Mean cross-entropy per example over the decoder labels != -100 (labels are already the next tokens)."""
-    return masked_lm_loss(logits, batch)
-
-
-def image_classification_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Cross-entropy per example of an image-classification head."""
-    return sequence_classification_loss(logits, batch)
 
 
 # ---- batches -------------------------------------------------------------------------------------------
@@ -354,9 +340,9 @@ def tiny_ln_tuning_llama(dtype=torch.float64, seed=0):
 ZOO = {
     "mixtral": (tiny_mixtral, causal_batch, None),
     "mixtral_batched_mm": (lambda dtype=torch.float64: tiny_mixtral(dtype, experts="batched_mm"), causal_batch, None),
-    "t5": (tiny_t5, t5_batch, seq2seq_loss),
-    "bart": (tiny_bart, bart_batch, seq2seq_loss),
-    "bart_same_len": (tiny_bart, bart_same_len_batch, seq2seq_loss),
+    "t5": (tiny_t5, t5_batch, None),
+    "bart": (tiny_bart, bart_batch, None),
+    "bart_same_len": (tiny_bart, bart_same_len_batch, None),
     "falcon": (tiny_falcon, causal_batch, None),
     "falcon_new_arch": (lambda dtype=torch.float64: tiny_falcon(dtype, new_arch=True), causal_batch, None),
     "qwen2": (tiny_qwen2, causal_batch, None),
@@ -366,8 +352,8 @@ ZOO = {
     "gpt_neox": (tiny_gpt_neox, causal_batch, None),
     "bloom": (tiny_bloom, causal_batch, None),
     "mamba": (tiny_mamba, causal_batch, None),
-    "vit": (tiny_vit, image_batch, image_classification_loss),
-    "resnet": (tiny_resnet, image_batch, image_classification_loss),
+    "vit": (tiny_vit, image_batch, None),
+    "resnet": (tiny_resnet, image_batch, None),
     "ia3_llama": (tiny_ia3_llama, causal_batch, None),
     "ia3_ff_llama": (tiny_ia3_ff_llama, causal_batch, None),
     "dora_llama": (tiny_dora_llama, causal_batch, None),

@@ -16,7 +16,7 @@ from .kernels.dispatch import check_impl
 from .kernels.perturb import perturbed
 from .losses import LossFn, default_loss
 from .ops import head_logits, head_readout
-from .passes.capture import CapturedModel, capture, live_inputs
+from .passes.capture import DEFAULT_LOSS_KEYS, CapturedModel, capture, live_inputs
 from .passes.readout import Head, cut_head
 from .passes.report import ZOReport, build_report
 from .passes.rewrite import Rewritten, rewrite
@@ -41,7 +41,7 @@ class ZOModule:
     """A model compiled for zeroth-order training: G perturbed copies per forward pass."""
 
     def __init__(self, model: torch.nn.Module, captured: CapturedModel, loss: LossFn, impl: str, backend: str,
-                 allow_fallback: bool, fuse_head: bool = True):
+                 fuse_head: bool = True):
         self.model = model
         self.captured = captured
         cut = cut_head(captured) if fuse_head else None
@@ -50,7 +50,6 @@ class ZOModule:
         self.loss_fn = loss
         self.impl = impl
         self.backend = backend
-        self.allow_fallback = allow_fallback
         self._graphs: dict[tuple[int, str], Callable] = {}
         self._rewritten: dict[tuple[int, str], Rewritten] = {}
 
@@ -77,7 +76,7 @@ class ZOModule:
         key = (groups, kind, headless)
         if key not in self._rewritten:
             captured = self.headless if headless else self.captured
-            self._rewritten[key] = rewrite(captured, groups, kind, self.impl, self.allow_fallback)
+            self._rewritten[key] = rewrite(captured, groups, kind, self.impl)
         return self._rewritten[key]
 
     def _graph(self, groups: int, kind: str, headless: bool = False) -> Callable:
@@ -166,8 +165,8 @@ def zo_compile(
     impl: str = "auto",
     *,
     backend: str = "eager",
-    allow_fallback: bool = False,
     fuse_head: bool = True,
+    loss_keys=(),
 ) -> ZOModule:
     """Capture ``model`` and prepare it for zeroth-order training.
 
@@ -179,8 +178,9 @@ def zo_compile(
         loss: ``loss(outputs, batch) -> Tensor[N]`` per example; default from the model class.
         impl: "auto" (Triton kernels for CUDA tensors, torch elsewhere), "torch" or "triton".
         backend: "eager" runs the rewritten FX graph as is; "inductor" hands it to torch.compile.
-        allow_fallback: evaluate ops no rule covers once per group with perturbed copies of
-            their parameters instead of raising ``UncoveredParameterUseError``.
+        loss_keys: batch keys only the loss reads (beside ``labels`` and the keys a loss
+            declares in its ``loss_keys`` attribute). Every other tensor of the batch must
+            be an input of the model's forward, or zo_compile raises naming the key.
         fuse_head: compute the output head and the loss one group at a time (see
             :mod:`zo_fx.passes.readout`), so only one group's logits exist at once.
     """
@@ -193,11 +193,12 @@ def zo_compile(
             f"got {type(example_batch).__name__}"
         )
     model.eval()
-    captured = capture(model, example_batch)
+    loss_fn = loss if loss is not None else default_loss(model)
+    loss_only = (*DEFAULT_LOSS_KEYS, *getattr(loss_fn, "loss_keys", ()), *loss_keys)
+    captured = capture(model, example_batch, loss_keys=loss_only)
     if not captured.pids:
         raise ValueError(
             f"{type(model).__name__} has no trainable parameter used by its forward (all requires_grad=False?); "
             "unfreeze the parameters to train"
         )
-    loss_fn = loss if loss is not None else default_loss(model)
-    return ZOModule(model, captured, loss_fn, impl, backend, allow_fallback, fuse_head)
+    return ZOModule(model, captured, loss_fn, impl, backend, fuse_head)

@@ -44,8 +44,26 @@ def masked_lm_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     return _token_mean(logits, batch["labels"])
 
 
+def seq2seq_lm_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy per example over the decoder labels != -100, no shift.
+
+    For encoder-decoder LMs (T5, BART, Marian, ...): ``logits`` are the decoder's,
+    ``[N, T_dec, V]``, and ``labels`` are already the next token of every decoder
+    position (``decoder_input_ids`` is the target shifted right), as HF's own loss uses them.
+    """
+    return _token_mean(logits, batch["labels"])
+
+
+def token_classification_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy per example over the labelled tokens (labels != -100), no shift."""
+    return _token_mean(logits, batch["labels"])
+
+
 def sequence_classification_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Cross-entropy per example for a classification head; squared error for a 1-output regression head."""
+    """Cross-entropy per example for a classification head; squared error for a 1-output regression head.
+
+    Also the loss of image and audio classification heads (``[N, num_labels]`` logits too).
+    """
     labels = batch["labels"]
     if logits.shape[-1] == 1:
         return (_float(logits).squeeze(-1) - labels.to(_float(logits).dtype)) ** 2
@@ -75,6 +93,11 @@ class CandidateClassificationLoss:
         self.label_token_ids = [int(t) for t in label_token_ids]
         self.label_key = label_key
 
+    @property
+    def loss_keys(self) -> tuple[str, ...]:
+        """Batch keys this loss reads and the model does not take."""
+        return (self.label_key,)
+
     # Readout protocol (see zo_fx.passes.readout): the loss reads one position per example and
     # only the label words' rows of the output head, so the runtime computes just those logits.
     @property
@@ -99,6 +122,30 @@ class CandidateClassificationLoss:
         return self.candidate_logits(logits, batch).argmax(-1)
 
 
+# Encoder-decoder LM heads whose class name does not end in "ForConditionalGeneration". All of them
+# (like every *ForConditionalGeneration with config.is_encoder_decoder) score the decoder logits
+# against unshifted labels; the bare encoder-decoders (T5Model, BartModel) have no LM head and are not here.
+_SEQ2SEQ_LM_SUFFIXES = ("ForConditionalGeneration", "ForTextToText", "ForSpeechToText")
+_SEQ2SEQ_LM_NAMES = frozenset({"MarianMTModel", "EncoderDecoderModel", "SpeechEncoderDecoderModel",
+                               "VisionEncoderDecoderModel"})
+
+
+def _is_encoder_decoder(model: torch.nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def _is_seq2seq_lm_name(name: str) -> bool:
+    return name.endswith(_SEQ2SEQ_LM_SUFFIXES) or name in _SEQ2SEQ_LM_NAMES
+
+
+_BUILT_IN = ("causal LM (*ForCausalLM, *LMHeadModel), masked LM (*ForMaskedLM), "
+             "encoder-decoder LM (*ForConditionalGeneration, *ForTextToText, *ForSpeechToText, MarianMTModel, "
+             "[Speech|Vision]EncoderDecoderModel, with config.is_encoder_decoder), "
+             "sequence/image/audio classification (*ForSequenceClassification, *ForImageClassification, "
+             "*ForAudioClassification), token classification (*ForTokenClassification), "
+             "CandidateClassificationLoss")
+
+
 def default_loss(model: torch.nn.Module) -> LossFn:
     """The built-in loss for a model, from its (base) class name."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -107,9 +154,14 @@ def default_loss(model: torch.nn.Module) -> LossFn:
         return causal_lm_loss
     if name.endswith("ForMaskedLM"):
         return masked_lm_loss
-    if name.endswith("ForSequenceClassification"):
+    if _is_seq2seq_lm_name(name) and _is_encoder_decoder(base):
+        return seq2seq_lm_loss
+    if name.endswith(("ForSequenceClassification", "ForImageClassification", "ForAudioClassification")):
         return sequence_classification_loss
+    if name.endswith("ForTokenClassification"):
+        return token_classification_loss
+    why = " (its config is not encoder-decoder)" if _is_seq2seq_lm_name(name) else ""
     raise ValueError(
-        f"zo_fx has no built-in loss for {name}; pass loss=callable(outputs, batch) -> per-example tensor "
-        "(built in: causal LM, masked LM, sequence classification, CandidateClassificationLoss)"
+        f"zo_fx has no built-in loss for {name}{why}; pass loss=callable(outputs, batch) -> per-example tensor "
+        f"(built in: {_BUILT_IN})"
     )

@@ -7,8 +7,11 @@ weights). Tensors flowing through the rewritten graph come in three layouts:
 * invariant: the original tensor for the B examples (depends on no perturbed parameter);
 * grouped: the tensor the original graph would give on the batch repeated G times,
   i.e. G slices of the batch dimension, group-major;
-* per-group list: a Python list of G tensors without a batch dimension (a perturbed
-  bias or norm weight, a learned position table looked up without batch).
+* per-group: G values, one per group, made at once (:class:`PerGroup`: a perturbed
+  bias or norm weight, what an op that mixes examples returned for each group's slice)
+  or on demand (:class:`LazyGroups`: a value derived from parameters alone, such as an
+  adapter's delta weight, made for one group when a consumer asks for it, so that G
+  weight-sized values never exist at once).
 
 The torch path of each op calls the per-group functions of :mod:`zo_fx.kernels` (one
 perturbed linear, :func:`zo_fx.kernels.linear.perturbed_linear`, for every matmul-like
@@ -36,16 +39,45 @@ from .streams.table import seeds_from_tensor
 
 # leaf codes of map_groups (a non-negative code is the batch dim of a grouped tensor)
 PASS = -1  # same value for every group
-PER_GROUP = -2  # a list of G values: group g takes element g
-GROUPED_SYM = -3  # a batch-dependent size of the grouped layout: group g takes value // G
+PER_GROUP = -2  # per-group values: group g takes element g
 
 
 class PerGroup(list):
     """G values, one per group (a pytree leaf: map_groups must not flatten it)."""
 
 
+class LazyGroups:
+    """G values made on demand: ``lazy[g]`` computes group g's value when a consumer asks for it.
+
+    A value derived from parameters alone (LoHa's ``(A1 B1) * (A2 B2)``, DoRA's adapted
+    weight) has the size of a weight matrix; holding it for all G groups would cost G
+    weights of memory. Consumers run group by group and ask for one group at a time, so
+    one such value is alive per consumer. ``cache`` keeps the last group's value for a
+    value with several consumers (each asks for group g before any asks for g + 1).
+    """
+
+    __slots__ = ("make", "groups", "cache", "_last")
+
+    def __init__(self, make, groups: int, cache: bool = False):
+        self.make = make
+        self.groups = groups
+        self.cache = cache
+        self._last = None
+
+    def __getitem__(self, g: int):
+        if self.cache and self._last is not None and self._last[0] == g:
+            return self._last[1]
+        value = self.make(g)
+        if self.cache:
+            self._last = (g, value)
+        return value
+
+    def __len__(self) -> int:
+        return self.groups
+
+
 def _is_per_group(x) -> bool:
-    return isinstance(x, PerGroup)
+    return isinstance(x, (PerGroup, LazyGroups))
 
 
 def _table(seeds: torch.Tensor, scales: torch.Tensor) -> tuple[list[int], list[float]]:
@@ -81,13 +113,18 @@ def grouped_linear(
     x_bdim: int,
     weight_layout: str = "out_in",
     impl: str = "auto",
+    weight_shape: tuple | None = None,
 ) -> torch.Tensor:
     """``x @ W_g^T + b_g`` (layout ``out_in``, nn.Linear) or ``x @ W_g + b_g`` (``in_out``, Conv1D/mm).
 
     ``x_bdim >= 0``: x is grouped along that dim; ``x_bdim == PASS``: x is invariant and
-    shared by every group (the direction-invariant case). The result is grouped along
-    ``x_bdim`` (dim 0 when x is shared).
+    shared by every group (the direction-invariant case; its batch dim is dim 0). The
+    result is grouped along ``x_bdim`` (dim 0 when x is shared). ``weight_shape``: the
+    parameter is used through a reshape (a view in its own element order: the direction
+    of element k is still the parameter's element k).
     """
+    if weight_shape is not None:
+        weight = weight.view(weight_shape)
     seed_list, scale_list = _table(seeds, scales)
     shared = x_bdim == PASS
     out_dim = 0 if shared else x_bdim
@@ -200,13 +237,36 @@ def per_group_params(
     return PerGroup(perturbed_groups(param, seed_list, pid, scale_list, kind))
 
 
+@torch.compiler.disable
+def lazy_param(param: torch.Tensor, pid: int, seeds: torch.Tensor, scales: torch.Tensor, kind: str,
+               groups: int) -> LazyGroups:
+    """A parameter's G perturbed copies, each made when a consumer asks for it (a large parameter)."""
+    seed_list, scale_list = _table(seeds, scales)
+    return LazyGroups(lambda g: perturbed_or_base(param, seed_list[g], pid, scale_list[g], kind), groups)
+
+
+def lazy_map(op, groups: int, leaf_codes: tuple, args: tuple, kwargs: dict, cache: bool) -> LazyGroups:
+    """``op`` on per-group (lazy or made) and shared inputs, evaluated for one group when asked."""
+    leaves, spec = pytree.tree_flatten((args, kwargs), is_leaf=_is_per_group)
+
+    def make(g: int):
+        picked = [leaf[g] if code == PER_GROUP else leaf for leaf, code in zip(leaves, leaf_codes)]
+        a, k = pytree.tree_unflatten(picked, spec)
+        return op(*a, **k)
+
+    return LazyGroups(make, groups, cache)
+
+
+def group_size(size, groups: int):
+    """A batch-dependent size read off a grouped tensor, as the original graph saw it (one group's)."""
+    return size // groups
+
+
 def _pick(leaf: Any, code: int, g: int, groups: int, pieces: dict) -> Any:
     if code == PASS:
         return leaf
     if code == PER_GROUP:
         return leaf[g]
-    if code == GROUPED_SYM:
-        return leaf // groups
     key = id(leaf)
     if key not in pieces:
         pieces[key] = _split(leaf, groups, code)
@@ -219,8 +279,8 @@ def map_groups(op, groups: int, leaf_codes: tuple, out_bdims: tuple, args: tuple
 
     ``leaf_codes`` has one code per leaf of ``pytree.tree_flatten((args, kwargs))``.
     ``out_bdims`` has one entry per leaf of the op's output: the batch dim along which
-    the G results are concatenated into a grouped tensor, or ``PER_GROUP`` to return
-    the list of G results as they are.
+    the G results are concatenated into a grouped tensor. When any entry is
+    ``PER_GROUP`` the G results are returned as they are (a :class:`PerGroup`).
     """
     leaves, spec = pytree.tree_flatten((args, kwargs), is_leaf=_is_per_group)
     pieces: dict = {}
@@ -229,17 +289,14 @@ def map_groups(op, groups: int, leaf_codes: tuple, out_bdims: tuple, args: tuple
         picked = [_pick(leaf, code, g, groups, pieces) for leaf, code in zip(leaves, leaf_codes)]
         a, k = pytree.tree_unflatten(picked, spec)
         results.append(op(*a, **k))
-    if all(d == PER_GROUP for d in out_bdims):
+    if any(d == PER_GROUP for d in out_bdims):
         return PerGroup(results)
     out_leaves = [pytree.tree_flatten(r)[0] for r in results]
     out_spec = pytree.tree_flatten(results[0])[1]
     merged = []
     for i, d in enumerate(out_bdims):
         column = [leaves_g[i] for leaves_g in out_leaves]
-        if d == PER_GROUP or not isinstance(column[0], torch.Tensor):
-            merged.append(column)
-        else:
-            merged.append(torch.cat(column, dim=d))
+        merged.append(torch.cat(column, dim=d) if isinstance(column[0], torch.Tensor) else column[0])
     return pytree.tree_unflatten(merged, out_spec)
 
 
@@ -251,3 +308,8 @@ def repeat_groups(x: torch.Tensor, groups: int, bdim: int) -> torch.Tensor:
 def scale_size(size, groups: int):
     """An invariant batch-dependent size in the grouped layout."""
     return operator.mul(size, groups)
+
+
+def concat_groups(values: PerGroup, bdim: int) -> torch.Tensor:
+    """Per-group batch tensors as one grouped tensor (for the graph's output)."""
+    return torch.cat(list(values), dim=bdim)

@@ -77,36 +77,94 @@ def model_output_tensor(out):
     return logits
 
 
-def _accepted_kwargs(model: torch.nn.Module) -> tuple[set[str] | None, bool]:
-    """Keyword names the forward accepts (None: any) and whether it takes ``use_cache``."""
-    sig = inspect.signature(model.forward)
-    params = sig.parameters
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+#: forward arguments that are switches or caches, never batch tensors
+NOT_BATCH_ARGUMENTS = {"self", "use_cache", "return_dict", "output_attentions", "output_hidden_states",
+                       "past_key_values", "cache_position", "logits_to_keep", "num_logits_to_keep", "labels",
+                       "return_loss", "interpolate_pos_encoding"}
+#: batch keys a loss reads and no model takes
+DEFAULT_LOSS_KEYS = ("labels",)
+
+
+def _takes(fn) -> tuple[set[str], bool]:
+    """Named keyword arguments of ``fn`` and whether it also takes ``**kwargs``."""
+    params = inspect.signature(fn).parameters
     names = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return (None if takes_any else names), ("use_cache" in names or takes_any)
+    return names, any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def _inner_model(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The model a wrapper whose forward takes ``**kwargs`` passes them on to (PEFT's base model)."""
+    if hasattr(model, "get_base_model"):
+        inner = model.get_base_model()
+        if inner is not model:
+            return inner
+    for attr in ("base_model", "model"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, torch.nn.Module) and inner is not model:
+            return inner
+    return None
+
+
+def accepted_inputs(model: torch.nn.Module) -> set[str] | None:
+    """Batch keys the model's forward takes (None: any key).
+
+    A forward that takes ``**kwargs`` and wraps another model (PEFT) passes them on: the
+    inner model's named arguments count too. A Hugging Face model's own ``**kwargs`` are
+    switches (attention flags), not inputs; a plain module's ``**kwargs`` take any key.
+    """
+    names: set[str] = set()
+    seen = set()
+    current = model
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        named, var_kw = _takes(current.forward)
+        names |= named
+        if not var_kw:
+            return names - NOT_BATCH_ARGUMENTS
+        inner = _inner_model(current)
+        if inner is None:
+            return (names - NOT_BATCH_ARGUMENTS) if is_hf_model(current) else None
+        current = inner
+    return names - NOT_BATCH_ARGUMENTS
+
+
+def _takes_use_cache(model: torch.nn.Module) -> bool:
+    named, var_kw = _takes(model.forward)
+    return "use_cache" in named or var_kw
 
 
 def is_hf_model(model: torch.nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model.config, "to_dict")
 
 
-def model_input_keys(model: torch.nn.Module, batch: dict) -> list[str]:
-    """Batch keys that go to the model: tensors its forward accepts, never ``labels``.
+def model_input_keys(model: torch.nn.Module, batch: dict, loss_keys=DEFAULT_LOSS_KEYS) -> list[str]:
+    """Batch keys that go to the model: every tensor of the batch but the loss's own keys.
 
-    ``labels`` stay out because a model's own loss averages over the whole batch and
-    would mix the groups; zo_fx computes losses per group from the outputs.
+    ``labels`` (and any other key in ``loss_keys``) stay out because a model's own loss
+    averages over the whole batch and would mix the groups; zo_fx computes losses per
+    group from the outputs. Any other key the forward does not take is an error: a batch
+    tensor silently left out would change what the model computes.
     """
-    accepted, _ = _accepted_kwargs(model)
-    keys = []
+    accepted = accepted_inputs(model)
+    keys, unknown = [], []
     for k, v in batch.items():
-        if k == "labels" or not isinstance(v, torch.Tensor):
+        if k in loss_keys:
             continue
-        if accepted is None:
-            # kwargs-only forwards (PEFT): pass the usual model inputs
-            if k in ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds"):
-                keys.append(k)
-        elif k in accepted:
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(
+                f"batch key {k!r} holds a {type(v).__name__}, not a tensor; pass only tensors, or declare the key "
+                "loss-only with zo_compile(..., loss_keys=[...]) if only the loss reads it"
+            )
+        if accepted is None or k in accepted:
             keys.append(k)
+        else:
+            unknown.append(k)
+    if unknown:
+        raise ValueError(
+            f"batch keys {unknown} are not inputs of {type(model).__name__}.forward (it takes "
+            f"{sorted(accepted)}). Remove them from the batch, or declare them loss-only with "
+            f"zo_compile(..., loss_keys=[...]) if only your loss reads them."
+        )
     if not keys:
         raise ValueError(
             f"none of the batch keys {sorted(batch)} is an input of {type(model).__name__}.forward; "
@@ -132,12 +190,17 @@ def _export_example(batch: dict, keys: list[str]) -> dict:
     return {k: batch[k][idx.to(batch[k].device)] for k in keys}
 
 
-def capture(model: torch.nn.Module, example_batch: dict, *, extra_kwargs: dict | None = None) -> CapturedModel:
-    """Export ``model``'s forward on ``example_batch`` with dynamic batch (and sequence) dims."""
-    keys = model_input_keys(model, example_batch)
-    _, takes_use_cache = _accepted_kwargs(model)
+def capture(model: torch.nn.Module, example_batch: dict, *, extra_kwargs: dict | None = None,
+            loss_keys=DEFAULT_LOSS_KEYS) -> CapturedModel:
+    """Export ``model``'s forward on ``example_batch`` with dynamic batch (and sequence) dims.
+
+    The graph is made functional (no in-place op: an in-place write on a value the groups
+    share would leak one group's values into the others) and every batch key it received
+    must reach an op of the graph.
+    """
+    keys = model_input_keys(model, example_batch, loss_keys)
     extra = dict(extra_kwargs or {})
-    if is_hf_model(model) and takes_use_cache:
+    if is_hf_model(model) and _takes_use_cache(model):
         extra.setdefault("use_cache", False)
     wrapper = _Forward(model, keys, extra)
     example = _export_example(example_batch, keys)
@@ -155,7 +218,30 @@ def capture(model: torch.nn.Module, example_batch: dict, *, extra_kwargs: dict |
             "control flow on tensor values; or wrap the model in a small nn.Module whose forward takes "
             "tensors and returns the logits."
         ) from err
-    return _collect(ep, model, keys)
+    if any(_mutates(n) for n in ep.graph.nodes):
+        ep = ep.run_decompositions({})  # functionalise: in-place ops become out-of-place ones
+    captured = _collect(ep, model, keys)
+    _check_inputs_used(captured)
+    return captured
+
+
+def _mutates(node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
+
+
+def _check_inputs_used(captured: CapturedModel) -> None:
+    graph = captured.graph_module.graph
+    placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    for ph, kind, key in captured.inputs:
+        if kind == "input" and not placeholders[ph].users:
+            raise ValueError(
+                f"batch key {key!r} reaches no op of {captured.model_class}'s captured forward: the model ignores "
+                "it. Remove it from the batch, or declare it loss-only with zo_compile(..., loss_keys=[...])."
+            )
+    leftover = [n.name for n in graph.nodes if _mutates(n)]
+    if leftover:
+        raise ExportFailedError(f"the captured graph still writes in place after functionalisation: {leftover}")
 
 
 def _collect(ep, model: torch.nn.Module, keys: list[str]) -> CapturedModel:

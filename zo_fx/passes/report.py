@@ -8,13 +8,15 @@ from dataclasses import dataclass, field
 import torch
 
 from .capture import CapturedModel
-from .rewrite import GRP, INV, PG, Rewritten
+from .rewrite import GRP, INV, LAZY, PG, Rewritten
 
 
 @dataclass
 class ZOReport:
     #: trainable parameter -> [(node, op, rule), ...]
     uses: dict[str, list[tuple[str, str, str]]]
+    #: (parameter, node) -> [(rule, reason), ...] of the rules that refused that use before one took it
+    refusals: dict
     frozen: list[str]
     uncovered: list[str]
     rule_counts: Counter
@@ -24,6 +26,7 @@ class ZOReport:
     trainable_numel: int
     frozen_numel: int
     groups: int
+    per_group_nodes: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -36,8 +39,9 @@ class ZOReport:
             f"{len(self.uses)} trainable tensors ({self.trainable_numel:,} elements), {len(self.frozen)} frozen "
             f"({self.frozen_numel:,}); parameter uses by rule: {rules}; graph: {self.graph_nodes} nodes captured, "
             f"{self.rewritten_nodes} after rewrite; run once (invariant): {self.layout_counts.get(INV, 0)}, "
-            f"run on G*B rows (grouped): {self.layout_counts.get(GRP, 0)}, per-group values: "
-            f"{self.layout_counts.get(PG, 0)}; uncovered: {len(self.uncovered)}"
+            f"run on G*B rows (grouped): {self.layout_counts.get(GRP, 0)}, run per group: "
+            f"{self.layout_counts.get(PG, 0)} (+{self.per_group_nodes} grouped by concatenation), parameter-only "
+            f"per group: {self.layout_counts.get(LAZY, 0)}; unused trainable tensors: {len(self.uncovered)}"
         )
 
     def __str__(self) -> str:
@@ -46,6 +50,11 @@ class ZOReport:
         for name, uses in self.uses.items():
             desc = "; ".join(f"{rule} @ {node} ({op})" for node, op, rule in uses)
             lines.append(f"  {name:<{width}}  {desc}")
+            for node, _, rule in uses:
+                refused = self.refusals.get((name, node))
+                if refused and rule not in ("linear", "embedding"):
+                    why = "; ".join(f"{r}: {reason}" for r, reason in refused if r != "invariant")
+                    lines.append(f"  {'':<{width}}    {node}: not faster because {why}")
         if self.frozen:
             lines.append(f"  frozen: {', '.join(self.frozen[:8])}{' ...' if len(self.frozen) > 8 else ''}")
         lines += [f"  note: {n}" for n in self.notes]
@@ -63,10 +72,11 @@ def build_report(captured: CapturedModel, rewritten: Rewritten, model: torch.nn.
     notes = []
     if uncovered:
         notes.append(f"trainable parameters never used by the forward: {uncovered}")
-    if any(rule == "fallback" for u in rewritten.uses for rule in [u.rule]):
-        notes.append("some ops run once per group with perturbed parameter copies (allow_fallback=True)")
+    per_group = sum(1 for rule in rewritten.node_rules.values() if rule == "per-group")
     return ZOReport(
         uses=ordered,
+        refusals={(u.parameter, u.node): u.refusals for u in rewritten.uses},
+        per_group_nodes=max(0, per_group - rewritten.layouts.get(PG, 0)),
         frozen=frozen,
         uncovered=uncovered,
         rule_counts=Counter(u.rule for u in rewritten.uses),
