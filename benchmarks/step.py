@@ -22,6 +22,18 @@ Step time: median over ``--repeats`` timed steps after ``--warmup`` un-timed one
 ``zo_compile`` is not part of a step; its time is ``compile_s``. The ratio table uses the faster of
 the two floors as "floor" and names it.
 
+PEFT adapters (``--peft``, one or more of lora, dora, ia3, loha) run the methods on adapters instead
+of the full model, side by side:
+
+    python benchmarks/step.py --model smollm2 --peft lora dora ia3 loha --methods zo_fx_fzoo
+
+Each adapter wraps q_proj and v_proj of a fresh copy of the model (``peft.get_peft_model``; rank 8,
+alpha 16 where the adapter has them, MeZO's LoRA setting; the adapters keep their initialisation).
+Every method in ``--methods`` (default ``zo_fx_fzoo``) and both floors run on the wrapped model with
+the mechanics above; zo_fx methods also record the first two lines of ``zm.report()``. A step that
+fails (an adapter that ``zo_compile`` cannot handle yet) puts its error in its row of the table and
+in the JSON (``adapters.<name>.errors``), and the run goes on with the rest.
+
 Peak memory is measured in one more, un-timed step, so that instrumentation cannot distort timing:
 
 * CUDA: ``torch.cuda.max_memory_allocated()`` after a reset (the master weights stay on the CPU, so
@@ -68,11 +80,25 @@ if str(_HERE) not in sys.path:
 
 from reference import adam_step, floor_forward, reference_fzoo_step, reference_mezo_step  # noqa: E402
 
+from zo_fx.finetune.model import LORA_ALPHA, LORA_RANK  # noqa: E402
 from zo_fx.models import load_model, synthetic_batch  # noqa: E402
 
 ZO_FX_METHODS = ("zo_fx_fzoo", "zo_fx_mezo", "zo_fx_adamezo")
 METHODS = (*ZO_FX_METHODS, "reference_fzoo", "reference_mezo", "adam", "floor", "floor_per_copy")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FLOORS = ("floor", "floor_per_copy")
+# --peft adapters: the peft module -> the adapter's config (peft is imported only under --peft). Rank and
+# alpha are MeZO's LoRA setting, as zo-fx finetune --peft lora uses.
+PEFT_TARGETS = ["q_proj", "v_proj"]
+_LORA = dict(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=PEFT_TARGETS, task_type="CAUSAL_LM")
+PEFT_ADAPTERS: dict[str, Callable] = {
+    "lora": lambda peft: peft.LoraConfig(**_LORA),
+    "dora": lambda peft: peft.LoraConfig(**_LORA, use_dora=True),
+    "ia3": lambda peft: peft.IA3Config(target_modules=PEFT_TARGETS, feedforward_modules=[], task_type="CAUSAL_LM"),
+    "loha": lambda peft: peft.LoHaConfig(
+        r=LORA_RANK, alpha=LORA_ALPHA, target_modules=PEFT_TARGETS, task_type="CAUSAL_LM"
+    ),
+}
 CUDA_MEASURE = "cuda: torch.cuda.max_memory_allocated after reset_peak_memory_stats, one extra un-timed step"
 CPU_MEASURE = (
     "cpu: live tensor storage bytes at step start (gc scan, master weights excluded) + peak running sum of "
@@ -96,8 +122,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1, help="un-timed steps per method before timing")
     ap.add_argument(
         "--methods",
-        default=",".join(m for m in METHODS if m != "floor_per_copy"),
-        help=f"comma-separated subset of {', '.join(METHODS)}; 'floor' runs both floors",
+        default=None,
+        help=f"comma-separated subset of {', '.join(METHODS)}; 'floor' runs both floors (default: all but "
+        "floor_per_copy; with --peft: zo_fx_fzoo, and both floors always run)",
+    )
+    ap.add_argument(
+        "--peft",
+        nargs="+",
+        choices=tuple(PEFT_ADAPTERS),
+        default=None,
+        metavar="ADAPTER",
+        help=f"run the methods on these PEFT adapters of the model instead, side by side ({', '.join(PEFT_ADAPTERS)})",
     )
     ap.add_argument("--lr", type=float, default=1e-6, help="learning rate (small: the weights barely move)")
     ap.add_argument("--eps", type=float, default=1e-3, help="perturbation scale of the ZO methods")
@@ -117,7 +152,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--plot", type=Path, default=None, help="bar chart PNG (default: the --json path, .png)")
     args = ap.parse_args(argv)
-    args.methods = _expand_methods(args.methods)
+    if args.peft:
+        args.peft = list(dict.fromkeys(args.peft))
+        args.methods = _expand_methods((args.methods or "zo_fx_fzoo") + ",floor")
+    else:
+        args.methods = _expand_methods(args.methods or ",".join(m for m in METHODS if m != "floor_per_copy"))
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda, but torch sees no CUDA device")
     if args.plot is None and args.json is not None:
@@ -130,7 +169,7 @@ def _expand_methods(spec: str) -> list[str]:
     for name in (s.strip() for s in spec.split(",")):
         if name not in METHODS:
             raise SystemExit(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-        for n in ("floor", "floor_per_copy") if name == "floor" else (name,):
+        for n in FLOORS if name == "floor" else (name,):
             if n not in names:
                 names.append(n)
     return names
@@ -171,7 +210,7 @@ def _build_step(
                  "adamezo": {"horizon": args.adamezo_horizon}}[method]
         opt = api["build_optimizer"](method, zm, lr=lr, eps=eps, seed=0, **extra)
         extra_warmup = args.adamezo_horizon if name == "zo_fx_adamezo" else 0
-        return (lambda: opt.step(batch)), {"compile_s": compile_s, "extra_warmup": extra_warmup}
+        return (lambda: opt.step(batch)), {"compile_s": compile_s, "extra_warmup": extra_warmup, "zm": zm}
     facts = {"compile_s": None, "extra_warmup": 0}
     if name == "reference_fzoo":
         return (lambda: reference_fzoo_step(model, batch, eps, lr, n)), facts
@@ -283,10 +322,29 @@ def _cuda_peak(step: Callable) -> dict:
     return {"peak_mem_bytes": torch.cuda.max_memory_allocated(), "peak_mem_baseline_bytes": baseline}
 
 
+def _storage_ptrs(model: torch.nn.Module) -> set[int]:
+    """Data pointers of a model's parameters and buffers (a master copy, excluded from peak memory)."""
+    return {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+
+
+def _report_head(zm) -> str:
+    """The first two lines of ``zm.report()``: its title and summary."""
+    return "\n".join(str(zm.report()).splitlines()[:2])
+
+
 def run_method(
-    name: str, master: torch.nn.Module, batch: dict, args: argparse.Namespace, exclude: set[int], bar: tqdm
+    name: str,
+    master: torch.nn.Module,
+    batch: dict,
+    args: argparse.Namespace,
+    exclude: set[int],
+    bar: tqdm,
+    report: bool = False,
 ) -> dict:
-    """Time ``name`` on a fresh copy of ``master``, then measure its peak memory in one more step."""
+    """Time ``name`` on a fresh copy of ``master``, then measure its peak memory in one more step.
+
+    With ``report``, a zo_fx method also records the head of ``zm.report()`` (after the measurements).
+    """
     model = copy.deepcopy(master).to(args.device)
     step, facts = _build_step(name, model, batch, args)
     bar.set_description(name)
@@ -322,11 +380,60 @@ def run_method(
         "untimed_warmup_steps": facts["extra_warmup"] + args.warmup,
         "loss": _loss_of(ret),
     }
-    del step, model
+    if report and "zm" in facts:
+        result["report"] = _report_head(facts["zm"])
+    del step, model, facts
     gc.collect()
     if args.device == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def _error(e: BaseException) -> str:
+    """An exception as one JSON-friendly string (torch.export errors can run to pages: cut)."""
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) <= 4000 else text[:4000] + " ..."
+
+
+def _jsonable_config(config) -> dict:
+    return json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else repr(v)))
+
+
+def run_adapters(
+    master: torch.nn.Module, batch: dict, args: argparse.Namespace, exclude: set[int], bar: tqdm
+) -> dict[str, dict]:
+    """Every method of ``args.methods`` on each ``args.peft`` adapter of a fresh copy of ``master``.
+
+    A failure (wrapping the model, or any one method) is recorded as an error string and the run goes on.
+    """
+    import peft
+
+    adapters = {}
+    for adapter in args.peft:
+        entry = adapters[adapter] = {"error": None, "errors": {}, "methods": {}, "floor_reference": None}
+        try:
+            config = PEFT_ADAPTERS[adapter](peft)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)  # adapter initialisation: the same for every run
+                wrapped = peft.get_peft_model(copy.deepcopy(master), config).eval()
+        except Exception as e:  # reported in the adapter's row; the others still run
+            entry["error"] = _error(e)
+            bar.write(f"{adapter}: {entry['error'].splitlines()[0]}")
+            continue
+        entry["config"] = _jsonable_config(config)
+        entry["trainable_params"] = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+        # Both master copies (the base model and its wrapped copy) stay alive and are not counted.
+        wrapped_exclude = exclude | _storage_ptrs(wrapped)
+        for name in args.methods:
+            try:
+                entry["methods"][name] = run_method(name, wrapped, batch, args, wrapped_exclude, bar, report=True)
+            except Exception as e:  # reported in the method's row; the others still run
+                entry["errors"][name] = _error(e)
+                bar.write(f"{adapter} {name}: {entry['errors'][name].splitlines()[0]}")
+        entry["floor_reference"] = add_ratios(entry["methods"])
+        del wrapped
+        gc.collect()
+    return adapters
 
 
 def add_ratios(methods: dict[str, dict]) -> str | None:
@@ -334,7 +441,7 @@ def add_ratios(methods: dict[str, dict]) -> str | None:
 
     Returns the name of the floor used as reference: the faster of the two that ran.
     """
-    floors = [m for m in ("floor", "floor_per_copy") if m in methods]
+    floors = [m for m in FLOORS if m in methods]
     floor = min(floors, key=lambda m: methods[m]["step_s"]) if floors else None
     ref_fzoo, ref_mezo, batched = (methods.get(m) for m in ("reference_fzoo", "reference_mezo", "floor"))
 
@@ -359,10 +466,12 @@ _COLUMNS = (
 )  # fmt: skip
 
 
-def markdown_table(methods: dict[str, dict], floor: str | None) -> str:
-    def x(v: float | None) -> str:
-        return "-" if v is None else f"{v:.2f}x"
+def _x(v: float | None) -> str:
+    """A ratio table cell."""
+    return "-" if v is None else f"{v:.2f}x"
 
+
+def markdown_table(methods: dict[str, dict], floor: str | None) -> str:
     lines = [
         f"ratios are this / baseline (< 1 = faster or smaller); floor = {floor} (the faster floor); "
         "s/fwd = step_s / forward passes per step; cpu s = process CPU time "
@@ -379,14 +488,68 @@ def markdown_table(methods: dict[str, dict], floor: str | None) -> str:
             f"{r['step_cpu_s']:.3f}",
             str(r["forward_passes_per_step"]),
             f"{r['s_per_forward']:.3f}",
-            x(q["step_vs_floor"]),
-            x(q["step_vs_reference_fzoo"]),
-            x(q["s_per_forward_vs_reference_mezo"]),
+            _x(q["step_vs_floor"]),
+            _x(q["step_vs_reference_fzoo"]),
+            _x(q["s_per_forward_vs_reference_mezo"]),
             f"{r['peak_mem_bytes'] / 2**20:.1f}",
-            x(q["peak_mem_vs_floor"]),
-            x(q["peak_mem_vs_floor_one_batch"]),
+            _x(q["peak_mem_vs_floor"]),
+            _x(q["peak_mem_vs_floor_one_batch"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+_PEFT_COLUMNS = (
+    "adapter", "method", "trainable", "step s (min-max)", "step cpu s", "floor s", "vs floor", "peak MiB",
+    "floor peak MiB", "mem vs floor", "zo_fx report / error",
+)  # fmt: skip
+
+
+def peft_markdown_table(adapters: dict[str, dict], methods: list[str]) -> str:
+    """One row per adapter and method (floors only as the reference columns, unless nothing else ran)."""
+
+    def cell(text: str) -> str:
+        first = text.splitlines()[0] if text else ""
+        return (first[:200] + " ..." if len(first) > 200 else first).replace("|", "\\|")
+
+    rows = [m for m in methods if m not in FLOORS] or methods
+    lines = [
+        f"PEFT adapters on {', '.join(PEFT_TARGETS)} of a fresh copy of the model each; ratios are this / the "
+        "faster floor of the same wrapped model (< 1 = faster or smaller); trainable = adapter parameters",
+        "",
+        "| " + " | ".join(_PEFT_COLUMNS) + " |",
+        "|" + "---|" * len(_PEFT_COLUMNS),
+    ]
+    for adapter, a in adapters.items():
+        if a["error"] is not None:
+            lines.append("| " + " | ".join([adapter, "-", *["-"] * 8, "error: " + cell(a["error"])]) + " |")
+            continue
+        floor = a["methods"].get(a["floor_reference"])
+        for name in rows:
+            r = a["methods"].get(name)
+            floor_cells = ["-", "-"]
+            if floor is not None:
+                floor_cells = [f"{floor['step_s']:.3f}", f"{floor['peak_mem_bytes'] / 2**20:.1f}"]
+            notes = [f"error: {cell(a['errors'][name])}"] if name in a["errors"] else []
+            notes += [f"{f} error: {cell(a['errors'][f])}" for f in FLOORS if f in a["errors"] and f != name]
+            if r is None:
+                cells = ["-", "-", floor_cells[0], "-", "-", floor_cells[1], "-"]
+            else:
+                q = r["ratios"]
+                cells = [
+                    f"{r['step_s']:.3f} ({r['step_s_min']:.3f}-{r['step_s_max']:.3f})",
+                    f"{r['step_cpu_s']:.3f}",
+                    floor_cells[0],
+                    _x(q["step_vs_floor"]),
+                    f"{r['peak_mem_bytes'] / 2**20:.1f}",
+                    floor_cells[1],
+                    _x(q["peak_mem_vs_floor"]),
+                ]
+                if "report" in r:
+                    notes.insert(0, cell(r["report"].replace("\n", ": ", 1)))
+            lines.append(
+                "| " + " | ".join([adapter, name, f"{a['trainable_params']:,}", *cells, "; ".join(notes) or "-"]) + " |"
+            )
     return "\n".join(lines)
 
 
@@ -449,33 +612,44 @@ def main(argv: list[str] | None = None) -> dict:
         _zo_fx_api()  # fail before spending minutes on the baselines
     # The master copy stays on the CPU: every method gets a deepcopy on --device.
     master, _ = load_model(args.model, DTYPES[args.dtype])
-    exclude = {t.untyped_storage().data_ptr() for t in (*master.parameters(), *master.buffers())}
+    exclude = _storage_ptrs(master)
     batch = {
         k: v.to(args.device)
         for k, v in synthetic_batch(master.config.vocab_size, args.batch_size, args.seq_len).items()
     }
     steps_per = args.warmup + args.repeats + 1
     total = steps_per * len(args.methods) + (args.adamezo_horizon if "zo_fx_adamezo" in args.methods else 0)
-    methods = {}
+    total *= len(args.peft) if args.peft else 1
+    methods, adapters = {}, None
     threads = torch.get_num_threads()
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
         with tqdm(total=total, unit="step") as bar:
-            for name in args.methods:
-                methods[name] = run_method(name, master, batch, args, exclude, bar)
+            if args.peft:
+                adapters = run_adapters(master, batch, args, exclude, bar)
+            else:
+                for name in args.methods:
+                    methods[name] = run_method(name, master, batch, args, exclude, bar)
         args.threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(threads)  # process-wide: leave a caller (a test session) as it was
-    floor = add_ratios(methods)
     n_params = sum(p.numel() for p in master.parameters())
-    result = {"settings": _settings(args, n_params, floor, load_start), "methods": methods}
-    print(markdown_table(methods, floor))
+    if adapters is None:
+        floor = add_ratios(methods)
+        result = {"settings": _settings(args, n_params, floor, load_start), "methods": methods}
+        print(markdown_table(methods, floor))
+        plotted = methods
+    else:  # each adapter names its own floor (add_ratios ran per adapter)
+        result = {"settings": _settings(args, n_params, None, load_start), "adapters": adapters}
+        result["settings"]["peft_version"] = importlib.metadata.version("peft")
+        print(peft_markdown_table(adapters, args.methods))
+        plotted = {f"{adapter} {name}": r for adapter, a in adapters.items() for name, r in a["methods"].items()}
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
-    if args.plot is not None:
-        plot(methods, result["settings"], args.plot)
+    if args.plot is not None and plotted:
+        plot(plotted, result["settings"], args.plot)
     return result
 
 

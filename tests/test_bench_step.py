@@ -85,6 +85,37 @@ def test_smoke_baselines(tmp_path, capsys):
     assert f"floor = {floor}" in table and "| reference_mezo |" in table
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # inside peft
+def test_peft_adapters_side_by_side_and_a_failing_one_reported_in_its_row(tmp_path, capsys, monkeypatch):
+    # An adapter whose target matches no module, so get_peft_model fails for certain (whether the real
+    # dora / ia3 / loha compile depends on zo_fx's rules, not on the benchmark).
+    broken = lambda peft: peft.LoraConfig(target_modules=["no_such_proj"])  # noqa: E731
+    monkeypatch.setitem(step.PEFT_ADAPTERS, "broken", broken)
+    out = tmp_path / "peft.json"
+    returned = step.main([*SMOKE, "--peft", "broken", "lora", "--methods", "zo_fx_fzoo", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result) == {"settings", "adapters"} and returned["adapters"].keys() == {"broken", "lora"}
+    assert result["settings"]["peft"] == ["broken", "lora"] and result["settings"]["threads"] == 1
+    failed, lora = result["adapters"]["broken"], result["adapters"]["lora"]
+    assert failed["error"].startswith("ValueError") and not failed["methods"]
+    assert lora["error"] is None and lora["errors"] == {}
+    assert list(lora["methods"]) == ["zo_fx_fzoo", "floor", "floor_per_copy"]  # the floors always run
+    assert sorted(lora["config"]["target_modules"]) == ["q_proj", "v_proj"] and lora["config"]["r"] == 8
+    # tiny-llama, rank 8, 2 layers: q_proj 64 -> 64 (8*64 + 64*8) + v_proj 64 -> 32 (8*64 + 32*8)
+    assert lora["trainable_params"] == 2 * (1024 + 768)
+    fzoo = lora["methods"]["zo_fx_fzoo"]
+    assert METHOD_KEYS <= set(fzoo) and fzoo["forward_passes_per_step"] == FORWARDS["zo_fx_fzoo"]
+    assert fzoo["peak_mem_bytes"] > 0 and fzoo["compile_s"] > 0
+    assert fzoo["ratios"]["floor"] == lora["floor_reference"] in ("floor", "floor_per_copy")
+    assert lora["methods"][lora["floor_reference"]]["ratios"]["step_vs_floor"] == 1.0
+    title, summary = fzoo["report"].splitlines()
+    assert title.startswith("zo_fx report") and "trainable tensors (3,584 elements)" in summary
+    table = capsys.readouterr().out
+    assert "| broken | - |" in table and "error: ValueError" in table
+    assert "| lora | zo_fx_fzoo | 3,584 |" in table and "zo_fx report (G=2): " in table
+    assert (tmp_path / "peft.png").stat().st_size > 1000
+
+
 def test_methods_flag_expands_floor_and_rejects_unknown_names():
     assert step._expand_methods("adam,floor,floor_per_copy") == ["adam", "floor", "floor_per_copy"]
     with pytest.raises(SystemExit, match="choose from"):

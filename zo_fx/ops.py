@@ -22,6 +22,7 @@ holds more than one weight-sized temporary at a time.
 
 from __future__ import annotations
 
+import importlib
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -237,6 +238,28 @@ def per_group_params(
     return PerGroup(perturbed_groups(param, seed_list, pid, scale_list, kind))
 
 
+def op_ref(target):
+    """How a graph node's target travels as an argument of map_groups / lazy_map.
+
+    FX prints an ATen op in generated code but not a Python function (``operator.getitem``
+    on a multi-output op, ``operator.mul`` on sizes): those travel as their qualified name.
+    """
+    if isinstance(target, torch._ops.OpOverload):
+        return target
+    module = getattr(target, "__module__", None) or "operator"
+    return f"{'operator' if module == '_operator' else module}:{target.__qualname__}"
+
+
+def _resolve(op):
+    if not isinstance(op, str):
+        return op
+    module, _, name = op.partition(":")
+    value = importlib.import_module(module)
+    for part in name.split("."):
+        value = getattr(value, part)
+    return value
+
+
 @torch.compiler.disable
 def lazy_param(param: torch.Tensor, pid: int, seeds: torch.Tensor, scales: torch.Tensor, kind: str,
                groups: int) -> LazyGroups:
@@ -248,6 +271,7 @@ def lazy_param(param: torch.Tensor, pid: int, seeds: torch.Tensor, scales: torch
 def lazy_map(op, groups: int, leaf_codes: tuple, args: tuple, kwargs: dict, cache: bool) -> LazyGroups:
     """``op`` on per-group (lazy or made) and shared inputs, evaluated for one group when asked."""
     leaves, spec = pytree.tree_flatten((args, kwargs), is_leaf=_is_per_group)
+    op = _resolve(op)
 
     def make(g: int):
         picked = [leaf[g] if code == PER_GROUP else leaf for leaf, code in zip(leaves, leaf_codes)]
@@ -283,6 +307,7 @@ def map_groups(op, groups: int, leaf_codes: tuple, out_bdims: tuple, args: tuple
     ``PER_GROUP`` the G results are returned as they are (a :class:`PerGroup`).
     """
     leaves, spec = pytree.tree_flatten((args, kwargs), is_leaf=_is_per_group)
+    op = _resolve(op)
     pieces: dict = {}
     results = []
     for g in range(groups):

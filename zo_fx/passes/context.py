@@ -211,7 +211,7 @@ class RewriteContext:
             codes, args, kwargs = self.leaves(node, lambda a: ops.PER_GROUP)
             cache = len(node.users) > 1
             target = aten.reshape.default if node.target in STRIDE_SENSITIVE_VIEWS else node.target
-            self.new[node] = self.emit(ops.lazy_map, (target, self.G, codes, args, kwargs, cache))
+            self.new[node] = self.emit(ops.lazy_map, (ops.op_ref(target), self.G, codes, args, kwargs, cache))
         finally:
             self.current_rule = saved
 

@@ -72,7 +72,7 @@ def match(node: Node, ctx: RewriteContext):
         codes, args, kwargs = ctx.leaves(node, lambda a: _grouped_code(a, ctx))
         bdims = output_bdims(node, ctx)
         target = aten.reshape.default if node.target in STRIDE_SENSITIVE_VIEWS else node.target
-        value = ctx.emit(ops.map_groups, (target, ctx.G, codes, tuple(bdims), args, kwargs))
+        value = ctx.emit(ops.map_groups, (ops.op_ref(target), ctx.G, codes, tuple(bdims), args, kwargs))
         ctx.set(node, value, PG if ops.PER_GROUP in bdims else GRP)
 
     return apply
