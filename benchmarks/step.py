@@ -508,9 +508,9 @@ _PEFT_COLUMNS = (
 def peft_markdown_table(adapters: dict[str, dict], methods: list[str]) -> str:
     """One row per adapter and method (floors only as the reference columns, unless nothing else ran)."""
 
-    def cell(text: str) -> str:
+    def cell(text: str, cut: int = 200) -> str:  # one line of a table: errors (pages, at times) are cut
         first = text.splitlines()[0] if text else ""
-        return (first[:200] + " ..." if len(first) > 200 else first).replace("|", "\\|")
+        return (first[:cut] + " ..." if len(first) > cut else first).replace("|", "\\|")
 
     rows = [m for m in methods if m not in FLOORS] or methods
     lines = [
@@ -546,7 +546,7 @@ def peft_markdown_table(adapters: dict[str, dict], methods: list[str]) -> str:
                     _x(q["peak_mem_vs_floor"]),
                 ]
                 if "report" in r:
-                    notes.insert(0, cell(r["report"].replace("\n", ": ", 1)))
+                    notes.insert(0, cell(r["report"].replace("\n", ": ", 1), cut=1000))
             lines.append(
                 "| " + " | ".join([adapter, name, f"{a['trainable_params']:,}", *cells, "; ".join(notes) or "-"]) + " |"
             )
