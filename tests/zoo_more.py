@@ -39,10 +39,12 @@ Gemma2 has no sdpa attention, so it uses eager attention. Mamba's logits are flo
 from __future__ import annotations
 
 import torch
-from model_zoo import VOCAB, causal_batch, tiny_llama
+from model_zoo import VOCAB, causal_batch, mlm_batch, tiny_gpt2, tiny_llama
 
 IMAGE_SIZE = 16
 NUM_LABELS = 3
+WHISPER_MELS = 8
+WHISPER_FRAMES = 8  # encoder positions; input_features have twice as many frames
 
 
 def _finish(model, dtype):
@@ -337,6 +339,273 @@ def tiny_ln_tuning_llama(dtype=torch.float64, seed=0):
     return _peft_llama(LNTuningConfig(task_type="CAUSAL_LM"), dtype, seed)
 
 
+
+# ---- more families ---------------------------------------------------------------------------------------
+
+
+def whisper_batch(batch_size=3, seed=0, dtype=torch.float64):
+    """Log-mel-like ``input_features`` ``[N, WHISPER_MELS, 2 * WHISPER_FRAMES]`` (the encoder's two convolutions halve
+    the frames) + a teacher-forced decoder, example 0 right-padded on the decoder side (Whisper takes no encoder mask)."""
+    b = seq2seq_batch(batch_size, seed=seed, decoder_start=2)
+    g = torch.Generator().manual_seed(seed + 1)
+    feats = torch.randn(batch_size, WHISPER_MELS, 2 * WHISPER_FRAMES, generator=g, dtype=torch.float64).to(dtype)
+    return {"input_features": feats, "decoder_input_ids": b["decoder_input_ids"],
+            "decoder_attention_mask": b["decoder_attention_mask"], "labels": b["labels"]}
+
+
+def padded_cls_batch(batch_size=3, seq_len=7, seed=0, pad_token_id=0):
+    """Sequence classification; example 0 right-padded with ``pad_token_id`` (decoder classifiers read the last
+    non-pad token, a data-dependent position)."""
+    b = causal_batch(batch_size, seq_len, seed, pad_tail=True)
+    b["input_ids"][b["attention_mask"] == 0] = pad_token_id
+    b["labels"] = torch.arange(batch_size) % NUM_LABELS
+    return b
+
+
+
+def tiny_phi3(dtype=torch.float64, seed=0):
+    """Fused ``qkv_proj`` (q 32 + k 16 + v 16 rows, sliced per head group) and fused ``gate_up_proj`` (chunked)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Phi3Config(**_DECODER, resid_pdrop=0.0, embd_pdrop=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                     sliding_window=None)
+    return _finish(Phi3ForCausalLM(cfg), dtype)
+
+
+def tiny_olmoe(dtype=torch.float64, seed=0, experts="batched_mm"):
+    """4 experts, top-2, q/k RMS norms, ``clip_qkv`` small enough that the clamp is active. "batched_mm": see
+    :func:`tiny_mixtral` (eager experts are data-dependent; grouped_mm has no float64 CPU kernel)."""
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = OlmoeConfig(**_DECODER, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, clip_qkv=0.15,
+                      pad_token_id=1, bos_token_id=None, eos_token_id=2, experts_implementation=experts)
+    return _finish(OlmoeForCausalLM(cfg), dtype)
+
+
+def tiny_qwen2_moe(dtype=torch.float64, seed=0, experts="batched_mm"):
+    """4 routed experts (top-2, renormalised) plus a shared expert behind a sigmoid gate; qkv biases."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2MoeConfig(**_DECODER, moe_intermediate_size=24, shared_expert_intermediate_size=48, num_experts=4,
+                         num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                         use_sliding_window=False, qkv_bias=True, experts_implementation=experts)
+    return _finish(Qwen2MoeForCausalLM(cfg), dtype)
+
+
+def tiny_gptj(dtype=torch.float64, seed=0):
+    """Parallel attention + MLP behind one layer norm, rotary on the first 4 of 8 head dims (interleaved)."""
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GPTJConfig(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_inner=48,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False)
+    return _finish(GPTJForCausalLM(cfg), dtype)
+
+
+def tiny_codegen(dtype=torch.float64, seed=0):
+    """One fused ``qkv_proj`` split in 4 "model-parallel" blocks, each holding a slice of q, v and k (in that order)."""
+    from transformers import CodeGenConfig, CodeGenForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = CodeGenConfig(vocab_size=VOCAB, n_positions=64, n_ctx=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
+                        n_inner=48, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False)
+    return _finish(CodeGenForCausalLM(cfg), dtype)
+
+
+def tiny_deberta_v2(dtype=torch.float64, seed=0):
+    """Masked LM with disentangled relative attention (c2p + p2c, log buckets, shared key projection, layer-normed
+    relative embeddings), no absolute positions, and the convolution branch after the first layer."""
+    from transformers import DebertaV2Config, DebertaV2ForMaskedLM
+
+    torch.manual_seed(seed)
+    cfg = DebertaV2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=48, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                          max_position_embeddings=64, type_vocab_size=0, relative_attention=True,
+                          max_relative_positions=16, position_buckets=8, pos_att_type=["p2c", "c2p"],
+                          position_biased_input=False, share_att_key=True, norm_rel_ebd="layer_norm",
+                          conv_kernel_size=3, conv_act="gelu", pad_token_id=0)
+    return _finish(DebertaV2ForMaskedLM(cfg), dtype)
+
+
+def tiny_albert(dtype=torch.float64, seed=0):
+    """Masked LM; factorised embeddings (16 -> 32) and ONE layer's weights applied 3 times (shared layers)."""
+    from transformers import AlbertConfig, AlbertForMaskedLM
+
+    torch.manual_seed(seed)
+    cfg = AlbertConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=3, num_hidden_groups=1,
+                       inner_group_num=1, num_attention_heads=4, intermediate_size=48, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0, max_position_embeddings=64,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2, attn_implementation="sdpa")
+    return _finish(AlbertForMaskedLM(cfg), dtype)
+
+
+def tiny_distilbert(dtype=torch.float64, seed=0):
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+    torch.manual_seed(seed)
+    cfg = DistilBertConfig(vocab_size=VOCAB, max_position_embeddings=64, n_layers=2, n_heads=4, dim=32,
+                           hidden_dim=48, dropout=0.0, attention_dropout=0.0, pad_token_id=0,
+                           attn_implementation="sdpa")
+    return _finish(DistilBertForMaskedLM(cfg), dtype)
+
+
+def tiny_whisper(dtype=torch.float64, seed=0):
+    """Encoder-decoder on ``input_features`` (two conv1d + sinusoidal positions), LM head tied to the decoder
+    embeddings."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = WhisperConfig(vocab_size=VOCAB, num_mel_bins=WHISPER_MELS, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=4, decoder_attention_heads=4, d_model=32, encoder_ffn_dim=48,
+                        decoder_ffn_dim=48, max_source_positions=WHISPER_FRAMES, max_target_positions=16,
+                        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, encoder_layerdrop=0.0,
+                        decoder_layerdrop=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2,
+                        decoder_start_token_id=2, suppress_tokens=None, begin_suppress_tokens=None,
+                        apply_spec_augment=False, use_cache=False, attn_implementation="sdpa")
+    return _finish(WhisperForConditionalGeneration(cfg), dtype)
+
+
+def tiny_convnext(dtype=torch.float64, seed=0):
+    """Depthwise 7x7 convolutions, channels-first and channels-last layer norms, per-channel layer scale (1.0, not
+    the default 1e-6 that would make every block nearly the identity)."""
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    torch.manual_seed(seed)
+    cfg = ConvNextConfig(num_channels=3, patch_size=4, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1],
+                         layer_scale_init_value=1.0, drop_path_rate=0.0, image_size=IMAGE_SIZE, num_labels=NUM_LABELS)
+    return _finish(ConvNextForImageClassification(cfg), dtype)
+
+
+def tiny_clip_vision(dtype=torch.float64, seed=0):
+    """CLIP's vision tower (class token, pre-layernorm, quick-GELU) + a linear head on the mean patch token."""
+    from transformers import CLIPConfig, CLIPForImageClassification
+
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_channels=3,
+                  image_size=IMAGE_SIZE, patch_size=4, attention_dropout=0.0)
+    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                max_position_embeddings=16)
+    cfg = CLIPConfig(text_config=text, vision_config=vision, num_labels=NUM_LABELS, attn_implementation="sdpa")
+    return _finish(CLIPForImageClassification(cfg), dtype)
+
+
+def tiny_partially_frozen_llama(dtype=torch.float64, seed=0):
+    """model_zoo's untied Llama with only its second decoder layer trainable (embeddings, layer 0, final norm and
+    LM head frozen)."""
+    model = tiny_llama(dtype, tied=False, seed=seed)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("model.layers.1."))
+    return model
+
+
+# ---- more PEFT methods --------------------------------------------------------------------------------------
+
+
+def tiny_lora_gpt2(dtype=torch.float64, seed=0):
+    """LoRA on GPT-2's Conv1D layers (weight stored [in, out]: ``fan_in_fan_out=True``): c_attn, both c_proj, c_fc."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
+                     lora_dropout=0.0)
+    model = get_peft_model(tiny_gpt2(dtype, seed=seed), cfg)
+    jitter_trainable(model, seed + 1)
+    return model.to(dtype).eval()
+
+
+def tiny_lora_cls_llama(dtype=torch.float64, seed=0):
+    """Sequence-classification Llama (``pad_token_id`` 0: it reads the last non-pad token) with LoRA on q/v and a
+    trainable copy of the ``score`` head (``modules_to_save``; the original head stays frozen)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    base_cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa",
+                           max_position_embeddings=64, num_labels=NUM_LABELS, pad_token_id=0)
+    base = _finish(LlamaForSequenceClassification(base_cfg), dtype)
+    cfg = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0,
+                     modules_to_save=["score"])
+    model = get_peft_model(base, cfg)
+    jitter_trainable(model, seed + 1)
+    return model.to(dtype).eval()
+
+
+def tiny_ptuning_llama(dtype=torch.float64, seed=0):
+    """P-tuning: 3 virtual tokens produced by an MLP prompt encoder (its weights are what is trained)."""
+    from peft import PromptEncoderConfig
+
+    cfg = PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_reparameterization_type="MLP",
+                              encoder_hidden_size=16, encoder_dropout=0.0)
+    return _peft_llama(cfg, dtype, seed)
+
+
+def tiny_adaption_prompt_llama(dtype=torch.float64, seed=0):
+    """LLaMA-Adapter: learned adapter prompts attended through a zero-init gate in the last layer."""
+    from peft import AdaptionPromptConfig
+
+    return _peft_llama(AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=3, adapter_layers=1), dtype, seed)
+
+
+def trainable_token_ids():
+    """Three token ids that occur in :func:`causal_batch` (so their trainable embedding rows reach the loss)."""
+    ids = causal_batch()["input_ids"]
+    return [int(t) for t in ids[1, :3]]
+
+
+def tiny_trainable_tokens_llama(dtype=torch.float64, seed=0):
+    """Trainable tokens: only three rows of the input embedding are trainable (a sparse delta on a frozen table)."""
+    from peft import TrainableTokensConfig
+
+    cfg = TrainableTokensConfig(token_indices=trainable_token_ids(), target_modules=["embed_tokens"])
+    return _peft_llama(cfg, dtype, seed)
+
+
+def tiny_hra_llama(dtype=torch.float64, seed=0):
+    """HRA: the weight times a product of r Householder reflections."""
+    from peft import HRAConfig
+
+    return _peft_llama(HRAConfig(r=4, target_modules=TARGETS), dtype, seed)
+
+
+def tiny_vblora_llama(dtype=torch.float64, seed=0):
+    """VB-LoRA: LoRA factors assembled from a shared vector bank by a top-2 softmax over trainable logits."""
+    from peft import VBLoRAConfig
+
+    cfg = VBLoRAConfig(r=4, num_vectors=16, vector_length=8, topk=2, target_modules=TARGETS, vblora_dropout=0.0)
+    return _peft_llama(cfg, dtype, seed)
+
+
+def tiny_c3a_llama(dtype=torch.float64, seed=0):
+    """C3A: a block-circulant delta applied by FFT."""
+    from peft import C3AConfig
+
+    return _peft_llama(C3AConfig(block_size=8, target_modules=TARGETS), dtype, seed)
+
+
+def tiny_road_llama(dtype=torch.float64, seed=0):
+    """RoAd: 2D rotations (scaled) of pairs of output features."""
+    from peft import RoadConfig
+
+    return _peft_llama(RoadConfig(variant="road_2", group_size=8, target_modules=TARGETS), dtype, seed)
+
+
+def tiny_shira_llama(dtype=torch.float64, seed=0):
+    """SHiRA: a sparse trainable delta on a fixed random mask of the weight."""
+    from peft import ShiraConfig
+
+    return _peft_llama(ShiraConfig(r=4, random_seed=seed, target_modules=TARGETS), dtype, seed)
+
+
+def tiny_miss_llama(dtype=torch.float64, seed=0):
+    """MiSS: one shared trainable shard, expanded over the weight's rows."""
+    from peft import MissConfig
+
+    return _peft_llama(MissConfig(r=4, miss_dropout=0.0, target_modules=TARGETS), dtype, seed)
+
+
 ZOO = {
     "mixtral": (tiny_mixtral, causal_batch, None),
     "mixtral_batched_mm": (lambda dtype=torch.float64: tiny_mixtral(dtype, experts="batched_mm"), causal_batch, None),
@@ -365,4 +634,29 @@ ZOO = {
     "vera_llama": (tiny_vera_llama, causal_batch, None),
     "boft_llama": (tiny_boft_llama, causal_batch, None),
     "ln_tuning_llama": (tiny_ln_tuning_llama, causal_batch, None),
+    # ---- more families
+    "phi3": (tiny_phi3, causal_batch, None),
+    "olmoe_batched_mm": (tiny_olmoe, causal_batch, None),
+    "qwen2_moe_batched_mm": (tiny_qwen2_moe, causal_batch, None),
+    "gptj": (tiny_gptj, causal_batch, None),
+    "codegen": (tiny_codegen, causal_batch, None),
+    "deberta_v2": (tiny_deberta_v2, mlm_batch, None),
+    "albert": (tiny_albert, mlm_batch, None),
+    "distilbert": (tiny_distilbert, mlm_batch, None),
+    "whisper": (tiny_whisper, whisper_batch, None),
+    "convnext": (tiny_convnext, image_batch, None),
+    "clip_vision": (tiny_clip_vision, image_batch, None),
+    "partially_frozen_llama": (tiny_partially_frozen_llama, causal_batch, None),
+    # ---- more PEFT methods
+    "lora_gpt2": (tiny_lora_gpt2, causal_batch, None),
+    "lora_cls_llama": (tiny_lora_cls_llama, padded_cls_batch, None),
+    "ptuning_llama": (tiny_ptuning_llama, causal_batch, None),
+    "adaption_prompt_llama": (tiny_adaption_prompt_llama, causal_batch, None),
+    "trainable_tokens_llama": (tiny_trainable_tokens_llama, causal_batch, None),
+    "hra_llama": (tiny_hra_llama, causal_batch, None),
+    "vblora_llama": (tiny_vblora_llama, causal_batch, None),
+    "c3a_llama": (tiny_c3a_llama, causal_batch, None),
+    "road_llama": (tiny_road_llama, causal_batch, None),
+    "shira_llama": (tiny_shira_llama, causal_batch, None),
+    "miss_llama": (tiny_miss_llama, causal_batch, None),
 }

@@ -24,6 +24,7 @@ class ShiftedCandidateLoss:
     def __init__(self, base, offset: int):
         self.base, self.offset = base, int(offset)
         self.label_token_ids = base.label_token_ids
+        self.loss_keys = base.loss_keys
         if hasattr(base, "from_readout"):
             self.readout_token_ids = base.readout_token_ids
             self.from_readout = base.from_readout

@@ -34,10 +34,11 @@ class ZOTrainer(Trainer):
             the learning rate, weight decay and seed come from ``TrainingArguments``.
         zo_loss: per-example loss ``(outputs, batch) -> Tensor[N]`` (default: from the model class).
         zo_impl: "auto", "torch" or "triton" (see :func:`zo_fx.zo_compile`).
+        zo_loss_keys: batch keys only the loss reads (see ``loss_keys`` of :func:`zo_fx.zo_compile`).
     """
 
     def __init__(self, *args, zo_method: str = "fzoo", zo_kwargs: dict | None = None, zo_loss=None,
-                 zo_impl: str = "auto", **kwargs):
+                 zo_impl: str = "auto", zo_loss_keys=(), **kwargs):
         try:
             get_method(zo_method)  # an unknown name fails here, before the Trainer is built
         except ValueError as err:
@@ -47,13 +48,15 @@ class ZOTrainer(Trainer):
         self.zo_kwargs = dict(zo_kwargs or {})
         self.zo_loss = zo_loss
         self.zo_impl = zo_impl
+        self.zo_loss_keys = tuple(zo_loss_keys)
         self.zo_module = None
         self.zo_optimizer = None
         self.last_step_info = None
         self._pending_zo_state = None
 
     def _build_zo(self, batch: dict) -> None:
-        self.zo_module = zo_compile(self.model, batch, loss=self.zo_loss, impl=self.zo_impl)
+        self.zo_module = zo_compile(self.model, batch, loss=self.zo_loss, impl=self.zo_impl,
+                                     loss_keys=self.zo_loss_keys)
         self.zo_optimizer = build_optimizer(
             self.zo_method, self.zo_module, lr=self.args.learning_rate, weight_decay=self.args.weight_decay,
             seed=self.args.seed, **self.zo_kwargs,
