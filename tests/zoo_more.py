@@ -4,17 +4,30 @@ Companion of :mod:`model_zoo`: the same style (float64, eval mode, dropout 0, hi
 size 16-32, 1-2 layers, ``VOCAB`` tokens where the family allows), more families and
 more PEFT methods. Every entry of ``ZOO`` is ``name -> (make_model, make_batch, loss)``
 where ``loss`` is ``None`` when :func:`zo_fx.losses.default_loss` knows the model class
-(all entries: encoder-decoder LMs get ``seq2seq_lm_loss``, image classifiers
-``sequence_classification_loss``) and a per-example loss otherwise.
+(all entries: encoder-decoder LMs, Whisper included, get ``seq2seq_lm_loss``, masked LMs
+``masked_lm_loss``, image and sequence classifiers ``sequence_classification_loss``) and a
+per-example loss otherwise.
 
 Families: Mixtral (MoE, 4 experts, top-2), T5 and BART (encoder-decoder), Falcon (fused
 qkv; old and new decoder architecture), Qwen2, Gemma, Gemma2, Mistral, GPT-NeoX, BLOOM
-(ALiBi), Mamba (depthwise conv1d + selective scan), ViT and ResNet (``pixel_values``).
+(ALiBi), Mamba (depthwise conv1d + selective scan), ViT and ResNet (``pixel_values``);
+Phi3 (fused ``qkv_proj`` sliced into q/k/v, fused ``gate_up_proj``), OLMoE (MoE with q/k
+norms and an active ``clip_qkv`` clamp) and Qwen2-MoE (routed experts + a sigmoid-gated
+shared expert), GPT-J (parallel block, partial interleaved rotary) and CodeGen (fused qkv
+in 4 interleaved blocks), DeBERTa-v2 (masked LM, disentangled relative attention, conv
+branch), ALBERT (masked LM, one layer's weights shared by 3 layers, factorised
+embeddings), DistilBERT (masked LM), Whisper (encoder-decoder on ``input_features``),
+ConvNeXt and CLIP's vision tower (image classifiers), and a partially frozen Llama (only
+its second layer trainable).
 
-PEFT methods, all on model_zoo's tiny untied Llama, targeting ``q_proj``/``v_proj``
-where the method takes target modules: IA3 (plus a feed-forward IA3 on ``down_proj``,
-which scales the layer's input instead of its output), DoRA, LoHa, LoKr, AdaLoRA,
-FourierFT, OFT, VeRA, BOFT and LN tuning. LoRA, prompt and prefix tuning are in
+PEFT methods, on model_zoo's tiny untied Llama unless said otherwise, targeting
+``q_proj``/``v_proj`` where the method takes target modules: IA3 (plus a feed-forward IA3
+on ``down_proj``, which scales the layer's input instead of its output), DoRA, LoHa,
+LoKr, AdaLoRA, FourierFT, OFT, VeRA, BOFT, LN tuning, P-tuning (MLP prompt encoder),
+LLaMA-Adapter (adaption prompt), trainable tokens (a few embedding rows), HRA, VB-LoRA,
+C3A, RoAd, SHiRA and MiSS; LoRA on GPT-2's Conv1D layers (``fan_in_fan_out=True``), and
+LoRA + ``modules_to_save`` (a trainable copy of the ``score`` head) on a
+sequence-classification Llama. LoRA, prompt and prefix tuning on the Llama are in
 model_zoo and not repeated here.
 
 Adapter weights are NOT left at their PEFT init. Most adapters start as an exact no-op
@@ -28,12 +41,20 @@ trainable tensor visibly reaches the loss. Base models are random already (ResNe
 gets non-trivial batch-norm running statistics).
 
 Known exceptions, by the architecture's math, not the init: the key-projection bias of
-BART and ViT attention adds a constant to every score of a query's softmax row, so it
-never changes the output. ``benchmarks/coverage_probe.py --reach`` lists such tensors.
+BART, ViT, ALBERT and DistilBERT attention adds a constant to every score of a query's
+softmax row, so it never changes the output; CLIPForImageClassification classifies the
+mean patch token of the vision tower's last hidden state, so the tower's
+``post_layernorm`` (used only by its pooled output) never reaches the logits.
+``benchmarks/coverage_probe.py --reach`` lists such tensors.
+
+Entries torch.export itself cannot capture (a plain ``torch.export.export`` of the model
+fails the same way): HRA and SHiRA read the frozen base weight through ``.weight.data``
+inside ``forward``, which export lifts as a fake-tensor constant.
 
 Not built here: Mixtral's default experts implementation ("grouped_mm") has no float64
 CPU kernel, so the zoo uses "eager" (``mixtral``) and "batched_mm" (``mixtral_batched_mm``);
-Gemma2 has no sdpa attention, so it uses eager attention. Mamba's logits are float32.
+the same holds for OLMoE and Qwen2-MoE, which use "batched_mm". Gemma2 has no sdpa
+attention, so it uses eager attention. Mamba's logits are float32.
 """
 
 from __future__ import annotations
@@ -344,8 +365,8 @@ def tiny_ln_tuning_llama(dtype=torch.float64, seed=0):
 
 
 def whisper_batch(batch_size=3, seed=0, dtype=torch.float64):
-    """Log-mel-like ``input_features`` ``[N, WHISPER_MELS, 2 * WHISPER_FRAMES]`` (the encoder's two convolutions halve
-    the frames) + a teacher-forced decoder, example 0 right-padded on the decoder side (Whisper takes no encoder mask)."""
+    """Log-mel-like ``input_features`` ``[N, WHISPER_MELS, 2 * WHISPER_FRAMES]`` (the encoder's convolutions halve
+    the frames) + a teacher-forced decoder; example 0 right-padded on the decoder side (Whisper has no encoder mask)."""
     b = seq2seq_batch(batch_size, seed=seed, decoder_start=2)
     g = torch.Generator().manual_seed(seed + 1)
     feats = torch.randn(batch_size, WHISPER_MELS, 2 * WHISPER_FRAMES, generator=g, dtype=torch.float64).to(dtype)
@@ -550,13 +571,13 @@ def tiny_adaption_prompt_llama(dtype=torch.float64, seed=0):
 
 
 def trainable_token_ids():
-    """Three token ids that occur in :func:`causal_batch` (so their trainable embedding rows reach the loss)."""
+    """The first token of each example of :func:`causal_batch` (so every example reads a trainable embedding row)."""
     ids = causal_batch()["input_ids"]
-    return [int(t) for t in ids[1, :3]]
+    return sorted({int(t) for t in ids[:, 0]})
 
 
 def tiny_trainable_tokens_llama(dtype=torch.float64, seed=0):
-    """Trainable tokens: only three rows of the input embedding are trainable (a sparse delta on a frozen table)."""
+    """Trainable tokens: only a few rows of the input embedding are trainable (a sparse delta on a frozen table)."""
     from peft import TrainableTokensConfig
 
     cfg = TrainableTokensConfig(token_indices=trainable_token_ids(), target_modules=["embed_tokens"])

@@ -52,9 +52,10 @@ class ZOReport:
             lines.append(f"  {name:<{width}}  {desc}")
             for node, _, rule in uses:
                 refused = self.refusals.get((name, node))
-                if refused and rule not in ("linear", "embedding"):
-                    why = "; ".join(f"{r}: {reason}" for r, reason in refused if r != "invariant")
-                    lines.append(f"  {'':<{width}}    {node}: not faster because {why}")
+                if refused and rule == "per-group":  # the slowest rule: say why no faster one took it
+                    why = "; ".join(f"{r}: {reason}" for r, reason in refused
+                                    if r != "invariant" and not reason.startswith(("not a ", "not an ")))
+                    lines.append(f"  {'':<{width}}    {node} runs per group: {why}")
         if self.frozen:
             lines.append(f"  frozen: {', '.join(self.frozen[:8])}{' ...' if len(self.frozen) > 8 else ''}")
         lines += [f"  note: {n}" for n in self.notes]
