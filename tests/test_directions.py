@@ -75,6 +75,7 @@ def test_update_does_not_depend_on_chunk_size(kind):
         assert torch.equal(r, results[0])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kind", KINDS)
 def test_values_do_not_depend_on_device(kind):

@@ -51,15 +51,26 @@ def test_triton_impl_gives_the_torch_group_losses(make_model, monkeypatch):
 
 
 def test_fzoo_steps_through_the_kernels_match_the_torch_path():
+    """Same losses up to float32 rounding, and weights that differ only as much as the coefficients do.
+
+    The update is the same code on both paths; the forward may differ by float32 rounding,
+    which FZOO's normalisation by sigma (N = 2 directions here) amplifies in the
+    coefficients. Each step moves a weight by at most ``lr * sum_i |coef_i| * max|u|``, so
+    two runs whose coefficients differ by ``delta_i`` may differ by ``lr * sum_i |delta_i|``
+    per step (Rademacher: |u| = 1), plus rounding.
+    """
     model, batch = tiny_llama(torch.float32), causal_batch(2, 5)
-    results = {}
+    results, infos = {}, {}
     for impl in ("torch", "triton"):
         m = copy.deepcopy(model)
         opt = zo_fx.FZOO(zo_fx.zo_compile(m, batch, impl=impl), lr=1e-2, eps=1e-2, n_directions=2)
-        for _ in range(2):
-            opt.step(batch)
+        infos[impl] = [opt.step(batch) for _ in range(2)]
         results[impl] = m
+    bound = 0.0
+    for a, b in zip(infos["torch"], infos["triton"]):
+        assert a.seeds == b.seeds
+        assert_close(torch.tensor(b.losses), torch.tensor(a.losses), rtol=1e-5, atol=1e-5, what="step losses")
+        bound += a.lr * sum(abs(x - y) for x, y in zip(a.coefs, b.coefs))
+    print(f"weights may differ by {bound:.3e} from the coefficients' differences")
     for (n, a), b in zip(results["torch"].named_parameters(), results["triton"].parameters()):
-        # the updates are identical code on CPU; the forward may differ by float32 rounding, which
-        # moves the coefficients by ~1e-5 relative: the weights agree to lr * that
-        assert_close(b, a, rtol=1e-5, atol=1e-6, what=f"{n} after 2 FZOO steps, Triton vs torch")
+        assert_close(b, a, rtol=1e-6, atol=bound + 1e-7, what=f"{n} after 2 FZOO steps, Triton vs torch")

@@ -8,7 +8,7 @@ seen immediately, and it never writes a parameter itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -41,8 +41,9 @@ class ZOModule:
     """A model compiled for zeroth-order training: G perturbed copies per forward pass."""
 
     def __init__(self, model: torch.nn.Module, captured: CapturedModel, loss: LossFn, impl: str, backend: str,
-                 fuse_head: bool = True):
+                 fuse_head: bool = True, loss_keys: tuple = DEFAULT_LOSS_KEYS):
         self.model = model
+        self.loss_keys = tuple(loss_keys)
         self.captured = captured
         cut = cut_head(captured) if fuse_head else None
         self.headless: CapturedModel | None = cut[0] if cut else None
@@ -86,7 +87,20 @@ class ZOModule:
             self._graphs[key] = torch.compile(gm, dynamic=True) if self.backend == "inductor" else gm
         return self._graphs[key]
 
+    def check_batch(self, batch) -> None:
+        """A batch must hold the tensors the graph takes, and nothing the model would silently not see."""
+        missing = [k for k in self.captured.input_keys if k not in batch]
+        unknown = [k for k, v in batch.items()
+                   if k not in self.captured.input_keys and k not in self.loss_keys and isinstance(v, torch.Tensor)]
+        if missing or unknown:
+            raise ValueError(
+                f"this batch does not match the compiled graph: missing {missing}, not taken by the graph {unknown}. "
+                f"The graph takes {self.captured.input_keys}; loss-only keys: {list(self.loss_keys)}. Recompile "
+                "with an example batch that has the same keys (declare loss-only keys with loss_keys=[...])."
+            )
+
     def _run(self, batch: dict, table: GroupTable, headless: bool = False):
+        self.check_batch(batch)
         seeds, scales = table.tensors()
         args = live_inputs(self.captured, self.model, batch) + [seeds, scales]
         with torch.no_grad():
@@ -187,11 +201,12 @@ def zo_compile(
     check_impl(impl)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    if not isinstance(example_batch, dict):
+    if not isinstance(example_batch, Mapping):
         raise TypeError(
             "example_batch must be a dict of tensors (e.g. input_ids, attention_mask); "
             f"got {type(example_batch).__name__}"
         )
+    example_batch = dict(example_batch)  # a tokenizer's BatchEncoding is a mapping, not a dict
     model.eval()
     loss_fn = loss if loss is not None else default_loss(model)
     loss_only = (*DEFAULT_LOSS_KEYS, *getattr(loss_fn, "loss_keys", ()), *loss_keys)
@@ -201,4 +216,4 @@ def zo_compile(
             f"{type(model).__name__} has no trainable parameter used by its forward (all requires_grad=False?); "
             "unfreeze the parameters to train"
         )
-    return ZOModule(model, captured, loss_fn, impl, backend, fuse_head)
+    return ZOModule(model, captured, loss_fn, impl, backend, fuse_head, loss_only)
