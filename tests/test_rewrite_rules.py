@@ -235,3 +235,17 @@ def test_adapted_weights_exist_one_group_at_a_time(make_model):
     print(f"largest tensors made: {made[:5]}; adapted weight {tuple(weight.shape)}")
     assert any(shape == tuple(weight.shape) for _, shape in made), "no adapted weight was formed: test sees nothing"
     assert made[0][0] <= 2 * weight.numel(), f"{made[0]} is more than about one adapted weight"
+
+
+def test_the_postcondition_catches_a_parameter_read_unperturbed(monkeypatch):
+    """A rule that copied a parameter use as it is would evaluate every group at the plain weights."""
+    import zo_fx.passes.rewrite as rewrite
+
+    def copy_as_is(node, ctx):
+        return lambda: ctx.set(node, ctx.copy(node, lambda a: ctx.new[a]), "invariant")
+
+    monkeypatch.setattr(rewrite, "RULES", [("copy-as-is", copy_as_is)])
+    model, batch = _module(TransposedWeight), {"x": _x()}
+    zm = zo_fx.zo_compile(model, batch, loss=_sum_loss)
+    with pytest.raises(AssertionError, match="postcondition: parameter 'w' is read unperturbed"):
+        zm.group_losses(batch, TABLE)

@@ -78,6 +78,8 @@ class RewriteContext:
         self.trainable = {ph: name for ph, name in captured.param_of_placeholder.items() if name in captured.pids}
         self.seeds: Node | None = None
         self.scales: Node | None = None
+        #: the rule rewriting the current node: what a parameter use it emits is recorded under
+        self.current_rule = "per-group"
         self._repeated: dict[Node, Node] = {}
         self._scaled: dict[Node, Node] = {}
         self._per_group: dict[Node, Node] = {}
@@ -129,9 +131,6 @@ class RewriteContext:
         if layout in (INV, PG):
             return bool(self.batch_dims(node)) or self.is_batch_sym(node)
         return False
-
-    def inputs(self, node: Node) -> list[Node]:
-        return list(node.all_input_nodes)
 
     def layouts(self, node: Node) -> set[str]:
         return {self.layout_of(a) for a in node.all_input_nodes}
@@ -214,8 +213,6 @@ class RewriteContext:
             self.new[node] = self.emit(ops.lazy_map, (ops.op_ref(target), self.G, codes, args, kwargs, cache))
         finally:
             self.current_rule = saved
-
-    current_rule: str = "per-group"
 
     def leaves(self, node: Node, grouped_code):
         """``node``'s args with every input replaced by its new value, and one map_groups code per leaf."""

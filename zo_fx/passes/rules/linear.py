@@ -62,8 +62,6 @@ def fold_weight(operand, ctx: RewriteContext) -> tuple[Node, tuple | None, bool]
         else:
             return Refusal(f"{view.name} ({view.target}) between the parameter and the product is not a "
                            "transpose, an order-keeping reshape or a no-op cast")
-        if view is not operand and len(view.users) != 1:
-            pass  # other users see the view through their own rules; folding here copies nothing
     if len(shape) != 2:
         return Refusal(f"the weight reaches the product with {len(shape)} dims, not 2")
     return node, (shape if shape != tuple(param.shape) else None), transposed
@@ -119,9 +117,8 @@ def match(node: Node, ctx: RewriteContext):
             ctx.new[x], ctx.new[weight], ctx.new[b] if b is not None else None, ctx.pid(weight), ctx.pid(b),
             ctx.seeds, ctx.scales, ctx.kind, ctx.G, bdim if grouped else ops.PASS, layout, ctx.impl, shape,
         )), GRP)
-        for p in (weight, b):
-            if p is not None and ctx.layout_of(p) == PARAM:
-                ctx.record(node, p, "linear" if p is weight and w_operand is weight else
-                           "linear (folded views)" if p is weight else "linear")
+        ctx.record(node, weight, "linear" if w_operand is weight else "linear (folded views)")
+        if b is not None and ctx.layout_of(b) == PARAM:
+            ctx.record(node, b, "linear")
 
     return apply
