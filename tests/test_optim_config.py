@@ -8,6 +8,7 @@ from toy_problems import TOYS, Toy2D, identity_loss, toy_batch
 
 import zo_fx
 from zo_fx.kernels import update as update_kernels
+from zo_fx.optim.trajectory import content_checksum
 
 
 def toy_module(impl="auto"):
@@ -90,6 +91,9 @@ def test_a_trajectory_with_other_constants_is_refused_on_resume():
     opt = zo_fx.AdaMeZO(zm, lr=1e-3, horizon=3)
     state = opt.state_dict()
     state["trajectory"]["horizon"] = 7  # the config says 3: the saved trajectory was not made by it
+    with pytest.raises(ValueError, match="checksum"):  # an edited file
+        zo_fx.AdaMeZO(zm, lr=1e-3, horizon=3).load_state_dict(state)
+    state["trajectory"]["checksum"] = content_checksum(state["trajectory"])  # a consistent file of another run
     with pytest.raises(ValueError, match="horizon: saved 7, here 3"):
         zo_fx.AdaMeZO(zm, lr=1e-3, horizon=3).load_state_dict(state)
 

@@ -12,6 +12,7 @@ from .optim import (
     MeZOConfig,
     StepInfo,
     Trajectory,
+    TrajectoryError,
     ZOConfig,
     ZOOptimizer,
     build_optimizer,
@@ -36,5 +37,5 @@ __all__ = [
     "zo_compile", "ZOModule", "GroupTable", "CandidateClassificationLoss", "causal_lm_loss",
     "MeZO", "FZOO", "AdaMeZO", "ZOOptimizer", "StepInfo", "Trajectory", "replay", "ZOTrainer",
     "ZOConfig", "MeZOConfig", "FZOOConfig", "AdaMeZOConfig", "METHODS", "build_optimizer",
-    "ExportFailedError", "UncoveredParameterUseError", "UnsupportedGraphError",
+    "ExportFailedError", "UncoveredParameterUseError", "UnsupportedGraphError", "TrajectoryError",
 ]

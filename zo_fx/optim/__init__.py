@@ -7,10 +7,11 @@ from .config import ZOConfig
 from .fzoo import FZOO, FZOOConfig
 from .mezo import MeZO, MeZOConfig
 from .registry import METHODS, Method, build_optimizer, get_method
-from .trajectory import ParamSpec, Trajectory, replay
+from .trajectory import ParamSpec, Trajectory, TrajectoryError, replay
 
 __all__ = [
     "METHODS", "FZOO", "AdaMeZO", "AdaMeZOConfig", "FZOOConfig", "MeZO", "MeZOConfig", "Method", "ParamSpec",
-    "StepInfo", "Trajectory", "ZOConfig", "ZOOptimizer", "build_optimizer", "decays", "direction_seed",
+    "StepInfo", "Trajectory", "TrajectoryError", "ZOConfig", "ZOOptimizer", "build_optimizer", "decays",
+    "direction_seed",
     "get_method", "latest_checkpoint", "load_checkpoint", "replay", "save_checkpoint",
 ]

@@ -25,7 +25,7 @@ from zo_fx.compile import ZOModule
 from zo_fx.streams.table import GroupTable
 
 from .config import ZOConfig
-from .trajectory import ParamSpec, Trajectory
+from .trajectory import Trajectory, model_fingerprint, tensor_spec
 
 NO_DECAY_KEYS = ("bias", "norm", "ln_")
 
@@ -103,8 +103,9 @@ class ZOOptimizer:
     weight_decay = property(lambda self: self.config.weight_decay)
 
     def _new_trajectory(self) -> Trajectory:
-        specs = [ParamSpec(n, self.zm.pids[n], decays(n, p)) for n, p in self.params.items()]
-        return Trajectory(method=self.method, kind=self.kind, weight_decay=self.weight_decay, params=specs)
+        specs = [tensor_spec(self.zm.model, n, self.zm.pids[n], decays(n, p)) for n, p in self.params.items()]
+        return Trajectory(method=self.method, kind=self.kind, weight_decay=self.weight_decay, params=specs,
+                          model=model_fingerprint(self.zm.model))
 
     # ---- learning rate ----------------------------------------------------------------------------------
     def current_lr(self) -> float:
@@ -204,7 +205,23 @@ class ZOOptimizer:
         fresh = self._new_trajectory()
         mine, theirs = fresh.constants(), trajectory.constants()
         diffs = [f"{k}: saved {theirs.get(k)!r}, here {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+        if trajectory.model is not None and trajectory.model != fresh.model:
+            diffs.append("the model's parameters differ from the saved run's model")
         if [p.name for p in trajectory.params] != [p.name for p in fresh.params]:
             diffs.append("the trainable parameters differ")
+        else:
+            diffs += _spec_diffs(trajectory, fresh)
         if diffs:
             raise ValueError(f"the saved trajectory does not belong to this optimizer ({'; '.join(diffs)})")
+
+
+def _spec_diffs(saved: Trajectory, fresh: Trajectory) -> list[str]:
+    """Shapes, dtypes, stream ids and ties of the saved parameters against this optimizer's (format 2)."""
+    diffs = []
+    for a, b in zip(saved.params, fresh.params):
+        if a.pid != b.pid or a.decay != b.decay:
+            diffs.append(f"{a.name}: stream id or weight decay differs")
+        if a.shape is not None and (tuple(a.shape), a.dtype, tuple(a.aliases)) != (b.shape, b.dtype, b.aliases):
+            diffs.append(f"{a.name}: saved {list(a.shape)} {a.dtype} tied {list(a.aliases)}, "
+                         f"here {list(b.shape)} {b.dtype} tied {list(b.aliases)}")
+    return diffs

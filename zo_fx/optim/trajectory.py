@@ -12,6 +12,7 @@ torch reference elsewhere), so training and replay on one device take the same p
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +20,18 @@ from pathlib import Path
 import torch
 
 from zo_fx import kernels
+from zo_fx.checks import check_int, check_real
 from zo_fx.files import atomic_write_json
+from zo_fx.streams.layout import KINDS
 
-FORMAT_VERSION = 1
+#: 2: parameter shapes, dtypes and tied names, and a checksum of the content
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+MODES = ("linear", "adamezo")
+
+
+class TrajectoryError(ValueError):
+    """A trajectory file or dict that is damaged, tampered with, or does not fit the model."""
 
 
 @dataclass
@@ -29,6 +39,55 @@ class ParamSpec:
     name: str
     pid: int
     decay: bool
+    #: what the parameter was when the run trained it (None in format-1 files)
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    #: the other names of the same tensor (tied weights)
+    aliases: tuple[str, ...] = ()
+
+    def to_list(self) -> list:
+        return [self.name, self.pid, self.decay, list(self.shape or []), self.dtype, list(self.aliases)]
+
+
+def tensor_spec(model: torch.nn.Module, name: str, pid: int, decay: bool) -> ParamSpec:
+    """The spec of parameter ``name`` of ``model``: its shape, dtype and tied names."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    tensor = named[name]
+    aliases = tuple(sorted(n for n, p in named.items() if p is tensor and n != name))
+    return ParamSpec(name, pid, decay, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), aliases)
+
+
+def spec_differences(specs: list[ParamSpec], model: torch.nn.Module) -> list[str]:
+    """How ``model``'s parameters differ from the ones a trajectory was recorded on (names, shapes, dtypes, ties)."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    diffs = []
+    for spec in specs:
+        if spec.name not in named:
+            diffs.append(f"no parameter {spec.name!r}")
+            continue
+        here = tensor_spec(model, spec.name, spec.pid, spec.decay)
+        if spec.shape is not None and tuple(spec.shape) != here.shape:
+            diffs.append(f"{spec.name}: shape {list(here.shape)}, the run had {list(spec.shape)}")
+        if spec.dtype is not None and spec.dtype != here.dtype:
+            diffs.append(f"{spec.name}: dtype {here.dtype}, the run had {spec.dtype}")
+        if spec.shape is not None and tuple(spec.aliases) != here.aliases:
+            diffs.append(f"{spec.name}: tied to {list(here.aliases) or 'nothing'}, in the run to "
+                         f"{list(spec.aliases) or 'nothing'}")
+    return diffs
+
+
+def model_fingerprint(model: torch.nn.Module) -> dict:
+    """Every parameter of the model (frozen ones too) as a count and a hash of names, shapes and dtypes."""
+    named = list(model.named_parameters(remove_duplicate=False))
+    text = ";".join(f"{n}:{list(p.shape)}:{p.dtype}" for n, p in sorted(named, key=lambda kv: kv[0]))
+    return {"tensors": len(named), "elements": sum(p.numel() for _, p in named),
+            "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def content_checksum(d: dict) -> str:
+    """sha256 of a trajectory dict's content (every field but the checksum), canonical JSON."""
+    body = {k: v for k, v in d.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 @dataclass
@@ -46,6 +105,8 @@ class Trajectory:
     adam_eps: float = 1e-5
     #: {"step", "seeds", "coefs", "lr", "mode": "linear" | "adamezo"}
     records: list[dict] = field(default_factory=list)
+    #: :func:`model_fingerprint` of the model the run trained (None in format-1 files)
+    model: dict | None = None
 
     # ---- applying updates -------------------------------------------------------------------------------
     def window(self, upto: int) -> tuple[list[int], list[float]]:
@@ -85,22 +146,24 @@ class Trajectory:
 
     # ---- persistence ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {
+        d = {
             "format": FORMAT_VERSION, "method": self.method, "kind": self.kind,
-            "params": [[p.name, p.pid, p.decay] for p in self.params],
+            "params": [p.to_list() for p in self.params],
             "weight_decay": self.weight_decay, "horizon": self.horizon, "betas": list(self.betas),
-            "ada_scale": self.ada_scale, "adam_eps": self.adam_eps, "records": self.records,
+            "ada_scale": self.ada_scale, "adam_eps": self.adam_eps, "records": self.records, "model": self.model,
         }
+        d["checksum"] = content_checksum(d)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Trajectory:
-        if d.get("format") != FORMAT_VERSION:
-            raise ValueError(f"unsupported trajectory format {d.get('format')!r}; this zo_fx reads {FORMAT_VERSION}")
-        return cls(
-            method=d["method"], kind=d["kind"], params=[ParamSpec(*p) for p in d["params"]],
-            weight_decay=d["weight_decay"], horizon=d["horizon"], betas=tuple(d["betas"]),
-            ada_scale=d["ada_scale"], adam_eps=d["adam_eps"], records=[dict(r) for r in d["records"]],
-        )
+        """A trajectory from its dict, every field checked; a format-2 dict must match its checksum."""
+        try:
+            return _parse(d)
+        except TrajectoryError:
+            raise
+        except (KeyError, TypeError, ValueError) as err:
+            raise TrajectoryError(f"the trajectory is malformed: {type(err).__name__}: {err}") from None
 
     def save(self, path) -> Path:
         """Write JSON atomically (a crash mid-write leaves the previous file intact)."""
@@ -111,7 +174,14 @@ class Trajectory:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no trajectory at {path}")
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise TrajectoryError(f"{path} is not a complete trajectory file (truncated or not JSON: {err})") from None
+        try:
+            return cls.from_dict(d)
+        except TrajectoryError as err:
+            raise TrajectoryError(f"{path}: {err}") from None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -125,10 +195,98 @@ def replay(model: torch.nn.Module, trajectory: Trajectory, start: int = 0, stop:
     the first ``start`` records); parameters are matched by name. ``impl`` as the run's
     ``zo_compile`` had it gives the bit-identical result.
     """
+    diffs = spec_differences(trajectory.params, model)
+    here = model_fingerprint(model)
+    if trajectory.model is not None and not diffs and here != trajectory.model:
+        diffs.append(f"the run's model had {trajectory.model['tensors']} parameter tensors of "
+                     f"{trajectory.model['elements']:,} elements, this one has {here['tensors']} of "
+                     f"{here['elements']:,}" if here["tensors"] != trajectory.model["tensors"] or
+                     here["elements"] != trajectory.model["elements"] else
+                     "its parameters' names, shapes or dtypes differ from the run's model")
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise TrajectoryError(
+            f"this model is not the one the trajectory was recorded on ({shown}); replay needs the base model "
+            "the run started from, with the same parameter names, shapes, dtypes and tied weights"
+        )
     tensors = dict(model.named_parameters())
-    missing = [p.name for p in trajectory.params if p.name not in tensors]
-    if missing:
-        raise KeyError(f"the model has no parameters named {missing[:5]}; replay needs the model the run trained")
     for i in range(start, len(trajectory) if stop is None else stop):
         trajectory.apply(tensors, i, impl=impl)
     return model
+
+
+def _parse(d) -> Trajectory:
+    if not isinstance(d, dict):
+        raise TrajectoryError(f"a trajectory is a JSON object; got {type(d).__name__}")
+    fmt = d.get("format")
+    if fmt not in READABLE_FORMATS:
+        raise TrajectoryError(f"unsupported trajectory format {fmt!r}; this zo_fx reads {READABLE_FORMATS}")
+    if fmt >= 2:
+        if d.get("checksum") != content_checksum(d):
+            raise TrajectoryError("its content does not match its checksum: the file was changed after it was written")
+    method, kind = d["method"], d["kind"]
+    if method not in ("mezo", "fzoo", "adamezo"):
+        raise TrajectoryError(f"method {method!r} is not one of mezo, fzoo, adamezo")
+    if kind not in KINDS:
+        raise TrajectoryError(f"kind {kind!r} is not one of {KINDS}")
+    params = [_param(p, fmt) for p in d["params"]]
+    if not params:
+        raise TrajectoryError("it lists no parameters: replaying it would change nothing")
+    for what, values in (("name", [p.name for p in params]), ("stream id", [p.pid for p in params])):
+        if len(set(values)) != len(values):
+            raise TrajectoryError(f"two parameters share a {what}")
+    horizon = check_int(d["horizon"], "horizon", low=0)
+    records = [_record(r, i, horizon) for i, r in enumerate(d["records"])]
+    betas = tuple(check_real(b, "betas", low=0.0, high=1.0, high_open=True) for b in d["betas"])
+    if len(betas) != 2:
+        raise TrajectoryError(f"betas must be two numbers; got {d['betas']!r}")
+    return Trajectory(
+        method=method, kind=kind, params=params, weight_decay=check_real(d["weight_decay"], "weight_decay", low=0.0),
+        horizon=horizon, betas=betas, ada_scale=check_real(d["ada_scale"], "ada_scale", low=0.0, low_open=True),
+        adam_eps=check_real(d["adam_eps"], "adam_eps", low=0.0, low_open=True), records=records,
+        model=_fingerprint(d.get("model")) if fmt >= 2 else None,
+    )
+
+
+def _fingerprint(m) -> dict | None:
+    if m is None:
+        return None
+    if not isinstance(m, dict) or set(m) != {"tensors", "elements", "sha256"}:
+        raise TrajectoryError(f"model fingerprint {m!r} is not {{tensors, elements, sha256}}")
+    return {"tensors": check_int(m["tensors"], "model tensors", low=0),
+            "elements": check_int(m["elements"], "model elements", low=0), "sha256": str(m["sha256"])}
+
+
+def _param(p, fmt: int) -> ParamSpec:
+    name, pid, decay = p[0], check_int(p[1], "parameter stream id", low=0, high=2**32 - 1), p[2]
+    if not isinstance(name, str) or not name or not isinstance(decay, bool):
+        raise TrajectoryError(f"parameter entry {p!r} is not [name, stream id, decays]")
+    if fmt < 2:
+        return ParamSpec(name, pid, decay)
+    shape = tuple(check_int(n, f"{name} shape", low=0) for n in p[3])
+    if not isinstance(p[4], str) or not isinstance(getattr(torch, p[4], None), torch.dtype):
+        raise TrajectoryError(f"{name}: dtype {p[4]!r} is not a torch dtype")
+    if not all(isinstance(a, str) for a in p[5]):
+        raise TrajectoryError(f"{name}: tied names {p[5]!r} are not names")
+    return ParamSpec(name, pid, decay, shape, p[4], tuple(p[5]))
+
+
+def _record(r, index: int, horizon: int) -> dict:
+    where = f"record {index}"
+    if not isinstance(r, dict):
+        raise TrajectoryError(f"{where} is not an object")
+    seeds, coefs = r["seeds"], r["coefs"]
+    if not isinstance(seeds, list) or not isinstance(coefs, list) or len(seeds) != len(coefs) or not seeds:
+        raise TrajectoryError(f"{where}: seeds and coefs must be two non-empty lists of one length")
+    for s in seeds:
+        check_int(s, f"{where} seed", low=0, high=2**64 - 1)
+    for c in coefs:
+        check_real(c, f"{where} coefficient")
+    check_real(r["lr"], f"{where} lr", low=0.0)
+    check_int(r["step"], f"{where} step", low=0)
+    mode = r.get("mode", "linear")
+    if mode not in MODES:
+        raise TrajectoryError(f"{where}: mode {mode!r} is not one of {MODES}")
+    if mode == "adamezo" and horizon < 1:
+        raise TrajectoryError(f"{where} is an AdaMeZO update but the horizon is {horizon}")
+    return dict(r)
