@@ -644,3 +644,39 @@ def test_a_cursor_refuses_a_state_from_another_stream():
 def test_a_cursor_needs_at_least_one_full_batch():
     with pytest.raises(ValueError, match="cannot make batches of 32 from 23 examples"):
         BatchCursor(_numbers_task().train, 32)
+
+
+def _word_level_tokenizer():
+    """Whole lower-cased words, ``[UNK]`` for any other: the label words are checked by token id, not text."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "[PAD]", "word", ":", "sentiment", "(", "positive", "or", "negative", ")", "love", "hate"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+
+
+def test_a_label_word_outside_the_vocabulary_is_refused_by_name():
+    task = _sentiment_task(label_words=[" fantastic", " horrible"])
+    with pytest.raises(ValueError, match=r"label word ' fantastic' .* unknown token"):
+        task.label_token_ids(_word_level_tokenizer())
+
+
+def test_two_label_words_with_one_token_id_are_refused():
+    task = _sentiment_task(label_words=[" positive", " Positive"])
+    with pytest.raises(ValueError, match=r"' positive' and ' Positive' .* same token"):
+        task.label_token_ids(_word_level_tokenizer())
+
+
+def test_a_class_no_example_uses_is_refused():
+    with pytest.raises(ValueError, match=r"label words \[' neutral'\]"):
+        _sentiment_task(label_words=[" negative", " positive", " neutral"])
+
+
+@pytest.mark.parametrize("text", [None, "", "   ", 7], ids=["null", "empty", "blank", "number"])
+def test_a_line_whose_text_is_not_a_non_empty_string_is_refused_with_its_line(tmp_path, text):
+    lines = ['{"text": "good film", "label": "pos"}', json.dumps({"text": text, "label": "neg"})]
+    with pytest.raises(ValueError, match="line 2: 'text' must be a non-empty string"):
+        load_jsonl_task(_write(tmp_path, lines), USER_WORDS, USER_TEMPLATE)

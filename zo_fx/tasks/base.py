@@ -92,6 +92,14 @@ class ClassificationTask:
                         f"example {i} of split {split!r} of task {self.name!r} has label {example.label}, "
                         f"outside 0..{len(self.label_words) - 1} (label words {self.label_words!r})"
                     )
+        used = {e.label for split in SPLITS for e in getattr(self, split)}
+        unused = [w for c, w in enumerate(self.label_words) if c not in used]
+        if used and unused:
+            raise ValueError(
+                f"no example of task {self.name!r} has the class of label words {unused!r}: a class no example "
+                "uses would only take probability away from the others. Remove it from the label words, or "
+                "add examples of it."
+            )
 
     @property
     def num_classes(self) -> int:
@@ -139,6 +147,18 @@ class ClassificationTask:
                     f"({shown}, ids {pieces}); each label word must be a single token. Choose other label "
                     "words (--label-words), e.g. common short words with a leading space such as "
                     "' yes'/' no' or ' good'/' bad'"
+                )
+            if getattr(tokenizer, "unk_token_id", None) is not None and pieces[0] == tokenizer.unk_token_id:
+                raise ValueError(
+                    f"label word {word!r} of task {self.name!r} is the tokenizer's unknown token "
+                    f"({tokenizer.unk_token!r}): the model cannot tell it from any other unknown word. Choose "
+                    "label words in the tokenizer's vocabulary (--label-words)"
+                )
+            if pieces[0] in ids:
+                other = self.label_words[ids.index(pieces[0])]
+                raise ValueError(
+                    f"label words {other!r} and {word!r} of task {self.name!r} are the same token (id "
+                    f"{pieces[0]}): the classes could not be told apart. Choose distinct label words"
                 )
             ids.append(pieces[0])
         example = next((e for s in SPLITS for e in getattr(self, s)), None)

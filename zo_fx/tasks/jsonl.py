@@ -98,7 +98,12 @@ def load_jsonl_task(
                 f"{path}, line {number}: label {row['label']!r} has no label word; label_words "
                 f"covers {list(index)}"
             )
-        examples.append(Example({"text": str(row["text"])}, index[str(row["label"])]))
+        text = row["text"]
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(
+                f"{path}, line {number}: 'text' must be a non-empty string; got {text!r}. Fix or remove the line."
+            )
+        examples.append(Example({"text": text}, index[str(row["label"])]))
     seen = {e.label for e in examples}
     if len(seen) < 2:
         raise ValueError(
