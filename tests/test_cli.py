@@ -10,6 +10,7 @@ writes, that resume is exact, what a mistake says), not that the model learns.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -317,3 +318,44 @@ def test_convergence_benchmark_smoke_run_writes_json_and_plot(model_dir, tmp_pat
     assert linear["curve"]["lr"] == pytest.approx([2e-3 * (1 - k / steps) for k in range(steps)])
     assert out_png.read_bytes()[:4] == b"\x89PNG"
     assert "| method" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one run per folder
+
+
+HOLD_LOCK = ("import sys, time; from zo_fx.locks import RunLock; RunLock.acquire(sys.argv[1]); "
+             "print('held', flush=True); time.sleep(120)")
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_overwrite_included(model_dir, tmp_path):
+    """A real second process holds the folder: the run is refused before it reads or writes anything there."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (out / "metrics.json").write_text("{}")  # the holder's file: --overwrite must not touch it
+        for extra in ([], ["--overwrite"]):
+            argv = ["finetune", "--model", str(model_dir), "--task", str(REVIEWS), "--label-words", WORDS,
+                    "--template", TEMPLATE, "--output-dir", str(out), "--steps", "1", *extra]
+            message = error_of(None, argv)
+            assert f"PID {holder.pid}" in message and "another run" in message
+        assert (out / "metrics.json").read_text() == "{}"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_lock_of_a_killed_run_is_taken_over(tmp_path, capsys):
+    from zo_fx.locks import LOCK_NAME, RunLock
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()  # as a crash would: the lock file stays
+    holder.wait()
+    assert (out / LOCK_NAME).exists()
+    with RunLock.acquire(out):
+        assert "stale lock" in capsys.readouterr().out
+        assert json.loads((out / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert not (out / LOCK_NAME).exists()

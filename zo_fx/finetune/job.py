@@ -16,14 +16,15 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from zo_fx.files import atomic_path, atomic_write_json
-from zo_fx.finetune.config import DEFAULT_EVALS, DTYPES, FinetuneConfig
+from zo_fx.finetune.config import DEFAULT_EVALS, DTYPES, FinetuneConfig, FinetuneError
 from zo_fx.finetune.evaluation import evaluate
 from zo_fx.finetune.loss import build_loss
 from zo_fx.finetune.model import apply_peft, load_model_and_tokenizer
 from zo_fx.finetune.optimizer import build_optimizer
 from zo_fx.finetune.plots import plot_curves, summary_table
-from zo_fx.finetune.resume import prepare_output_dir, restore_checkpoint, write_checkpoint
+from zo_fx.finetune.resume import output_dir_of, prepare_output_dir, restore_checkpoint, write_checkpoint
 from zo_fx.finetune.task import build_task
+from zo_fx.locks import RunLock, RunLockedError
 
 
 class FinetuneJob:
@@ -38,7 +39,19 @@ class FinetuneJob:
         self.cfg = cfg
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
-        self.out, stale = prepare_output_dir(cfg)
+        self.out = output_dir_of(cfg)
+        try:
+            self.lock = RunLock.acquire(self.out)  # before anything is read from or written to the folder
+        except RunLockedError as err:
+            raise FinetuneError(str(err)) from None
+        try:
+            self._setup(cfg)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, cfg: FinetuneConfig) -> None:
+        stale = prepare_output_dir(cfg, self.out)
         self.task = build_task(cfg)
         print(self.task.summary(), flush=True)
         print(f"loading {cfg.model} ...", flush=True)
@@ -164,6 +177,7 @@ class FinetuneJob:
 def run(cfg: FinetuneConfig) -> dict:
     """Run the job of ``cfg`` end to end and return what ``metrics.json`` holds."""
     job = FinetuneJob(cfg)
-    state = job.start()
-    job.train(state)
-    return job.finish(state)
+    with job.lock:
+        state = job.start()
+        job.train(state)
+        return job.finish(state)

@@ -25,28 +25,34 @@ RESUME_KEYS = ("model", "task", "label_words", "template", "data_dir", "method",
 _RUN_FILES = ("metrics.json", "trajectory.json", "model.safetensors", "curves.png", "LATEST")
 
 
-def prepare_output_dir(cfg: FinetuneConfig) -> tuple[Path, list[Path]]:
-    """The run folder, and the files of an earlier run in it that ``overwrite`` will replace.
+def output_dir_of(cfg: FinetuneConfig) -> Path:
+    """``--output-dir``, or a new timestamped folder under runs/finetune."""
+    if cfg.output_dir is None:
+        stem = Path(cfg.task).stem if cfg.task.endswith(".jsonl") else cfg.task.lower()
+        return Path("runs") / "finetune" / f"{stem}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg.output_dir)
+
+
+def prepare_output_dir(cfg: FinetuneConfig, out: Path) -> list[Path]:
+    """The files of an earlier run in ``out`` that ``overwrite`` will replace.
 
     Nothing is deleted here: the job removes them only once the new run has been set up without
     error, so a mistake in the new run's flags cannot cost the old one.
     """
     if cfg.output_dir is None:
-        stem = Path(cfg.task).stem if cfg.task.endswith(".jsonl") else cfg.task.lower()
-        return Path("runs") / "finetune" / f"{stem}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}", []
-    out = Path(cfg.output_dir)
+        return []
     if cfg.resume:
         if latest_checkpoint(out) is None:
             raise FinetuneError(f"--resume: {out} holds no checkpoint (no LATEST pointing at a complete "
                                 "step-* folder); run without --resume to start afresh")
-        return out, []
+        return []
     stale = [out / f for f in _RUN_FILES if (out / f).exists()] + sorted(out.glob("step-*"))
     stale += sorted(out.glob("adam-state-*"))
     if stale and not cfg.overwrite:
         names = ", ".join(p.name for p in stale[:4])
         raise FinetuneError(f"--output-dir {out} already holds a run ({names}); pass --resume to continue "
                             "it, --overwrite to replace it, or choose another --output-dir")
-    return out, stale
+    return stale
 
 
 def restore_checkpoint(out: Path, cfg: FinetuneConfig, model, optimizer, cursor) -> dict:
