@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -266,7 +267,7 @@ BAD_INPUTS = [
     ("template without text", {"--template": "It was"}, ["{text}"]),
     ("empty split", {"--n-test": "0"}, ["split 'test'", "no examples"]),
     ("batch larger than the data", {"--batch-size": "1000"}, ["--batch-size"]),
-    ("resume with nothing to resume", {"--resume": ""}, ["no checkpoint", "without --resume"]),
+    ("resume with nothing to resume", {"--resume": ""}, ["no intact checkpoint", "without --resume"]),
     ("bad learning rate", {"--lr": "-1"}, ["--lr"]),
 ]
 
@@ -359,3 +360,67 @@ def test_the_lock_of_a_killed_run_is_taken_over(tmp_path, capsys):
         assert "stale lock" in capsys.readouterr().out
         assert json.loads((out / LOCK_NAME).read_text())["pid"] == os.getpid()
     assert not (out / LOCK_NAME).exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# damaged checkpoints, interrupted first checkpoints, changed data
+
+
+def _flip_bytes(path: Path, count: int = 1000) -> None:
+    data = bytearray(path.read_bytes())
+    start = len(data) // 3
+    for i in range(start, min(start + count, len(data))):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _edit_a_coefficient(path: Path) -> None:
+    state = json.loads(path.read_text())
+    state["trajectory"]["records"][-1]["coefs"][0] *= 1000
+    path.write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("damage", [
+    lambda step: _flip_bytes(step / "weights.safetensors"),
+    lambda step: _edit_a_coefficient(step / "optimizer.json"),
+], ids=["weights-bytes-flipped", "coefficient-edited"])
+def test_a_damaged_newest_checkpoint_is_passed_over_for_the_newest_intact_one(model_dir, tmp_path, capsys, damage):
+    """Resuming from step 2 after damage to step 3 gives exactly the run resumed from an intact step 2."""
+    flags = ("--directions", "3", "--checkpoint-every", "1")
+    finetune(model_dir, tmp_path / "straight", "--steps", "4", *flags)
+    finetune(model_dir, tmp_path / "run", "--steps", "3", *flags)
+    steps = sorted((tmp_path / "run").glob("step-*"))
+    assert [p.name for p in steps] == ["step-00000002", "step-00000003"]
+    damage(steps[-1])
+    resumed = finetune(model_dir, tmp_path / "run", "--steps", "4", "--resume", *flags)
+    out = capsys.readouterr().out
+    assert "step-00000003 skipped" in out and "resuming from step-00000002" in out
+    assert resumed["history"][-1]["step"] == 4
+    a = (tmp_path / "straight" / "model.safetensors").read_bytes()
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == a
+
+
+def test_leftovers_of_a_kill_during_the_first_checkpoint_block_nothing(model_dir, tmp_path):
+    out = tmp_path / "run"
+    leftover = out / "step-00000001.tmp"
+    leftover.mkdir(parents=True)
+    (leftover / "weights.safetensors").write_bytes(bytes(10))  # killed mid-write
+    message = error_of(None, [*_argv(model_dir, out), "--resume", "--steps", "2"])
+    assert "no intact checkpoint" in message and "without --resume" in message
+    finetune(model_dir, out, "--steps", "2", "--directions", "3")  # a fresh start needs no --overwrite
+    assert not leftover.exists()
+
+
+def test_resume_on_changed_task_data_is_refused(model_dir, tmp_path):
+    task = tmp_path / "reviews.jsonl"
+    shutil.copy(REVIEWS, task)
+    argv = ["finetune", "--model", str(model_dir), "--task", str(task), "--label-words", WORDS, "--template",
+            TEMPLATE, "--batch-size", "4", "--max-length", "16", "--output-dir", str(tmp_path / "run"),
+            "--threads", "1", "--directions", "3"]
+    assert main([*argv, "--steps", "2"]) == 0
+    flipped = [json.loads(line) for line in task.read_text().splitlines()]
+    for row in flipped:
+        row["label"] = "neg" if row["label"] == "pos" else "pos"
+    task.write_text("\n".join(json.dumps(r) for r in flipped) + "\n")
+    message = error_of(None, [*argv, "--steps", "4", "--resume"])
+    assert "task data changed" in message

@@ -89,12 +89,14 @@ class FinetuneJob:
     def start(self) -> dict:
         """The run's state: restored from the newest checkpoint, or fresh with zero-shot evaluations."""
         if self.cfg.resume:
-            state = restore_checkpoint(self.out, self.cfg, self.model, self.optimizer, self.cursor)
+            state = restore_checkpoint(self.out, self.cfg, self.model, self.optimizer, self.cursor,
+                                       self.task.fingerprint())
             print(f"resumed at step {self.optimizer.step_count} from {self.out}", flush=True)
         else:
             zero_shot = [self.evaluation(split, "zero_shot") for split in ("validation", "test")]
             state = {"history": [], "evals": zero_shot}
         state["settings"] = self.cfg.resolved()
+        state["data_sha256"] = self.task.fingerprint()
         return state
 
     def train(self, state: dict) -> None:

@@ -10,12 +10,13 @@ repeats the settings that change what it computes.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 from zo_fx.finetune.adam import AdamBaseline
 from zo_fx.finetune.config import FinetuneConfig, FinetuneError
-from zo_fx.optim.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from zo_fx.optim.checkpoint import checkpoint_folders, latest_checkpoint, load_checkpoint, save_checkpoint
 
 FINAL_CHECKPOINTS_KEPT = 2
 # Settings that change what a run computes; a resumed run must repeat them exactly.
@@ -43,10 +44,15 @@ def prepare_output_dir(cfg: FinetuneConfig, out: Path) -> list[Path]:
         return []
     if cfg.resume:
         if latest_checkpoint(out) is None:
-            raise FinetuneError(f"--resume: {out} holds no checkpoint (no LATEST pointing at a complete "
-                                "step-* folder); run without --resume to start afresh")
+            raise FinetuneError(f"--resume: {out} holds no intact checkpoint (no complete step-* folder that "
+                                "matches its manifest); run without --resume to start afresh")
         return []
-    stale = [out / f for f in _RUN_FILES if (out / f).exists()] + sorted(out.glob("step-*"))
+    leftovers = sorted(p for p in out.glob("step-*.tmp") if p.is_dir())
+    if leftovers:  # a run killed while writing its first checkpoint: nothing of it can be resumed
+        print(f"[zo_fx] removing {len(leftovers)} unfinished checkpoint folder(s) of an interrupted run in {out}")
+        for p in leftovers:
+            shutil.rmtree(p, ignore_errors=True)
+    stale = [out / f for f in _RUN_FILES if (out / f).exists()] + checkpoint_folders(out)
     stale += sorted(out.glob("adam-state-*"))
     if stale and not cfg.overwrite:
         names = ", ".join(p.name for p in stale[:4])
@@ -55,9 +61,19 @@ def prepare_output_dir(cfg: FinetuneConfig, out: Path) -> list[Path]:
     return stale
 
 
-def restore_checkpoint(out: Path, cfg: FinetuneConfig, model, optimizer, cursor) -> dict:
-    """Load the newest checkpoint in ``out`` into model, optimizer and data cursor; return the run's state."""
-    extra = json.loads((latest_checkpoint(out) / "extra.json").read_text())
+def restore_checkpoint(out: Path, cfg: FinetuneConfig, model, optimizer, cursor, data_sha256: str) -> dict:
+    """Load the newest intact checkpoint in ``out`` into model, optimizer and data cursor; return the run's state.
+
+    Refused: other settings than the run's, or other task data (its examples' hash).
+    """
+    folder = latest_checkpoint(out, log=print)
+    if folder is None:
+        raise FinetuneError(f"--resume: {out} holds no intact checkpoint; run without --resume to start afresh")
+    extra = json.loads((folder / "extra.json").read_text())
+    if extra.get("data_sha256", data_sha256) != data_sha256:
+        raise FinetuneError(f"--resume: the task data changed since the run in {out} started (its examples hash "
+                            "differently): a resumed run would train on other data than it did. Restore the "
+                            "original task file or start a new --output-dir")
     saved, now = {"lr_schedule": "constant", **extra.get("settings", {})}, cfg.resolved()
     decays = cfg.lr_schedule != "constant"
     keys = RESUME_KEYS + (("steps",) if decays else ())  # a decay spans the planned steps
@@ -68,7 +84,7 @@ def restore_checkpoint(out: Path, cfg: FinetuneConfig, model, optimizer, cursor)
                             "with the saved settings (see its checkpoint's extra.json) or start a new "
                             "--output-dir")
     try:
-        extra = load_checkpoint(out, model, optimizer)
+        extra = load_checkpoint(folder, model, optimizer)
         cursor.load_state_dict(extra["cursor"])
     except (ValueError, KeyError, FileNotFoundError) as err:
         raise FinetuneError(f"--resume: cannot continue the run in {out}: {err}") from None
@@ -80,4 +96,4 @@ def write_checkpoint(out: Path, model, optimizer, cursor, state: dict) -> None:
     save_checkpoint(out, model, optimizer, extra={**state, "cursor": cursor.state_dict()},
                     keep=FINAL_CHECKPOINTS_KEPT)
     if isinstance(optimizer, AdamBaseline):
-        optimizer.prune({int(p.name[len("step-"):]) for p in out.glob("step-*") if p.name[5:].isdigit()})
+        optimizer.prune({int(p.name[len("step-"):]) for p in checkpoint_folders(out)})

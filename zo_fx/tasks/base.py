@@ -11,6 +11,8 @@ is the one that predicts the label word; ``label_token_ids`` gives the candidate
 
 from __future__ import annotations
 
+import hashlib
+import json
 import string
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -100,6 +102,14 @@ class ClassificationTask:
                 "uses would only take probability away from the others. Remove it from the label words, or "
                 "add examples of it."
             )
+
+    def fingerprint(self) -> str:
+        """sha256 of every example of every split (fields and label): what a resumed run must train on."""
+        digest = hashlib.sha256()
+        for split in SPLITS:
+            for e in getattr(self, split):
+                digest.update(json.dumps([split, e.fields, e.label], sort_keys=True).encode())
+        return digest.hexdigest()
 
     @property
     def num_classes(self) -> int:
