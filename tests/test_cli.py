@@ -424,3 +424,39 @@ def test_resume_on_changed_task_data_is_refused(model_dir, tmp_path):
     task.write_text("\n".join(json.dumps(r) for r in flipped) + "\n")
     message = error_of(None, [*argv, "--steps", "4", "--resume"])
     assert "task data changed" in message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# outputs Hugging Face loads
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_the_trained_model_loads_with_from_pretrained_and_gives_the_runs_logits(model_dir, tmp_path, peft):
+    """``out/model`` (full fine-tune) or ``out/adapter`` (PEFT) equals the base model with the run's weights."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zo_fx.finetune.model import apply_peft
+
+    finetune(model_dir, tmp_path, "--steps", "2", "--directions", "3", "--peft", peft, "--lr", "0.05")
+    trained = load_file(str(tmp_path / "model.safetensors"))
+    expected = apply_peft(AutoModelForCausalLM.from_pretrained(model_dir), peft, seed=0)
+    missing, unexpected = expected.load_state_dict(trained, strict=False)
+    assert not unexpected
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if peft == "none":
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+        assert AutoTokenizer.from_pretrained(tmp_path / "model")("It was great")["input_ids"]
+    else:
+        loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    ids = torch.randint(0, base.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    got, want = _logits(loaded, ids), _logits(expected.eval(), ids)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, _logits(AutoModelForCausalLM.from_pretrained(model_dir).eval(), ids)), \
+        "the run did not change the model"

@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from zo_fx.files import atomic_path, atomic_write_json
+from zo_fx.files import atomic_path, atomic_write_json, replace_dir
 from zo_fx.finetune.config import DEFAULT_EVALS, DTYPES, FinetuneConfig, FinetuneError
 from zo_fx.finetune.evaluation import evaluate
 from zo_fx.finetune.loss import build_loss
@@ -141,6 +142,9 @@ class FinetuneJob:
             save_file({n: p.detach().contiguous() for n, p in opt.params.items()}, str(tmp))
         if opt.trajectory is not None:
             opt.trajectory.save(self.out / "trajectory.json")
+        folder = export_pretrained(self.model, self.tokenizer, self.out)
+        print(f"saved {folder} (load it with {'PeftModel' if folder.name == 'adapter' else 'AutoModel*'}"
+              ".from_pretrained)", flush=True)
         plot_curves(metrics, self.out / "curves.png")
         atomic_write_json(self.out / "metrics.json", metrics, indent=1)
         print(summary_table(metrics, self.out), flush=True)
@@ -174,6 +178,22 @@ class FinetuneJob:
                 "wall_seconds": time.perf_counter() - self.wall0,
             },
         }
+
+
+def export_pretrained(model, tokenizer, out: Path) -> Path:
+    """The trained model as Hugging Face loads it: ``out/adapter`` (a PEFT adapter, for
+    ``PeftModel.from_pretrained(base, ...)``) or ``out/model`` (``save_pretrained`` weights, config
+    and tokenizer, for ``AutoModelForCausalLM.from_pretrained``). Written beside, then renamed."""
+    is_peft = hasattr(model, "peft_config")
+    final = out / ("adapter" if is_peft else "model")
+    tmp = out / (final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    replace_dir(tmp, final)
+    return final
 
 
 def run(cfg: FinetuneConfig) -> dict:

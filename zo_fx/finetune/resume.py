@@ -23,7 +23,7 @@ FINAL_CHECKPOINTS_KEPT = 2
 RESUME_KEYS = ("model", "task", "label_words", "template", "data_dir", "method", "peft", "lr", "eps",
                "directions", "horizon", "batch_size", "max_length", "seed", "n_train", "n_val", "n_test",
                "dtype", "weight_decay", "lr_schedule")
-_RUN_FILES = ("metrics.json", "trajectory.json", "model.safetensors", "curves.png", "LATEST")
+_RUN_FILES = ("metrics.json", "trajectory.json", "model.safetensors", "curves.png", "LATEST", "model", "adapter")
 
 
 def output_dir_of(cfg: FinetuneConfig) -> Path:
