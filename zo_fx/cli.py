@@ -36,8 +36,10 @@ examples:
 
 outputs (in --output-dir): metrics.json (settings, per-step loss/sigma/lr/forward passes/seconds,
 evaluations, final numbers), trajectory.json (the run as seeds and coefficients, replayable with
-zo_fx.replay; ZO methods), model.safetensors (the trainable parameters), curves.png, and step-*/
-checkpoints for --resume.
+zo_fx.replay; ZO methods), model.safetensors (the trainable parameters), model/ (full fine-tune:
+save_pretrained weights, config and tokenizer for AutoModelForCausalLM.from_pretrained) or adapter/
+(PEFT: for PeftModel.from_pretrained), curves.png, and step-*/ checkpoints (verified by their
+manifest) for --resume. A run locks its --output-dir: a second run on it is refused.
 """
 
 
