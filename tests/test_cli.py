@@ -269,7 +269,29 @@ BAD_INPUTS = [
     ("batch larger than the data", {"--batch-size": "1000"}, ["--batch-size"]),
     ("resume with nothing to resume", {"--resume": ""}, ["no intact checkpoint", "without --resume"]),
     ("bad learning rate", {"--lr": "-1"}, ["--lr"]),
+    ("max length too short", {"--max-length": "1"}, ["--max-length", "at least"]),
+    ("invalid config.json", {"--model": "BROKEN_CONFIG"}, ["could not be loaded", "config.json"]),
+    ("truncated weights", {"--model": "TRUNCATED_WEIGHTS"}, ["could not be loaded", "weight files are complete"]),
+    ("text that is null", {"--task": "NULL_TEXT"}, ["line 2", "non-empty string"]),
 ]
+
+
+def _broken_model(model_dir: Path, tmp_path: Path, how: str) -> Path:
+    folder = tmp_path / how.lower()
+    shutil.copytree(model_dir, folder)
+    if how == "BROKEN_CONFIG":
+        (folder / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    else:
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return folder
+
+
+def _null_text_task(tmp_path: Path) -> Path:
+    path = tmp_path / "null.jsonl"
+    lines = REVIEWS.read_text().splitlines()
+    path.write_text("\n".join([lines[0], json.dumps({"text": None, "label": "pos"}), *lines[1:]]) + "\n")
+    return path
 
 
 @pytest.mark.parametrize("overrides, phrases", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
@@ -277,6 +299,10 @@ def test_bad_input_gets_a_clear_error(model_dir, tmp_path, overrides, phrases):
     overrides = dict(overrides)
     if overrides.get("--model") == "WEIGHTLESS":
         overrides["--model"] = str(_weightless(tmp_path))
+    if overrides.get("--model") in ("BROKEN_CONFIG", "TRUNCATED_WEIGHTS"):
+        overrides["--model"] = str(_broken_model(model_dir, tmp_path, overrides["--model"]))
+    if overrides.get("--task") == "NULL_TEXT":
+        overrides["--task"] = str(_null_text_task(tmp_path))
     out = tmp_path / "run"
     argv = _argv(model_dir, out, **{k: v for k, v in overrides.items() if k != "--resume"})
     if "--resume" in overrides:

@@ -249,3 +249,27 @@ def test_the_postcondition_catches_a_parameter_read_unperturbed(monkeypatch):
     zm = zo_fx.zo_compile(model, batch, loss=_sum_loss)
     with pytest.raises(AssertionError, match="postcondition: parameter 'w' is read unperturbed"):
         zm.group_losses(batch, TABLE)
+
+
+def test_a_run_time_batch_unlike_the_compiled_one_is_refused():
+    model, batch = tiny_llama(), causal_batch()
+    zm = zo_fx.zo_compile(model, batch)
+    with pytest.raises(ValueError, match=r"missing \['attention_mask'\]"):
+        zm.group_losses({k: v for k, v in batch.items() if k != "attention_mask"}, TABLE)
+    with pytest.raises(ValueError, match=r"not taken by the graph \['foo'\]"):
+        zm.group_losses({**batch, "foo": batch["input_ids"]}, TABLE)
+    with pytest.raises(ValueError, match="batch size 0"):
+        zm.group_losses({k: v[:0] for k, v in batch.items()}, TABLE)
+    with pytest.raises(ValueError, match="torch.int32 with 2 dims; the graph was compiled for torch.int64"):
+        zm.group_losses({**batch, "input_ids": batch["input_ids"].int()}, TABLE)
+    model.float()
+    with pytest.raises(ValueError, match="compile the model again after changing its dtype"):
+        zm.group_losses(batch, TABLE)
+
+
+def test_a_loss_that_is_not_per_example_is_a_clear_error():
+    model, batch = tiny_llama(), causal_batch()
+    for fuse_head in (True, False):
+        zm = zo_fx.zo_compile(model, batch, loss=lambda logits, b: logits.mean(), fuse_head=fuse_head)
+        with pytest.raises(ValueError, match="one value per example"):
+            zm.group_losses(batch, TABLE)

@@ -92,12 +92,37 @@ class ZOModule:
         missing = [k for k in self.captured.input_keys if k not in batch]
         unknown = [k for k, v in batch.items()
                    if k not in self.captured.input_keys and k not in self.loss_keys and isinstance(v, torch.Tensor)]
+        if not missing:
+            self._check_tensors(batch)
         if missing or unknown:
             raise ValueError(
                 f"this batch does not match the compiled graph: missing {missing}, not taken by the graph {unknown}. "
                 f"The graph takes {self.captured.input_keys}; loss-only keys: {list(self.loss_keys)}. Recompile "
                 "with an example batch that has the same keys (declare loss-only keys with loss_keys=[...])."
             )
+
+    def _check_tensors(self, batch) -> None:
+        """Each input as the graph was captured for: same dtype and rank, at least one example."""
+        placeholders = {n.name: n for n in self.captured.graph_module.graph.nodes if n.op == "placeholder"}
+        for ph, kind, key in self.captured.inputs:
+            if kind != "input":
+                continue
+            value, want = batch[key], placeholders[ph].meta.get("val")
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"batch key {key!r} holds a {type(value).__name__}, not a tensor")
+            if want is not None and (value.dtype != want.dtype or value.dim() != want.dim()):
+                raise ValueError(
+                    f"batch key {key!r} is {value.dtype} with {value.dim()} dims; the graph was compiled for "
+                    f"{want.dtype} with {want.dim()} dims. Convert the input, or compile with such a batch"
+                )
+            if value.dim() and value.shape[0] == 0:
+                raise ValueError(f"batch key {key!r} holds no example (batch size 0)")
+        for name, p in self.captured.params.items():
+            want = next((placeholders[ph].meta.get("val") for ph, kind, key in self.captured.inputs
+                         if kind == "parameter" and key == name), None)
+            if want is not None and p.dtype != want.dtype:
+                raise ValueError(f"parameter {name} is {p.dtype} but was {want.dtype} when the model was compiled; "
+                                 "compile the model again after changing its dtype")
 
     def _run(self, batch: dict, table: GroupTable, headless: bool = False):
         self.check_batch(batch)
@@ -151,7 +176,14 @@ class ZOModule:
                 logits = head_logits(h, weight, bias, w_pid, b_pid, seed, scale, table.kind, head.layout)
                 if head.out_dtype is not None:
                     logits = logits.to(head.out_dtype)
-                out.append(self.loss_fn(logits, batch))
+                losses = self.loss_fn(logits, batch)
+                if not isinstance(losses, torch.Tensor) or losses.shape != (batch_size,):
+                    raise ValueError(
+                        f"the loss must return one value per example (shape [{batch_size}]); got "
+                        f"{tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__}. "
+                        "Reduce over tokens, never over the batch (reduction='none', then a mean per example)"
+                    )
+                out.append(losses)
                 del logits
         return torch.cat(out)
 

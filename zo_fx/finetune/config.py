@@ -25,6 +25,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Full fine-tuning, 270 forward passes, loss on 64 fixed training examples (start 0.438):
 #   MeZO 1e-5: 0.394, 1e-4: 0.334;  Adam (30 steps) 1e-5: 0.160, 1e-4: 0.189.
 #   AdaMeZO (10 s a step here) was not swept: its lr keeps the AdaMeZO/MeZO ratio of the LoRA sweep, 1/100.
+#: the shortest --max-length a prompt fits in (a few text tokens and the template's end)
+MIN_MAX_LENGTH = 8
 DEFAULT_LR = {"fzoo": 3e-3, "mezo": 1e-4, "adamezo": 1e-6, "adam": 1e-5}
 # Adapters (--peft), swept with LoRA r=8 over 270 forward passes, final moving-average training loss:
 #   FZOO 3e-3: 0.435, 1e-2: 0.367, 3e-2: 0.303, 1e-1: 1.17 (diverged);
@@ -99,6 +101,10 @@ class FinetuneConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1; got {value}")
+        if self.max_length < MIN_MAX_LENGTH:
+            raise FinetuneError(
+                f"--max-length {self.max_length} leaves no room for a prompt: each example needs its text and the "
+                f"position that predicts the label word; use at least {MIN_MAX_LENGTH} (default 128)")
         if self.method == "fzoo" and self.directions < 2:
             raise FinetuneError(
                 f"FZOO needs --directions >= 2 to estimate the loss spread; got {self.directions}")

@@ -50,7 +50,15 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype):
                 "save the model there with model.save_pretrained(folder), or point --model at the folder "
                 "that holds the weights"
             )
-        model, tokenizer = models.load_model(folder, dtype)
+        try:
+            model, tokenizer = models.load_model(folder, dtype)
+        except Exception as err:  # transformers raises many types for a bad config or weights file
+            detail = " ".join(str(err).split())[:300]
+            raise FinetuneError(
+                f"--model folder {folder} could not be loaded ({type(err).__name__}: {detail}). "
+                "Check that config.json is valid JSON for a causal LM and that the weight files are complete "
+                "(save them again with model.save_pretrained(folder))"
+            ) from None
         if tokenizer is None:
             raise FinetuneError(f"--model folder {folder} has no tokenizer; save it there with "
                                 "tokenizer.save_pretrained(folder)")
