@@ -486,3 +486,20 @@ def test_the_trained_model_loads_with_from_pretrained_and_gives_the_runs_logits(
     assert torch.equal(got, want)
     assert not torch.equal(got, _logits(AutoModelForCausalLM.from_pretrained(model_dir).eval(), ids)), \
         "the run did not change the model"
+
+
+def test_a_task_folder_brings_its_own_splits(model_dir, tmp_path):
+    lines = REVIEWS.read_text().splitlines()
+    folder = tmp_path / "reviews"
+    folder.mkdir()
+    cut = {"train.jsonl": lines[:-8], "validation.jsonl": lines[-8:-4], "test.jsonl": lines[-4:]}
+    for name, part in cut.items():
+        (folder / name).write_text("\n".join(part) + "\n")
+    argv = ["finetune", "--model", str(model_dir), "--task", str(folder), "--label-words", WORDS, "--template",
+            TEMPLATE, "--batch-size", "4", "--max-length", "16", "--threads", "1", "--directions", "3"]
+    (folder / "test.jsonl").rename(folder / "held-out.jsonl")
+    assert "lacks ['test.jsonl']" in error_of(None, [*argv, "--output-dir", str(tmp_path / "a"), "--steps", "1"])
+    (folder / "held-out.jsonl").rename(folder / "test.jsonl")
+    assert main([*argv, "--output-dir", str(tmp_path / "b"), "--steps", "1"]) == 0
+    sizes = json.loads((tmp_path / "b" / "metrics.json").read_text())["task"]["sizes"]
+    assert sizes == {"train": len(lines) - 8, "validation": 4, "test": 4}

@@ -32,6 +32,7 @@ examples:
   zo-fx finetune --method mezo --steps 800 --output-dir runs/mezo --resume   # continue it to 800 steps
   zo-fx finetune --peft lora --forward-budget 5000
   zo-fx finetune --task reviews.jsonl --label-words pos=great,neg=terrible --template '{text} It was'
+  zo-fx finetune --task ./reviews/ ...   # a folder of train.jsonl, validation.jsonl, test.jsonl: your own splits
   zo-fx finetune --model ./my-model-folder --task SST-2 --data-dir ./sst2
 
 outputs (in --output-dir): metrics.json (settings, per-step loss/sigma/lr/forward passes/seconds,

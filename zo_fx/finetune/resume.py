@@ -29,7 +29,8 @@ _RUN_FILES = ("metrics.json", "trajectory.json", "model.safetensors", "curves.pn
 def output_dir_of(cfg: FinetuneConfig) -> Path:
     """``--output-dir``, or a new timestamped folder under runs/finetune."""
     if cfg.output_dir is None:
-        stem = Path(cfg.task).stem if cfg.task.endswith(".jsonl") else cfg.task.lower()
+        path = Path(cfg.task)
+        stem = (path.stem or path.resolve().name) if path.exists() or cfg.task.endswith(".jsonl") else cfg.task.lower()
         return Path("runs") / "finetune" / f"{stem}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     return Path(cfg.output_dir)
 

@@ -20,14 +20,14 @@ def build_task(cfg: FinetuneConfig):
     """The task of ``cfg``, with every split non-empty and the train split able to fill a batch."""
     template = cfg.template.replace("\\n", "\n").replace("\\t", "\t") if cfg.template is not None else None
     words = parse_label_words(cfg.label_words)
-    is_file = cfg.task.endswith(".jsonl") or Path(cfg.task).is_file()
+    is_file = cfg.task.endswith(".jsonl") or Path(cfg.task).is_file() or Path(cfg.task).is_dir()
     if is_file:
-        if not Path(cfg.task).is_file():
+        if not Path(cfg.task).exists():
             raise FinetuneError(f"--task {cfg.task!r}: no such file; give the path of a jsonl file of "
                                 '{"text": ..., "label": ...} lines, or a task name: ' + ", ".join(TASKS))
         if words is None or template is None:
             raise FinetuneError(
-                f"--task {cfg.task} is a jsonl file, so it needs --label-words and --template, e.g. "
+                f"--task {cfg.task} is a jsonl file or folder, so it needs --label-words and --template, e.g. "
                 "--label-words pos=great,neg=terrible --template '{text} It was'"
             )
     if template is not None and "{" not in template:

@@ -21,7 +21,7 @@ from typing import Any
 from zo_fx.tasks.base import SPLITS, ClassificationTask, Example
 from zo_fx.tasks.batching import BatchCursor, DataPosition, epoch_order, iter_batches
 from zo_fx.tasks.generation import GenerationExample, GenerationTask, GenerationTaskError
-from zo_fx.tasks.jsonl import load_jsonl_task
+from zo_fx.tasks.jsonl import load_jsonl_folder, load_jsonl_task
 from zo_fx.tasks.superglue import (
     canonical_name,
     classification_task_names,
@@ -45,6 +45,7 @@ __all__ = [
     "get_task",
     "iter_batches",
     "load_generation_task",
+    "load_jsonl_folder",
     "load_jsonl_task",
     "load_paper_task",
     "load_vader_task",
@@ -78,7 +79,8 @@ def get_task(
 
     Args:
         name_or_path: ``"vader"``; a paper task (``"SST-2"``, ``"rte"``, ... any case, see ``TASKS``);
-            or a ``.jsonl`` file of ``{"text", "label"}`` lines.
+            or a ``.jsonl`` file of ``{"text", "label"}`` lines (split 80/10/10), or a folder of
+            ``train.jsonl``, ``validation.jsonl`` and ``test.jsonl`` (the user's own splits).
         label_words: one word per class. For a jsonl file, required: a dict {label value: word} or
             a list indexed by int labels. For a built-in task, an optional list in class order.
         template: the prompt, ending right before the label word. Required for a jsonl file
@@ -89,6 +91,12 @@ def get_task(
             and a jsonl file, and means MeZO's 1000/500/1000 for a paper task.
     """
     name = str(name_or_path)
+    if Path(name).is_dir():
+        if label_words is None or template is None:
+            raise ValueError(f"a task folder needs label_words and template (got label_words={label_words!r}, "
+                             f"template={template!r})")
+        return load_jsonl_folder(name, label_words, template, seed=seed, n_train=n_train, n_val=n_val,
+                                 n_test=n_test)
     if name.endswith(".jsonl") or Path(name).is_file():
         if label_words is None or template is None:
             raise ValueError(

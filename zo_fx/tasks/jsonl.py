@@ -86,6 +86,24 @@ def load_jsonl_task(
             "e.g. '{text} It was'"
         )
     words, index = _label_index(label_words)
+    examples = _read_examples(path, index)
+    _check_classes(path, examples)
+    train, validation, test = hash_split(examples, key=lambda e: e.fields["text"])
+    return ClassificationTask(
+        name=path.stem,
+        template=template,
+        label_words=words,
+        train=subsample(train, n_train, seed),
+        validation=subsample(validation, n_val, seed),
+        test=subsample(test, n_test, seed),
+        description=f"{path}, split 80/10/10 by blake2b(text)",
+    )
+
+
+SPLIT_FILES = ("train.jsonl", "validation.jsonl", "test.jsonl")
+
+
+def _read_examples(path: Path, index: dict) -> list[Example]:
     examples = []
     for number, row in enumerate(read_jsonl(path), start=1):
         for key in ("text", "label"):
@@ -104,19 +122,48 @@ def load_jsonl_task(
                 f"{path}, line {number}: 'text' must be a non-empty string; got {text!r}. Fix or remove the line."
             )
         examples.append(Example({"text": text}, index[str(row["label"])]))
+    return examples
+
+
+def _check_classes(path: Path, examples: list[Example]) -> None:
     seen = {e.label for e in examples}
     if len(seen) < 2:
         raise ValueError(
             f"{path} has {len(examples)} examples but {len(seen)} class(es); a classification "
             "task needs examples of at least 2 classes"
         )
-    train, validation, test = hash_split(examples, key=lambda e: e.fields["text"])
+
+
+def load_jsonl_folder(
+    folder: str | Path,
+    label_words: Mapping[Any, str] | Sequence[str],
+    template: str,
+    *,
+    seed: int = 0,
+    n_train: int | None = None,
+    n_val: int | None = None,
+    n_test: int | None = None,
+) -> ClassificationTask:
+    """A task whose user brings the splits: ``folder`` holds train.jsonl, validation.jsonl and test.jsonl.
+
+    Same line format and arguments as :func:`load_jsonl_task`; nothing is re-split, so a test set
+    stays the test set it was meant to be.
+    """
+    folder = Path(folder)
+    missing = [name for name in SPLIT_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(f"task folder {folder} lacks {missing}; it must hold {list(SPLIT_FILES)}")
+    if "text" not in template_slots(template):
+        raise ValueError(f"template {template!r} must contain {{text}}, where each line's text goes")
+    words, index = _label_index(label_words)
+    train, validation, test = (_read_examples(folder / name, index) for name in SPLIT_FILES)
+    _check_classes(folder / "train.jsonl", train)
     return ClassificationTask(
-        name=path.stem,
+        name=folder.name,
         template=template,
         label_words=words,
         train=subsample(train, n_train, seed),
         validation=subsample(validation, n_val, seed),
         test=subsample(test, n_test, seed),
-        description=f"{path}, split 80/10/10 by blake2b(text)",
+        description=f"{folder}: the user's train / validation / test files",
     )
