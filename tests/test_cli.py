@@ -503,3 +503,9 @@ def test_a_task_folder_brings_its_own_splits(model_dir, tmp_path):
     assert main([*argv, "--output-dir", str(tmp_path / "b"), "--steps", "1"]) == 0
     sizes = json.loads((tmp_path / "b" / "metrics.json").read_text())["task"]["sizes"]
     assert sizes == {"train": len(lines) - 8, "validation": 4, "test": 4}
+
+
+def test_compilation_is_its_own_phase_before_the_step_bar(model_dir, tmp_path, capsys):
+    finetune(model_dir, tmp_path, "--steps", "1", "--directions", "3")
+    err = capsys.readouterr().err
+    assert "compile" in err and err.index("compile") < err.index("fzoo")

@@ -103,6 +103,8 @@ class FinetuneJob:
     def train(self, state: dict) -> None:
         """Step until ``total``; validate and checkpoint on schedule; report skipped steps as they happen."""
         opt, history = self.optimizer, state["history"]
+        if opt.step_count < self.total:
+            self.compile_phase()
         bar = tqdm(total=self.total, initial=min(opt.step_count, self.total), desc=self.cfg.method,
                    unit="step", dynamic_ncols=True)
         smooth = history[-1]["loss"] if history else math.nan
@@ -129,6 +131,21 @@ class FinetuneJob:
             if done % self.checkpoint_every == 0 or done == self.total:
                 write_checkpoint(self.out, self.model, opt, self.cursor, state)
         bar.close()
+
+    def compile_phase(self) -> None:
+        """Build the grouped graph and the generator kernels before the first step, as their own phase.
+
+        The first evaluation of a group table rewrites the graph and compiles the direction
+        generators (tens of seconds, minutes on a busy CPU); inside the step bar that time would
+        make step 1 look like the rate and the ETA hours long. One evaluation of the step's group
+        table on a training batch does it here; it changes nothing (a pure function of the weights).
+        """
+        zm, table = getattr(self.optimizer, "zm", None), getattr(self.optimizer, "table", None)
+        if zm is None or table is None:
+            return
+        with tqdm(total=1, desc="compile", unit="graph", dynamic_ncols=True) as bar:
+            zm.group_losses(self.encode(self.task.train[:self.cfg.batch_size]), table())
+            bar.update(1)
 
     def finish(self, state: dict) -> dict:
         """Final evaluations; metrics.json, trajectory.json, model.safetensors, curves.png; the summary."""
