@@ -73,7 +73,7 @@ def error_of(capsys_or_none, argv: list[str]) -> str:
         main(argv)
     message = raised.value.code
     assert isinstance(message, str), "a user error exits with a message, not a traceback or a bare status"
-    assert message.startswith("zo-fx finetune: error: ")
+    assert message.startswith(f"zo-fx {argv[0]}: error: ")
     return message
 
 
@@ -509,3 +509,19 @@ def test_compilation_is_its_own_phase_before_the_step_bar(model_dir, tmp_path, c
     finetune(model_dir, tmp_path, "--steps", "1", "--directions", "3")
     err = capsys.readouterr().err
     assert "compile" in err and err.index("compile") < err.index("fzoo")
+
+
+def test_replay_rebuilds_the_run_and_eval_scores_it_as_the_run_did(model_dir, tmp_path, capsys):
+    """``zo-fx replay`` gives the run's weights bit for bit; ``zo-fx eval`` of its model/ gives the run's test score."""
+    metrics = finetune(model_dir, tmp_path / "run", "--steps", "2", "--directions", "3", "--lr", "0.05")
+    capsys.readouterr()
+    assert main(["replay", str(tmp_path / "run"), "--output-dir", str(tmp_path / "replayed")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["identical_to_the_run"] is True and result["records"] == 2
+    assert main(["eval", "--model", str(tmp_path / "replayed" / "model"), "--task", str(REVIEWS), "--label-words",
+                 WORDS, "--template", TEMPLATE, "--max-length", "16"]) == 0
+    scores = {r["split"]: r for r in json.loads(capsys.readouterr().out)["results"]}
+    assert scores["test"]["accuracy"] == metrics["final"]["fine_tuned"]["test"]["accuracy"]
+    assert scores["test"]["loss"] == pytest.approx(metrics["final"]["fine_tuned"]["test"]["loss"], rel=1e-6)
+    message = error_of(None, ["replay", str(tmp_path / "nothing"), "--output-dir", str(tmp_path / "x")])
+    assert "not a finished zo-fx run" in message

@@ -144,7 +144,44 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, help=(
         "torch CPU threads (default: torch's choice; on a shared machine 1 can be much faster than "
         "oversubscribing)"))
+    _add_tools(sub)
     return parser
+
+
+def _add_tools(commands) -> None:
+    ev = commands.add_parser("eval", help="accuracy and loss of a model or adapter folder on a task",
+                             description="Validation and test accuracy and loss of a saved model (a run's "
+                                         "model/ folder, or its adapter/ folder on --base-model), scored "
+                                         "as zo-fx finetune scores them. Prints JSON.")
+    ev.add_argument("--model", required=True, help="a save_pretrained folder, or a PEFT adapter folder")
+    ev.add_argument("--base-model", default="smollm2", help="the base model of an adapter folder")
+    ev.add_argument("--task", default="vader")
+    ev.add_argument("--label-words")
+    ev.add_argument("--template")
+    ev.add_argument("--data-dir")
+    ev.add_argument("--max-length", type=int, default=128)
+    ev.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    rp = commands.add_parser("replay", help="rebuild a run's model from its trajectory",
+                             description="Apply a run folder's trajectory.json to the base model it started "
+                                         "from and write the result as a model/ or adapter/ folder; checks it "
+                                         "bit for bit against the run's model.safetensors. Prints JSON.")
+    rp.add_argument("run_dir", help="a finished zo-fx finetune --output-dir")
+    rp.add_argument("--output-dir", required=True)
+
+
+def _tool(command: str, args: dict) -> int:
+    import json
+
+    from zo_fx.finetune.tools import evaluate_model, replay_run
+
+    if command == "replay":
+        result = replay_run(args["run_dir"], args["output_dir"])
+    else:
+        base = args.pop("base_model")
+        cfg = FinetuneConfig(batch_size=1, **args)
+        result = evaluate_model(cfg, base)
+    print(json.dumps(result, indent=1))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,9 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if command in ("eval", "replay"):
+            return _tool(command, args)
         run(FinetuneConfig(**args))
     except FinetuneError as err:
-        raise SystemExit(f"zo-fx finetune: error: {err}") from None
+        raise SystemExit(f"zo-fx {command}: error: {err}") from None
     except KeyboardInterrupt:
         raise SystemExit("zo-fx finetune: interrupted; continue with --resume --output-dir <the run's "
                          "folder> (it restarts from the newest checkpoint)") from None
