@@ -525,3 +525,16 @@ def test_replay_rebuilds_the_run_and_eval_scores_it_as_the_run_did(model_dir, tm
     assert scores["test"]["loss"] == pytest.approx(metrics["final"]["fine_tuned"]["test"]["loss"], rel=1e-6)
     message = error_of(None, ["replay", str(tmp_path / "nothing"), "--output-dir", str(tmp_path / "x")])
     assert "not a finished zo-fx run" in message
+
+
+def test_an_output_dir_that_cannot_be_created_fails_before_the_model_loads(model_dir, tmp_path, monkeypatch):
+    import zo_fx.finetune.job as job
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output dir was checked")
+
+    monkeypatch.setattr(job, "load_model_and_tokenizer", no_load)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    message = error_of(None, _argv(model_dir, blocker / "run"))
+    assert "cannot create the run folder" in message
