@@ -155,9 +155,17 @@ def _along(node: Node, ctx: RewriteContext) -> str | None:
     return None
 
 
+def same_size(a, b) -> bool:
+    """Equal as expressions, not merely at the example's sizes (a symbolic size compared by value would
+    take the example's hint: T - 5 could equal B there)."""
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and a.node.expr == b.node.expr
+    return a == b
+
+
 def _full_slice(node: Node, first: Node, bdim: int) -> bool:
     """``x[:, ...]`` spelled as a slice over the whole batch dim."""
-    return node.meta["val"].shape[bdim] == first.meta["val"].shape[bdim]
+    return same_size(node.meta["val"].shape[bdim], first.meta["val"].shape[bdim])
 
 
 def _reduction(node: Node, ctx: RewriteContext) -> str | None:
@@ -179,7 +187,7 @@ def _reshape(node: Node, ctx: RewriteContext) -> str | None:
     in_b, out_b = ctx.batch_dim(src), ctx.batch_dim(node)
     if out_b is None:
         return "the output has no single batch dim"
-    if in_b != out_b or any(a != b for a, b in zip(in_shape[:in_b], out_shape[:out_b])):
+    if in_b != out_b or not all(same_size(a, b) for a, b in zip(in_shape[:in_b], out_shape[:out_b])):
         return "it moves dims ahead of the batch, so groups would interleave"
     for s in pytree_sizes(node):
         if ctx.is_batch_sym(s) and not ctx.scalable(s):
