@@ -3,6 +3,7 @@
 import torch
 
 from zo_fx.losses import default_loss
+from zo_fx.passes.capture import model_output_tensor
 
 
 def explicit_group_losses(model, zm, batch, table, loss_fn=None):
@@ -17,7 +18,7 @@ def explicit_group_losses(model, zm, batch, table, loss_fn=None):
         with torch.no_grad():
             for n, u in direction.items():
                 params[n].add_(table.eps * coef * u)
-            logits = model(**inputs).logits
+            logits = model_output_tensor(model(**inputs))  # .logits, or the tensor a plain module returns
             for n, v in saved.items():
                 params[n].copy_(v)
         out.append(loss_fn(logits, batch))

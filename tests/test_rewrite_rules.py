@@ -9,6 +9,7 @@ parameters explicitly perturbed.
 import pytest
 import torch
 from close import assert_rel_close
+from explicit import explicit_group_losses
 from model_zoo import causal_batch, tiny_llama
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -28,18 +29,7 @@ def _sum_loss(out, batch):
 
 def _explicit(model, zm, batch, table, loss=_sum_loss):
     """The module itself, once per group, with its trainable parameters set to theta + eps*c*u."""
-    params = dict(model.named_parameters())
-    out = []
-    for seed, coef in zip(table.seeds, table.coefs):
-        direction = zm.direction(seed, table.kind)
-        saved = {n: params[n].detach().clone() for n in direction}
-        with torch.no_grad():
-            for n, u in direction.items():
-                params[n].add_(table.eps * coef * u)
-            out.append(loss(model(**batch), batch))
-            for n, v in saved.items():
-                params[n].copy_(v)
-    return torch.stack(out)
+    return explicit_group_losses(model, zm, batch, table, loss)
 
 
 def _x(batch_size=4, dim=6):
