@@ -538,3 +538,14 @@ def test_an_output_dir_that_cannot_be_created_fails_before_the_model_loads(model
     blocker.write_text("")
     message = error_of(None, _argv(model_dir, blocker / "run"))
     assert "cannot create the run folder" in message
+
+
+def test_label_words_outside_the_vocabulary_fail_before_the_model_loads(model_dir, tmp_path, monkeypatch):
+    import zo_fx.finetune.job as job
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the label words were checked")
+
+    monkeypatch.setattr(job, "load_model_and_tokenizer", no_load)
+    message = error_of(None, _argv(model_dir, tmp_path / "run", **{"--label-words": "pos=fantastic,neg=horrible"}))
+    assert "' fantastic'" in message and "unknown token" in message

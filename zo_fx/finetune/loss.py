@@ -39,11 +39,16 @@ class ShiftedCandidateLoss:
         return self.base.predict(logits[:, self.offset:], batch)
 
 
-def build_loss(task, tokenizer, model, peft: str):
-    """The candidate loss over ``task``'s label words, shifted past the virtual tokens of prompt tuning."""
+def check_label_words(task, tokenizer) -> list[int]:
+    """The label words' token ids, or a FinetuneError naming the word that is not one distinct known token."""
     try:
-        ids = task.label_token_ids(tokenizer)
+        return task.label_token_ids(tokenizer)
     except ValueError as err:
         raise FinetuneError(str(err)) from None
+
+
+def build_loss(task, tokenizer, model, peft: str):
+    """The candidate loss over ``task``'s label words, shifted past the virtual tokens of prompt tuning."""
+    ids = check_label_words(task, tokenizer)
     loss = CandidateClassificationLoss(ids)
     return ShiftedCandidateLoss(loss, PROMPT_TOKENS) if peft == "prompt" else loss

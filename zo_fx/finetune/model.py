@@ -23,6 +23,26 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
                  "pytorch_model.bin.index.json")
 
 
+def load_tokenizer(name: str):
+    """The tokenizer of ``--model`` alone, or None when it cannot be loaded without the model.
+
+    The job checks the label words against it before the (slower) model load, so a bad label
+    word fails in seconds. Any failure here is left to :func:`load_model_and_tokenizer`, which
+    reports it with the model's context.
+    """
+    from transformers import AutoTokenizer
+
+    from zo_fx import models
+
+    try:
+        if name == "smollm2":
+            return models.load_smollm2_tokenizer()
+        folder = Path(name).expanduser()
+        return AutoTokenizer.from_pretrained(str(folder) if folder.is_dir() else name, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any failure is reported by the model load that follows
+        return None
+
+
 def load_model_and_tokenizer(name: str, dtype: torch.dtype):
     """(model, tokenizer) from ``"smollm2"``, a local folder, or a hub name already in the local cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
