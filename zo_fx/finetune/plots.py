@@ -74,7 +74,7 @@ def summary_table(metrics: dict, out: Path) -> str:
                  f"{f['skipped_steps']} skipped, {f['train_seconds']:.1f} s training, "
                  f"{f['wall_seconds']:.1f} s wall")
     trajectory = "" if s["method"] == "adam" else " trajectory.json,"
-    lines.append(f"outputs in {out}: metrics.json,{trajectory} model.safetensors, curves.png, and the model folder below")
+    lines.append(f"outputs in {out}: metrics.json,{trajectory} model.safetensors, curves.png, the model folder")
     return "\n".join(lines)
 
 
