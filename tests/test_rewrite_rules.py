@@ -91,7 +91,47 @@ class TransposedWeight(torch.nn.Module):
         return x @ self.w.T + torch.nn.functional.linear(x, self.flat.view(6, 6))
 
 
-@pytest.mark.parametrize("cls", [MixesExamples, ParameterOnly, TransposedWeight])
+class SequenceFirst(torch.nn.Module):
+    """torch's own transformer in its [T, B, D] layout: the batch in dim 1 all the way through."""
+
+    def __init__(self):
+        super().__init__()
+        layer = torch.nn.TransformerEncoderLayer(6, 2, 12, dropout=0.0)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(x.transpose(0, 1))).transpose(0, 1)
+
+
+class Recurrent(torch.nn.Module):
+    """LSTM and GRU: their weights enter one fused op (a list of parameters) that runs per group."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(6, 5, batch_first=True)
+        self.gru = torch.nn.GRU(5, 4, batch_first=True, num_layers=2)
+
+    def forward(self, x):
+        h, _ = self.lstm(x)
+        return self.gru(h)[0][:, -1]
+
+
+class PairedExamples(torch.nn.Module):
+    """Examples combined in pairs through a reshape of the batch dim: the groups must not be paired up."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.lin(x)
+        pairs = h.reshape(h.shape[0] // 2, 2, *h.shape[1:])
+        return (pairs * pairs.flip(1)).reshape(h.shape)
+
+
+@pytest.mark.parametrize("cls", [MixesExamples, ParameterOnly, TransposedWeight, SequenceFirst, Recurrent,
+                                 PairedExamples])
 def test_hand_written_shapes_of_dependency_are_exact(cls):
     model, batch = _module(cls), {"x": _x()}
     zm = zo_fx.zo_compile(model, batch, loss=_sum_loss)

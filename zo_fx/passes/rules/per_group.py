@@ -30,6 +30,10 @@ DROPOUTS = {aten.dropout.default: 2, aten.native_dropout.default: 2, aten.featur
             aten.alpha_dropout.default: 2, aten.feature_alpha_dropout.default: 2}
 
 
+#: recurrent ops: (input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+RNNS = {aten.lstm.input, aten.gru.input, aten.rnn_tanh.input, aten.rnn_relu.input}
+
+
 def is_random(node: Node) -> bool:
     """Whether ``node`` draws random numbers (dropout in eval mode or with p = 0 does not)."""
     t = node.target
@@ -37,6 +41,9 @@ def is_random(node: Node) -> bool:
         train = node.args[DROPOUTS[t]] if len(node.args) > DROPOUTS[t] else node.kwargs.get("train", True)
         p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
         return bool(train) and p != 0
+    if t in RNNS:  # random only through dropout between layers while training
+        dropout, train = node.args[5], node.args[6]
+        return bool(train) and dropout != 0
     if t == aten.scaled_dot_product_attention.default:  # random only through its dropout
         p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
         return p != 0
