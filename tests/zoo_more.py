@@ -8,7 +8,9 @@ where ``loss`` is ``None`` when :func:`zo_fx.losses.default_loss` knows the mode
 ``masked_lm_loss``, image and sequence classifiers ``sequence_classification_loss``) and a
 per-example loss otherwise.
 
-Families: Mixtral (MoE, 4 experts, top-2), T5 and BART (encoder-decoder), Falcon (fused
+Families: Mixtral (MoE, 4 experts, top-2), T5 and BART (encoder-decoder; T5 also with LoRA),
+Qwen3, BERT sequence classification with two segments (``token_type_ids``), GPT-2 sequence
+classification on a right-padded batch (last-real-token pooling), Falcon (fused
 qkv; old and new decoder architecture), Qwen2, Gemma, Gemma2, Mistral, GPT-NeoX, BLOOM
 (ALiBi), Mamba (depthwise conv1d + selective scan), ViT and ResNet (``pixel_values``);
 Phi3 (fused ``qkv_proj`` sliced into q/k/v, fused ``gate_up_proj``), OLMoE (MoE with q/k
@@ -627,8 +629,62 @@ def tiny_miss_llama(dtype=torch.float64, seed=0):
     return _peft_llama(MissConfig(r=4, miss_dropout=0.0, target_modules=TARGETS), dtype, seed)
 
 
+def tiny_t5_lora(dtype=torch.float64, seed=0):
+    """PEFT LoRA on an encoder-decoder: T5's q and v in the encoder, the decoder and the cross-attention."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_t5(dtype, seed), LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"]))
+    return jitter_trainable(model, seed + 1).to(dtype).eval()
+
+
+def tiny_bert_cls(dtype=torch.float64, seed=0):
+    """BERT sequence classification; its batch carries token_type_ids (two segments)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=48, num_labels=NUM_LABELS, type_vocab_size=2, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    return _finish(BertForSequenceClassification(cfg), dtype)
+
+
+def segment_batch(batch_size=3, seq_len=7, seed=0):
+    """A right-padded batch with two segments (token_type_ids) and class labels."""
+    b = causal_batch(batch_size, seq_len, seed)
+    segments = (torch.arange(seq_len) >= seq_len // 2).long().expand(batch_size, seq_len).contiguous()
+    return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "token_type_ids": segments,
+            "labels": torch.arange(batch_size) % NUM_LABELS}
+
+
+def class_batch(batch_size=3, seq_len=7, seed=0):
+    """A right-padded batch with class labels (the sequence classifiers pool the last real token)."""
+    b = causal_batch(batch_size, seq_len, seed)
+    return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
+            "labels": torch.arange(batch_size) % NUM_LABELS}
+
+
+def tiny_gpt2_cls(dtype=torch.float64, seed=0):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, num_labels=NUM_LABELS, pad_token_id=0,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+    return _finish(GPT2ForSequenceClassification(cfg), dtype)
+
+
+def tiny_qwen3(dtype=torch.float64, seed=0):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    return _finish(Qwen3ForCausalLM(Qwen3Config(**_DECODER, head_dim=8)), dtype)
+
+
 ZOO = {
     "mixtral": (tiny_mixtral, causal_batch, None),
+    "t5_lora": (tiny_t5_lora, t5_batch, None),
+    "bert_cls_segments": (tiny_bert_cls, segment_batch, None),
+    "gpt2_cls_padded": (tiny_gpt2_cls, class_batch, None),
+    "qwen3": (tiny_qwen3, causal_batch, None),
     "mixtral_batched_mm": (lambda dtype=torch.float64: tiny_mixtral(dtype, experts="batched_mm"), causal_batch, None),
     "t5": (tiny_t5, t5_batch, None),
     "bart": (tiny_bart, bart_batch, None),
