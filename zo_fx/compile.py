@@ -37,6 +37,17 @@ def repeat_batch(batch: dict, groups: int, batch_size: int) -> dict:
     return out
 
 
+def check_per_example(losses, groups: int, batch_size: int) -> None:
+    """A loss gives one value per example of every group it saw, or a clear error."""
+    n = groups * batch_size
+    if not isinstance(losses, torch.Tensor) or losses.shape != (n,):
+        got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise ValueError(
+            f"the loss must return one value per example ({n} for {groups} group(s) of {batch_size}); got {got}. "
+            "Reduce over tokens, never over the batch (reduction='none', then a mean per example)"
+        )
+
+
 class ZOModule:
     """A model compiled for zeroth-order training: G perturbed copies per forward pass."""
 
@@ -53,6 +64,12 @@ class ZOModule:
         self.backend = backend
         self._graphs: dict[tuple[int, str], Callable] = {}
         self._rewritten: dict[tuple[int, str], Rewritten] = {}
+        # what check_batch compares a batch and the parameters with: the captured graph's placeholders
+        values = {ph: node.meta.get("val") for ph, node in captured.placeholders().items()}
+        self._input_specs = {key: (values[ph].dtype, values[ph].dim()) for ph, kind, key in captured.inputs
+                             if kind == "input" and values[ph] is not None}
+        self._param_dtypes = {key: values[ph].dtype for ph, kind, key in captured.inputs
+                              if kind == "parameter" and values[ph] is not None}
 
     # ---- parameters --------------------------------------------------------------------------------
     @property
@@ -88,44 +105,34 @@ class ZOModule:
         return self._graphs[key]
 
     def check_batch(self, batch) -> None:
-        """A batch must hold the tensors the graph takes, and nothing the model would silently not see."""
+        """A batch must hold the tensors the graph takes, as it was compiled for (dtype, rank, at least one
+        example), and nothing the model would silently not see; the parameters must keep their dtypes."""
         missing = [k for k in self.captured.input_keys if k not in batch]
         unknown = [k for k, v in batch.items()
                    if k not in self.captured.input_keys and k not in self.loss_keys and isinstance(v, torch.Tensor)]
-        if not missing:
-            self._check_tensors(batch)
         if missing or unknown:
             raise ValueError(
                 f"this batch does not match the compiled graph: missing {missing}, not taken by the graph {unknown}. "
                 f"The graph takes {self.captured.input_keys}; loss-only keys: {list(self.loss_keys)}. Recompile "
                 "with an example batch that has the same keys (declare loss-only keys with loss_keys=[...])."
             )
-
-    def _check_tensors(self, batch) -> None:
-        """Each input as the graph was captured for: same dtype and rank, at least one example."""
-        placeholders = {n.name: n for n in self.captured.graph_module.graph.nodes if n.op == "placeholder"}
-        for ph, kind, key in self.captured.inputs:
-            if kind != "input":
-                continue
-            value, want = batch[key], placeholders[ph].meta.get("val")
+        for key, (dtype, dims) in self._input_specs.items():
+            value = batch[key]
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"batch key {key!r} holds a {type(value).__name__}, not a tensor")
-            if want is not None and (value.dtype != want.dtype or value.dim() != want.dim()):
+            if value.dtype != dtype or value.dim() != dims:
                 raise ValueError(
                     f"batch key {key!r} is {value.dtype} with {value.dim()} dims; the graph was compiled for "
-                    f"{want.dtype} with {want.dim()} dims. Convert the input, or compile with such a batch"
+                    f"{dtype} with {dims} dims. Convert the input, or compile with such a batch"
                 )
             if value.dim() and value.shape[0] == 0:
                 raise ValueError(f"batch key {key!r} holds no example (batch size 0)")
-        for name, p in self.captured.params.items():
-            want = next((placeholders[ph].meta.get("val") for ph, kind, key in self.captured.inputs
-                         if kind == "parameter" and key == name), None)
-            if want is not None and p.dtype != want.dtype:
-                raise ValueError(f"parameter {name} is {p.dtype} but was {want.dtype} when the model was compiled; "
-                                 "compile the model again after changing its dtype")
+        for name, dtype in self._param_dtypes.items():
+            if self.captured.params[name].dtype != dtype:
+                raise ValueError(f"parameter {name} is {self.captured.params[name].dtype} but was {dtype} when the "
+                                 "model was compiled; compile the model again after changing its dtype")
 
     def _run(self, batch: dict, table: GroupTable, headless: bool = False):
-        self.check_batch(batch)
         seeds, scales = table.tensors()
         args = live_inputs(self.captured, self.model, batch) + [seeds, scales]
         with torch.no_grad():
@@ -134,22 +141,20 @@ class ZOModule:
 
     def forward_groups(self, batch: dict, table: GroupTable):
         """The model's outputs for every group: G slices of the batch dim, group-major."""
+        self.check_batch(batch)
         return self._run(batch, table)
 
     def group_losses(self, batch: dict, table: GroupTable) -> torch.Tensor:
         """Per-example loss of every group, shape [G, B], from one batched pass."""
+        self.check_batch(batch)
         batch_size = batch[self.captured.input_keys[0]].shape[0]
         if self.head is not None:
             losses = self._head_losses(batch, table, batch_size)
         else:
-            outputs = self.forward_groups(batch, table)
+            outputs = self._run(batch, table)
             with torch.no_grad():
                 losses = self.loss_fn(outputs, repeat_batch(batch, table.groups, batch_size))
-        if losses.shape != (table.groups * batch_size,):
-            raise ValueError(
-                f"the loss must return one value per example ({table.groups * batch_size} for {table.groups} groups "
-                f"of {batch_size}); got shape {tuple(losses.shape)}"
-            )
+            check_per_example(losses, table.groups, batch_size)
         return losses.view(table.groups, batch_size)
 
     def _head_losses(self, batch: dict, table: GroupTable, batch_size: int) -> torch.Tensor:
@@ -177,12 +182,7 @@ class ZOModule:
                 if head.out_dtype is not None:
                     logits = logits.to(head.out_dtype)
                 losses = self.loss_fn(logits, batch)
-                if not isinstance(losses, torch.Tensor) or losses.shape != (batch_size,):
-                    raise ValueError(
-                        f"the loss must return one value per example (shape [{batch_size}]); got "
-                        f"{tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__}. "
-                        "Reduce over tokens, never over the batch (reduction='none', then a mean per example)"
-                    )
+                check_per_example(losses, 1, batch_size)
                 out.append(losses)
                 del logits
         return torch.cat(out)

@@ -274,7 +274,7 @@ def lazy_map(op, groups: int, leaf_codes: tuple, args: tuple, kwargs: dict, cach
     op = _resolve(op)
 
     def make(g: int):
-        picked = [leaf[g] if code == PER_GROUP else leaf for leaf, code in zip(leaves, leaf_codes)]
+        picked = [_pick(leaf, code, g, groups, {}) for leaf, code in zip(leaves, leaf_codes)]
         a, k = pytree.tree_unflatten(picked, spec)
         return op(*a, **k)
 

@@ -85,7 +85,7 @@ def restore_checkpoint(out: Path, cfg: FinetuneConfig, model, optimizer, cursor,
                             "with the saved settings (see its checkpoint's extra.json) or start a new "
                             "--output-dir")
     try:
-        extra = load_checkpoint(folder, model, optimizer)
+        extra = load_checkpoint(folder, model, optimizer, verified=True)  # latest_checkpoint hashed it
         cursor.load_state_dict(extra["cursor"])
     except (ValueError, KeyError, FileNotFoundError) as err:
         raise FinetuneError(f"--resume: cannot continue the run in {out}: {err}") from None

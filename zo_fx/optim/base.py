@@ -25,7 +25,7 @@ from zo_fx.compile import ZOModule
 from zo_fx.streams.table import GroupTable
 
 from .config import ZOConfig
-from .trajectory import Trajectory, model_fingerprint, tensor_spec
+from .trajectory import Trajectory, model_fingerprint, tensor_specs
 
 NO_DECAY_KEYS = ("bias", "norm", "ln_")
 
@@ -103,7 +103,7 @@ class ZOOptimizer:
     weight_decay = property(lambda self: self.config.weight_decay)
 
     def _new_trajectory(self) -> Trajectory:
-        specs = [tensor_spec(self.zm.model, n, self.zm.pids[n], decays(n, p)) for n, p in self.params.items()]
+        specs = tensor_specs(self.zm.model, [(n, self.zm.pids[n], decays(n, p)) for n, p in self.params.items()])
         return Trajectory(method=self.method, kind=self.kind, weight_decay=self.weight_decay, params=specs,
                           model=model_fingerprint(self.zm.model))
 

@@ -111,11 +111,13 @@ def latest_checkpoint(output_dir, log: Callable[[str], None] | None = None) -> P
     return None
 
 
-def load_checkpoint(path, model: torch.nn.Module, optimizer, log: Callable[[str], None] | None = print) -> dict:
+def load_checkpoint(path, model: torch.nn.Module, optimizer, log: Callable[[str], None] | None = print, *,
+                    verified: bool = False) -> dict:
     """Restore weights and optimizer state from ``path`` (a step folder or an output dir); returns extras.
 
     The checkpoint is verified against its manifest before anything is loaded; from an output
-    dir the newest intact checkpoint is taken (see :func:`latest_checkpoint`).
+    dir the newest intact checkpoint is taken (see :func:`latest_checkpoint`). ``verified``: the
+    caller has just had ``path`` from :func:`latest_checkpoint`, which read and checked every file.
     """
     path = Path(path)
     if not (path / "optimizer.json").exists() and ((path / LATEST).exists() or checkpoint_folders(path)):
@@ -125,7 +127,7 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer, log: Callable[[str]
         path = found
     if not (path / "weights.safetensors").exists():
         raise FileNotFoundError(f"no checkpoint at {path} (expected weights.safetensors and optimizer.json)")
-    reason = damage(path)
+    reason = None if verified else damage(path)
     if reason is not None:
         raise CheckpointDamagedError(f"checkpoint {path} is damaged: {reason}; it was not loaded")
     params = dict(model.named_parameters())

@@ -49,23 +49,28 @@ class ParamSpec:
         return [self.name, self.pid, self.decay, list(self.shape or []), self.dtype, list(self.aliases)]
 
 
-def tensor_spec(model: torch.nn.Module, name: str, pid: int, decay: bool) -> ParamSpec:
-    """The spec of parameter ``name`` of ``model``: its shape, dtype and tied names."""
+def tensor_specs(model: torch.nn.Module, entries) -> list[ParamSpec]:
+    """The spec of each ``(name, pid, decay)`` of ``entries``: the parameter's shape, dtype and tied names."""
     named = dict(model.named_parameters(remove_duplicate=False))
-    tensor = named[name]
-    aliases = tuple(sorted(n for n, p in named.items() if p is tensor and n != name))
-    return ParamSpec(name, pid, decay, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), aliases)
+    names_of: dict[int, list[str]] = {}
+    for n, p in named.items():
+        names_of.setdefault(id(p), []).append(n)
+    specs = []
+    for name, pid, decay in entries:
+        tensor = named[name]
+        aliases = tuple(sorted(n for n in names_of[id(tensor)] if n != name))
+        specs.append(ParamSpec(name, pid, decay, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."),
+                               aliases))
+    return specs
 
 
 def spec_differences(specs: list[ParamSpec], model: torch.nn.Module) -> list[str]:
     """How ``model``'s parameters differ from the ones a trajectory was recorded on (names, shapes, dtypes, ties)."""
     named = dict(model.named_parameters(remove_duplicate=False))
-    diffs = []
-    for spec in specs:
-        if spec.name not in named:
-            diffs.append(f"no parameter {spec.name!r}")
-            continue
-        here = tensor_spec(model, spec.name, spec.pid, spec.decay)
+    missing = [spec for spec in specs if spec.name not in named]
+    present = [spec for spec in specs if spec.name in named]
+    diffs = [f"no parameter {spec.name!r}" for spec in missing]
+    for spec, here in zip(present, tensor_specs(model, [(s.name, s.pid, s.decay) for s in present])):
         if spec.shape is not None and tuple(spec.shape) != here.shape:
             diffs.append(f"{spec.name}: shape {list(here.shape)}, the run had {list(spec.shape)}")
         if spec.dtype is not None and spec.dtype != here.dtype:

@@ -45,6 +45,10 @@ class CapturedModel:
     constants: dict[str, Any] = field(default_factory=dict)
     model_class: str = ""
 
+    def placeholders(self) -> dict[str, torch.fx.Node]:
+        """The graph's placeholder nodes by name (their ``meta['val']`` is what each input was traced as)."""
+        return {n.name: n for n in self.graph_module.graph.nodes if n.op == "placeholder"}
+
 
 class _Forward(torch.nn.Module):
     """Calls the user's model with keyword arguments and returns a plain tensor output."""
@@ -232,7 +236,7 @@ def _mutates(node) -> bool:
 
 def _check_inputs_used(captured: CapturedModel) -> None:
     graph = captured.graph_module.graph
-    placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    placeholders = captured.placeholders()
     for ph, kind, key in captured.inputs:
         if kind == "input" and not placeholders[ph].users:
             raise ValueError(

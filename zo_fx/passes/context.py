@@ -35,6 +35,11 @@ aten = torch.ops.aten
 #: views that need their input's strides to match the original's; the same values come from a reshape
 STRIDE_SENSITIVE_VIEWS = {aten.view.default, aten._unsafe_view.default}
 
+def stride_free(target):
+    """The op to run in place of ``target`` on a value laid out differently from the original's."""
+    return aten.reshape.default if target in STRIDE_SENSITIVE_VIEWS else target
+
+
 INV, GRP, PG, LAZY, PARAM = "invariant", "grouped", "per-group", "lazy", "parameter"
 
 
@@ -113,6 +118,12 @@ class RewriteContext:
             return []
         return [d for d, size in enumerate(val.shape) if self.has_batch(size)]
 
+    def output_batch_dims(self, node: Node) -> list[list[int] | None]:
+        """The batch-carrying dims of every leaf of ``node``'s output (None for a leaf that is no tensor)."""
+        vals = pytree.tree_flatten(node.meta.get("val"))[0]
+        return [[d for d, s in enumerate(v.shape) if self.has_batch(s)] if isinstance(v, torch.Tensor) else None
+                for v in vals]
+
     def batch_dim(self, node) -> int | None:
         """The one batch dim of ``node``; None when it has none or several."""
         dims = self.batch_dims(node)
@@ -147,8 +158,8 @@ class RewriteContext:
         """``node`` copied into the new graph; a ``view`` becomes a ``reshape`` when its input may be laid
         out differently from the original's (grouped values are concatenated, slices are strided)."""
         new = self.g.node_copy(node, arg_map)
-        if new.target in STRIDE_SENSITIVE_VIEWS and self.layout_of(node.args[0]) != INV:
-            new.target = aten.reshape.default
+        if self.layout_of(node.args[0]) != INV:
+            new.target = stride_free(new.target)
         return new
 
     def as_grouped(self, node):
@@ -207,15 +218,16 @@ class RewriteContext:
         saved = self.current_rule
         self.current_rule = "batch-free"
         try:
-            codes, args, kwargs = self.leaves(node, lambda a: ops.PER_GROUP)
+            codes, args, kwargs = self.leaves(node)
             cache = len(node.users) > 1
-            target = aten.reshape.default if node.target in STRIDE_SENSITIVE_VIEWS else node.target
-            self.new[node] = self.emit(ops.lazy_map, (ops.op_ref(target), self.G, codes, args, kwargs, cache))
+            target = ops.op_ref(stride_free(node.target))
+            self.new[node] = self.emit(ops.lazy_map, (target, self.G, codes, args, kwargs, cache))
         finally:
             self.current_rule = saved
 
-    def leaves(self, node: Node, grouped_code):
-        """``node``'s args with every input replaced by its new value, and one map_groups code per leaf."""
+    def leaves(self, node: Node):
+        """``node``'s args with every input replaced by its new value, and one map_groups code per leaf
+        (a grouped input's code is its batch dim)."""
         leaves, spec = pytree.tree_flatten((node.args, node.kwargs))
         codes, new_leaves = [], []
         for leaf in leaves:
@@ -228,7 +240,10 @@ class RewriteContext:
                 codes.append(ops.PER_GROUP)
                 new_leaves.append(self.per_group_value(leaf, node))
             elif layout == GRP:
-                codes.append(grouped_code(leaf))
+                bdim = self.batch_dim(leaf)
+                if bdim is None:
+                    raise AssertionError(f"grouped value {leaf.name} has no single batch dim")
+                codes.append(bdim)
                 new_leaves.append(self.new[leaf])
             else:
                 codes.append(ops.PASS)

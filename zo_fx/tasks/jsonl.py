@@ -80,27 +80,31 @@ def load_jsonl_task(
         task = load_jsonl_task("reviews.jsonl", {"neg": " bad", "pos": " good"}, "{text} It was")
     """
     path = Path(path)
+    _check_template(template)
+    words, index = _label_index(label_words)
+    examples = _read_examples(path, index)
+    _check_classes(path, examples)
+    splits = hash_split(examples, key=lambda e: e.fields["text"])
+    return _task(path.stem, template, words, splits, (n_train, n_val, n_test), seed,
+                 f"{path}, split 80/10/10 by blake2b(text)")
+
+
+SPLIT_FILES = ("train.jsonl", "validation.jsonl", "test.jsonl")
+
+
+def _check_template(template: str) -> None:
     if "text" not in template_slots(template):
         raise ValueError(
             f"template {template!r} must contain {{text}}, where each line's text goes, "
             "e.g. '{text} It was'"
         )
-    words, index = _label_index(label_words)
-    examples = _read_examples(path, index)
-    _check_classes(path, examples)
-    train, validation, test = hash_split(examples, key=lambda e: e.fields["text"])
-    return ClassificationTask(
-        name=path.stem,
-        template=template,
-        label_words=words,
-        train=subsample(train, n_train, seed),
-        validation=subsample(validation, n_val, seed),
-        test=subsample(test, n_test, seed),
-        description=f"{path}, split 80/10/10 by blake2b(text)",
-    )
 
 
-SPLIT_FILES = ("train.jsonl", "validation.jsonl", "test.jsonl")
+def _task(name: str, template: str, words: list[str], splits, sizes, seed: int, description: str):
+    """The task of ``splits`` (train, validation, test), each subsampled to its size (None keeps all)."""
+    train, validation, test = (subsample(split, n, seed) for split, n in zip(splits, sizes))
+    return ClassificationTask(name=name, template=template, label_words=words, train=train,
+                              validation=validation, test=test, description=description)
 
 
 def _read_examples(path: Path, index: dict) -> list[Example]:
@@ -153,17 +157,9 @@ def load_jsonl_folder(
     missing = [name for name in SPLIT_FILES if not (folder / name).is_file()]
     if missing:
         raise ValueError(f"task folder {folder} lacks {missing}; it must hold {list(SPLIT_FILES)}")
-    if "text" not in template_slots(template):
-        raise ValueError(f"template {template!r} must contain {{text}}, where each line's text goes")
+    _check_template(template)
     words, index = _label_index(label_words)
-    train, validation, test = (_read_examples(folder / name, index) for name in SPLIT_FILES)
-    _check_classes(folder / "train.jsonl", train)
-    return ClassificationTask(
-        name=folder.name,
-        template=template,
-        label_words=words,
-        train=subsample(train, n_train, seed),
-        validation=subsample(validation, n_val, seed),
-        test=subsample(test, n_test, seed),
-        description=f"{folder}: the user's train / validation / test files",
-    )
+    splits = [_read_examples(folder / name, index) for name in SPLIT_FILES]
+    _check_classes(folder / "train.jsonl", splits[0])
+    return _task(folder.name, template, words, splits, (n_train, n_val, n_test), seed,
+                 f"{folder}: the user's train / validation / test files")

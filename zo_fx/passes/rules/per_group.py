@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import torch
 from torch.fx import Node
-from torch.utils import _pytree as pytree
 
 from ... import ops
-from ..context import GRP, PG, STRIDE_SENSITIVE_VIEWS, RewriteContext
+from ..context import GRP, PG, RewriteContext, stride_free
 from . import Refusal, rule
 
 aten = torch.ops.aten
@@ -61,11 +60,8 @@ def impure_reason(node: Node) -> str | None:
 
 
 def output_bdims(node: Node, ctx: RewriteContext) -> list[int]:
-    """The batch dim of every output leaf, ``PER_GROUP`` where one has none or several."""
-    bdims = []
-    for v in pytree.tree_flatten(node.meta.get("val"))[0]:
-        dims = [d for d, s in enumerate(v.shape) if ctx.has_batch(s)] if isinstance(v, torch.Tensor) else []
-        bdims.append(dims[0] if len(dims) == 1 else ops.PER_GROUP)
+    """The batch dim of every output leaf, ``PER_GROUP`` where one has none or several (or is no tensor)."""
+    bdims = [d[0] if d and len(d) == 1 else ops.PER_GROUP for d in ctx.output_batch_dims(node)]
     return bdims or [ops.PER_GROUP]
 
 
@@ -76,17 +72,10 @@ def match(node: Node, ctx: RewriteContext):
         return Refusal(reason)
 
     def apply():
-        codes, args, kwargs = ctx.leaves(node, lambda a: _grouped_code(a, ctx))
+        codes, args, kwargs = ctx.leaves(node)
         bdims = output_bdims(node, ctx)
-        target = aten.reshape.default if node.target in STRIDE_SENSITIVE_VIEWS else node.target
-        value = ctx.emit(ops.map_groups, (ops.op_ref(target), ctx.G, codes, tuple(bdims), args, kwargs))
+        target = ops.op_ref(stride_free(node.target))
+        value = ctx.emit(ops.map_groups, (target, ctx.G, codes, tuple(bdims), args, kwargs))
         ctx.set(node, value, PG if ops.PER_GROUP in bdims else GRP)
 
     return apply
-
-
-def _grouped_code(node: Node, ctx: RewriteContext) -> int:
-    bdim = ctx.batch_dim(node)
-    if bdim is None:
-        raise AssertionError(f"grouped value {node.name} has no single batch dim")
-    return bdim

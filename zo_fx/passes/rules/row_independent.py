@@ -101,13 +101,9 @@ def _single_bdims(node: Node, ctx: RewriteContext) -> str | None:
 
 
 def _out_bdims_ok(node: Node, ctx: RewriteContext) -> str | None:
-    vals = node.meta.get("val")
-    vals = vals if isinstance(vals, (tuple, list)) else [vals]
-    for v in vals:
-        if isinstance(v, torch.Tensor):
-            dims = [d for d, s in enumerate(v.shape) if ctx.has_batch(s)]
-            if len(dims) != 1:
-                return f"an output carries the batch in dims {dims}"
+    for dims in ctx.output_batch_dims(node):
+        if dims is not None and len(dims) != 1:
+            return f"an output carries the batch in dims {dims}"
     return None
 
 
@@ -189,23 +185,14 @@ def _reshape(node: Node, ctx: RewriteContext) -> str | None:
         return "the output has no single batch dim"
     if in_b != out_b or not all(same_size(a, b) for a, b in zip(in_shape[:in_b], out_shape[:out_b])):
         return "it moves dims ahead of the batch, so groups would interleave"
-    for s in pytree_sizes(node):
-        if ctx.is_batch_sym(s) and not ctx.scalable(s):
-            return f"size {s.name} is not proportional to the batch size"
-    return None
-
-
-def pytree_sizes(node: Node) -> list[Node]:
-    sizes = node.args[1] if len(node.args) > 1 else []
-    return [s for s in (sizes if isinstance(sizes, (list, tuple)) else [sizes]) if isinstance(s, Node)]
+    return None  # its sizes must also scale with the batch: checked for every op in match()
 
 
 def _matmul(node: Node, ctx: RewriteContext) -> str | None:
     t = node.target
     a, b = (node.args[1], node.args[2]) if t in (aten.addmm.default, aten.baddbmm.default) else node.args[:2]
-    if t in (aten.addmm.default, aten.baddbmm.default) and ctx.batch_dims(node.args[0]):
-        if t == aten.addmm.default:
-            return "the added matrix carries the batch"
+    if t == aten.addmm.default and ctx.batch_dims(node.args[0]):
+        return "the added matrix carries the batch"
     a_val, b_val = a.meta["val"], b.meta["val"]
     a_b, b_b = ctx.batch_dim(a), ctx.batch_dim(b) if isinstance(b, Node) else None
     if t == aten.linear.default:
