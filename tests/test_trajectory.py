@@ -77,9 +77,17 @@ def _unknown_mode(d):
     d["records"][0]["mode"] = "sgd"
 
 
+def _params_not_a_list(d):
+    d["params"] = "abc"
+
+
+def _float_seed(d):
+    d["records"][0]["seeds"][0] = 1.5
+
+
 TAMPERING = [_scaled_coef, _other_pid, _other_kind, _removed_record, _no_params, _nan_lr]
 #: values the optimizer never writes: refused by the field checks even under a recomputed checksum
-OUT_OF_RANGE = [_no_params, _nan_lr, _negative_seed, _unpaired_coef, _unknown_mode]
+OUT_OF_RANGE = [_no_params, _nan_lr, _negative_seed, _unpaired_coef, _unknown_mode, _params_not_a_list, _float_seed]
 
 
 @pytest.mark.parametrize("tamper", TAMPERING, ids=lambda f: f.__name__.strip("_"))

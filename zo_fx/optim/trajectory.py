@@ -167,7 +167,7 @@ class Trajectory:
             return _parse(d)
         except TrajectoryError:
             raise
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, IndexError, AttributeError, TypeError, ValueError) as err:
             raise TrajectoryError(f"the trajectory is malformed: {type(err).__name__}: {err}") from None
 
     def save(self, path) -> Path:
