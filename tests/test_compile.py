@@ -25,7 +25,8 @@ from model_zoo import (
 )
 
 import zo_fx
-from zo_fx.kernels._chunks import CHUNK, COMPILE_MIN_NUMEL, accumulation_dtype
+from zo_fx.kernels import blocked
+from zo_fx.kernels._chunks import COMPILE_MIN_NUMEL, accumulation_dtype
 from zo_fx.kernels.perturb import SMALL_NUMEL
 from zo_fx.streams import GroupTable
 from zo_fx.streams.layout import per_block
@@ -221,9 +222,8 @@ def test_model_that_cannot_be_exported_gives_the_documented_error():
 # the torch functions that make direction values during group_losses: (module, name) -> what they generate.
 # A wrapper around each tells the dispatch mode below which allocations are direction scratch.
 _GENERATORS = {
-    # a perturbed weight of a linear / the head / a bias: every caller reaches it through
-    # kernels.perturb (perturbed_or_base looks it up there), so one wrapper sees them all
-    ("zo_fx.kernels.perturb", "perturbed"): "perturbed",
+    # the perturbed tiles of a linear's or the head's weight (the blocked GEMM's generator)
+    ("zo_fx.kernels.blocked", "_perturbed_tiles"): "tiles",
     ("zo_fx.ops", "perturbed_groups"): "perturbed_groups",  # G copies of a norm weight / bias at once
     ("zo_fx.ops", "sample_at"): "sample_at",  # the direction at the looked-up embedding rows only
 }
@@ -302,14 +302,16 @@ def _lookup_bytes(kind: str, rows: int, dim: int) -> int:
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
 def test_direction_scratch_is_one_weight_never_one_per_group(kind, monkeypatch):
-    """Never a [G, out, in] tensor; the largest direction temporary is bounded by one weight's generation.
+    """Never a [G, out, in] tensor; the largest direction temporary is bounded by G tiles, not G weights.
 
-    Every tensor made while a direction is generated (a perturbed weight, the per-group
-    copies of the small parameters, the rows of a lookup) is bounded by what generating
-    one direction of the largest weight, G directions of the largest small parameter, or
-    one lookup of the batch's rows takes (bounds below). A per-group copy of a weight
-    would be G = 9 times the first bound.
+    Every tensor made while a direction is generated (the G perturbed tiles of a weight,
+    the per-group copies of the small parameters, the rows of a lookup) is bounded by what
+    generating G tiles of ``TILE_ELEMENTS``, G directions of the largest small parameter,
+    or one lookup of the batch's rows takes (bounds below). The tile is made smaller than
+    the tiny model's weights, so a per-group copy of a weight would break the first bound.
     """
+    tile = 128
+    monkeypatch.setattr(blocked, "TILE_ELEMENTS", tile)
     model, batch = _model(tiny_llama, tied=False), _batch()
     zm = zo_fx.zo_compile(model, batch)
     groups = 9
@@ -319,15 +321,18 @@ def test_direction_scratch_is_one_weight_never_one_per_group(kind, monkeypatch):
     small = [p for p in trainable if p.dim() == 1]
     acc_bytes = accumulation_dtype(weights[0].dtype).itemsize  # float64 model: float64 accumulation, 8 bytes
     largest_weight = max(p.numel() for p in weights)  # the untied embedding / LM head, 96 x 32
-    # one chunk, generated eagerly (a compiled chunk's temporaries live inside its kernel, unseen here)
-    assert largest_weight <= CHUNK and largest_weight < COMPILE_MIN_NUMEL
+    # a tile is about `tile` elements, rounded up to whole Philox blocks; every weight spans
+    # several tiles, each generated eagerly (a compiled call's temporaries are unseen here)
+    largest_tile = max(blocked.tile_rows(*p.shape, kind, tile) * p.shape[1] for p in weights)
+    assert largest_tile < min(p.numel() for p in weights) and groups * largest_tile < COMPILE_MIN_NUMEL
     assert all(p.numel() <= SMALL_NUMEL for p in small)  # every small parameter's G copies in one batched call
     rows, dim = batch["input_ids"].numel(), model.get_input_embeddings().weight.shape[1]
     bounds = {
-        "perturbed": _generator_bytes(kind, largest_weight, acc_bytes),
+        "tiles": groups * _generator_bytes(kind, largest_tile, acc_bytes),
         "perturbed_groups": groups * _generator_bytes(kind, max(p.numel() for p in small), acc_bytes),
         "sample_at": _lookup_bytes(kind, rows, dim),
     }
+    assert bounds["tiles"] < groups * largest_weight * acc_bytes
     largest = _direction_scratch(lambda: zm.group_losses(batch, table), monkeypatch)
     for source, bound in bounds.items():
         print(f"{kind} {source}: largest {largest.get(source)}, bound {bound} bytes")

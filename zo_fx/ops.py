@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from . import kernels
+from .kernels import blocked
 from .kernels.dispatch import pick
 from .kernels.linear import perturbed_linear
 from .kernels.perturb import perturbed_groups, perturbed_or_base
@@ -138,6 +139,15 @@ def grouped_linear(
         if shared:
             lead[0] = lead[0] * groups
         return y.reshape(*lead, y.shape[-1])
+    if out_dim == 0 and x.dim() >= 2 and blocked.supports(weight, weight_layout):
+        k = x.shape[-1]
+        xs = x.reshape(-1, k) if shared else x.reshape(groups, -1, k)
+        y = blocked.blocked_grouped_matmul(xs, weight, w_pid, seed_list, scale_list, kind, weight_layout,
+                                           shared_input=shared)
+        _add_group_bias(y, bias, b_pid, seed_list, scale_list, kind)
+        lead = list(x.shape[:-1])
+        lead[0] *= groups if shared else 1
+        return y.view(*lead, y.shape[-1])
     xs = [x] * groups if shared else _split(x, groups, x_bdim)
     if out_dim == 0 and x.dim() >= 2:
         # write each group's rows straight into the result: no list of G outputs plus a copy
@@ -157,10 +167,29 @@ def grouped_linear(
     return torch.cat(outs, dim=out_dim)
 
 
+def _add_group_bias(y: torch.Tensor, bias, b_pid, seeds: list[int], scales: list[float], kind: str) -> None:
+    """``y[g] += b_g`` for a ``[G, rows, N]`` product: the perturbed biases from one generator call."""
+    if bias is None:
+        return
+    if b_pid is None:
+        y += bias
+        return
+    for g, b in enumerate(perturbed_groups(bias, seeds, b_pid, scales, kind)):
+        y[g] += b
+
+
 def head_logits(x: torch.Tensor, weight, bias, w_pid, b_pid, seed: int, scale: float, kind: str,
                 layout: str) -> torch.Tensor:
-    """One group's output head over all of ``x``'s rows (the head cut off by the readout pass)."""
-    return perturbed_linear(x, weight, bias, w_pid, b_pid, seed, scale, kind, layout)
+    """One group's output head over all of ``x``'s rows (the head cut off by the readout pass).
+
+    A large vocabulary's head is walked in cache-sized tiles of its rows, never copied whole.
+    """
+    if x.dim() < 2 or not blocked.supports(weight, layout):
+        return perturbed_linear(x, weight, bias, w_pid, b_pid, seed, scale, kind, layout)
+    rows = x.reshape(-1, x.shape[-1])
+    y = blocked.blocked_grouped_matmul(rows, weight, w_pid, [seed], [scale], kind, layout, shared_input=True)
+    _add_group_bias(y, bias, b_pid, [seed], [scale], kind)
+    return y[0].view(*x.shape[:-1], y.shape[-1])
 
 
 def head_readout(x_rows: torch.Tensor, weight, bias, w_pid, b_pid, seed: int, scale: float, kind: str,

@@ -1,0 +1,180 @@
+"""Cache-blocked grouped perturbed GEMM: the torch path's way to read each weight once for all groups.
+
+The plain torch path (:func:`zo_fx.kernels.linear.perturbed_linear` per group) forms one
+weight-sized ``W + s_g U_g`` per group: G reads of W, G weight-sized writes and G reads
+back, and G generations of the direction even when groups share a seed (MeZO's +eps and
+-eps). Here the weight is walked in *tiles* of consecutive stored rows, sized for the
+CPU cache. Per tile, one call generates the direction tile of every distinct seed once
+and forms every perturbed group's tile from it (``[G', rows, cols]``, in cache), and one
+batched GEMM multiplies each group's rows by its tile. So per step a weight crosses
+memory once, each distinct direction is generated once, and no weight-sized temporary
+exists at all: scratch is G' tiles of at most :data:`TILE_ELEMENTS` elements (plus the
+distinct directions' values on one tile), whatever the weight's size, so a per-group copy
+of a weight never exists once a weight is larger than a tile.
+
+Groups with a zero scale (FZOO's group 0, a frozen weight) take one plain GEMM over the
+whole weight, shared by all of them when the input is shared.
+
+Values: a group's perturbed tile is rounded once to the weight's dtype, exactly as
+:func:`zo_fx.kernels.perturb.perturbed` rounds the whole copy, so the products differ
+from the per-group path only by the GEMM's summation order (a few ulps of the dtype).
+``in_out`` weights (``[K, N]``, GPT-2's Conv1D) are tiled along K and their partial
+products summed in the output; low-precision (bf16/fp16) ``in_out`` weights therefore
+go through the per-group path, which keeps one fp32-accumulated GEMM per group.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from zo_fx.streams.layout import block_values, check_kind, key_tensors, per_block
+
+from ._chunks import COMPILE_MIN_NUMEL, accumulation_dtype, compile_enabled
+
+#: elements of one weight tile. Chosen by ``benchmarks/tile_size.py`` on the 2-core EPYC
+#: (1 MiB L2 per core, 32 MiB L3), fp32, G = 9 and G = 2, weights from 576x1536 to
+#: 8192x2048: 2**18 (1 MiB of fp32, one L2) was fastest or within 5% of it on every shape;
+#: 2**15 pays the per-tile call overhead, 2**20 and more spill the G perturbed tiles out of L3.
+TILE_ELEMENTS = 1 << 18
+
+
+def _perturbed_tiles(base, scales, which, block0, seed_lo, seed_hi, pid, tag, kind: str):
+    """``[G', n]``: ``base + scales[i] * u(seeds[which[i]])`` on one tile, each distinct seed generated once."""
+    n = base.shape[0]
+    acc = accumulation_dtype(base.dtype)
+    pb = per_block(kind)
+    blocks = block0 + torch.arange((n + pb - 1) // pb, dtype=torch.int64, device=base.device)
+    u = block_values(kind, blocks, seed_lo.unsqueeze(1), seed_hi.unsqueeze(1), pid, tag)
+    u = u.reshape(seed_lo.shape[0], -1)[:, :n].to(acc)[which]
+    return (base.to(acc) + scales.to(acc).unsqueeze(1) * u).to(base.dtype)
+
+
+_compiled_tiles = None
+
+
+def _tile_runner(numel: int):
+    global _compiled_tiles
+    if numel < COMPILE_MIN_NUMEL or not compile_enabled():
+        return _perturbed_tiles
+    if _compiled_tiles is None:
+        _compiled_tiles = torch.compile(_perturbed_tiles, dynamic=True)
+    return _compiled_tiles
+
+
+def tile_rows(rows: int, cols: int, kind: str, tile: int) -> int:
+    """Stored rows per tile: about ``tile`` elements, and every tile starts on a Philox block."""
+    pb = per_block(kind)
+    align = pb // math.gcd(cols, pb)  # rows whose element count is a multiple of the block
+    return min(rows, max(align, (tile // max(cols, 1)) // align * align))
+
+
+def supports(weight: torch.Tensor, weight_layout: str) -> bool:
+    """Whether the blocked path takes this weight (else the per-group path runs)."""
+    if weight.dim() != 2 or not weight.is_contiguous() or weight.numel() == 0:
+        return False
+    return weight_layout == "out_in" or weight.dtype in (torch.float32, torch.float64)
+
+
+@torch.no_grad()
+def blocked_grouped_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    w_pid: int | None,
+    seeds: Sequence[int],
+    scales: Sequence[float],
+    kind: str,
+    weight_layout: str,
+    *,
+    shared_input: bool,
+    tile: int | None = None,
+) -> torch.Tensor:
+    """``[G, R, N]``: group g's rows times ``W + scales[g] * U(seeds[g])`` (no bias).
+
+    Args:
+        x: ``[G, R, K]`` (one slice of rows per group) or, with ``shared_input``, ``[R, K]``
+            shared by every group.
+        weight: ``[N, K]`` (``out_in``) or ``[K, N]`` (``in_out``), contiguous.
+        w_pid: the weight's stream id; None for a frozen weight (every group plain).
+        seeds, scales: one per group; a zero scale is the plain weight.
+        tile: elements per tile; default :data:`TILE_ELEMENTS`, read at call time (tests make it
+            small so that tiny models' weights span many tiles).
+    """
+    kind = check_kind(kind)
+    groups = len(seeds)
+    out_in = weight_layout == "out_in"
+    rows_w, cols_w = weight.shape
+    n_out = rows_w if out_in else cols_w
+    r = x.shape[0] if shared_input else x.shape[1]
+    out = torch.empty(groups, r, n_out, dtype=torch.result_type(x, weight), device=x.device)
+    plain = [g for g in range(groups) if w_pid is None or scales[g] == 0.0]
+    moved = [g for g in range(groups) if g not in plain]
+    _plain_products(x, weight, out, plain, out_in, shared_input)
+    if not moved:
+        return out
+    distinct = sorted({seeds[g] for g in moved})
+    which = torch.tensor([distinct.index(seeds[g]) for g in moved], device=x.device)
+    lo, hi, pid_t, tag = key_tensors(distinct, w_pid, kind, x.device)
+    scale_t = torch.tensor([scales[g] for g in moved], dtype=torch.float64, device=x.device)
+    flat = weight.reshape(-1)
+    pb = per_block(kind)
+    step = tile_rows(rows_w, cols_w, kind, tile or TILE_ELEMENTS)
+    index = torch.tensor(moved, device=x.device)
+    contiguous_moved = moved == list(range(moved[0], moved[0] + len(moved)))
+    if shared_input:
+        xs = x
+    else:  # the moved groups' rows: a view when they are consecutive (FZOO's 1..N, MeZO's both)
+        xs = x[moved[0] : moved[-1] + 1] if contiguous_moved else x[index]
+    acc = None if out_in else torch.zeros(len(moved), r, n_out, dtype=out.dtype, device=x.device)
+    for r0 in range(0, rows_w, step):
+        r1 = min(rows_w, r0 + step)
+        base = flat[r0 * cols_w : r1 * cols_w]
+        block0 = torch.tensor(r0 * cols_w // pb, dtype=torch.int64, device=x.device)
+        tiles = _tile_runner(base.numel() * len(moved))(base, scale_t, which, block0, lo, hi, pid_t, tag, kind)
+        tiles = tiles.view(len(moved), r1 - r0, cols_w)
+        if out_in:  # tile rows are output features r0..r1
+            part = _tile_products(xs, tiles, shared_input)
+            if contiguous_moved:
+                out[moved[0] : moved[-1] + 1, :, r0:r1] = part
+            else:
+                out[index, :, r0:r1] = part
+        else:  # tile rows are input features r0..r1: partial products summed over tiles
+            xk = xs[..., r0:r1]
+            if shared_input:
+                acc += torch.matmul(xk, tiles)
+            else:
+                acc.baddbmm_(xk, tiles)
+    if acc is not None:
+        out[index] = acc
+    return out
+
+
+def _tile_products(xs: torch.Tensor, tiles: torch.Tensor, shared_input: bool) -> torch.Tensor:
+    """``[G', R, rows]`` products of each group's rows with its tile (out_in: ``x @ tile^T``)."""
+    if shared_input:  # one GEMM against every group's tile side by side
+        g, rows, cols = tiles.shape
+        return (xs @ tiles.reshape(g * rows, cols).t()).view(xs.shape[0], g, rows).transpose(0, 1)
+    return torch.bmm(xs, tiles.transpose(1, 2))
+
+
+def _plain_products(x, weight, out, plain: list[int], out_in: bool, shared_input: bool) -> None:
+    """Groups on the unperturbed weight: one GEMM for all of them."""
+    if not plain:
+        return
+    w_t = weight.t() if out_in else weight
+    if shared_input:
+        y = x @ w_t
+        for g in plain:
+            out[g] = y
+        return
+    if plain == list(range(plain[0], plain[-1] + 1)):
+        rows = x[plain[0] : plain[-1] + 1]
+        torch.matmul(rows.reshape(-1, rows.shape[-1]), w_t, out=out[plain[0] : plain[-1] + 1].view(-1, out.shape[-1]))
+        return
+    for g in plain:
+        torch.mm(x[g], w_t, out=out[g])
+
+
+__all__ = ["TILE_ELEMENTS", "blocked_grouped_matmul", "supports", "tile_rows"]
