@@ -37,24 +37,31 @@ from .tiles import KIND_CODE, direction_tile, load_key, round_to
 # --------------------------------------------------------------------------- references
 
 
-def _update_chunk(param, coefs, lr, weight_decay, block0, seed_lo, seed_hi, pid, tag, kind: str):
+def _values(kind, n, skip, block0, seed_lo, seed_hi, pid, tag, dtype):
+    """``n`` values starting ``skip`` elements into block ``block0`` (skip 0: the block-aligned chunk)."""
+    if skip == 0:
+        return chunk_values(kind, n, block0, seed_lo, seed_hi, pid, tag, dtype)
+    return chunk_values(kind, skip + n, block0, seed_lo, seed_hi, pid, tag, dtype)[skip:]
+
+
+def _update_chunk(param, coefs, lr, weight_decay, block0, seed_lo, seed_hi, pid, tag, kind: str, skip: int = 0):
     acc_dtype = accumulation_dtype(param.dtype)
     acc = torch.zeros(param.shape, dtype=acc_dtype, device=param.device)
     for i in range(coefs.shape[0]):
-        u = chunk_values(kind, param.shape[0], block0, seed_lo[i], seed_hi[i], pid, tag, acc_dtype)
+        u = _values(kind, param.shape[0], skip, block0, seed_lo[i], seed_hi[i], pid, tag, acc_dtype)
         acc = acc + coefs[i].to(acc_dtype) * u
     p = param.to(acc_dtype)
     return (p - lr.to(acc_dtype) * (acc + weight_decay.to(acc_dtype) * p)).to(param.dtype)
 
 
 def _adamezo_chunk(param, coefs, lr, weight_decay, beta1_pows, beta2_pows, scale, adam_eps,
-                   block0, seed_lo, seed_hi, pid, tag, kind: str):
+                   block0, seed_lo, seed_hi, pid, tag, kind: str, skip: int = 0):
     """Truncated Adam moments of the last K directions, rebuilt for this chunk only."""
     acc_dtype = accumulation_dtype(param.dtype)
     m = torch.zeros(param.shape, dtype=acc_dtype, device=param.device)
     v = torch.zeros(param.shape, dtype=acc_dtype, device=param.device)
     for j in range(coefs.shape[0]):
-        u = chunk_values(kind, param.shape[0], block0, seed_lo[j], seed_hi[j], pid, tag, acc_dtype)
+        u = _values(kind, param.shape[0], skip, block0, seed_lo[j], seed_hi[j], pid, tag, acc_dtype)
         g = coefs[j].to(acc_dtype) * u
         m = m + beta1_pows[j].to(acc_dtype) * g
         v = v + beta2_pows[j].to(acc_dtype) * (g * g)
@@ -67,39 +74,77 @@ def _f64(values, device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64, device=device)
 
 
+def shard_chunks(start: int, count: int, total: int, chunk: int, kind: str):
+    """(local start, length, global chunk length, first block, skip) of the pieces of a shard.
+
+    The shard holds elements ``[start, start + count)`` of a parameter of ``total``
+    elements. It is cut on the unsharded update's chunk grid (global multiples of
+    ``chunk``), so every element is computed by the same function (eager or compiled,
+    chosen by the global chunk's length) as in the unsharded update: that is what makes
+    the sharded update equal the unsharded one bit for bit. A piece that does not start on
+    a Philox block generates from its containing block and drops the first ``skip`` values.
+    """
+    if start < 0 or count < 0 or start + count > total:
+        raise ValueError(f"the shard [{start}, {start + count}) is not inside a parameter of {total} elements")
+    n_block = per_block(kind)
+    first = (start // chunk) * chunk
+    for cs, cn in chunk_starts(total - first, chunk):
+        cs += first
+        lo, hi = max(cs, start), min(cs + cn, start + count)
+        if lo >= hi:
+            if cs >= start + count:
+                break
+            continue
+        yield lo - start, hi - lo, cn, lo // n_block, lo % n_block
+
+
+def _shard_args(param, start, total):
+    start = int(start)
+    total = start + param.numel() if total is None else int(total)
+    return start, total
+
+
 @torch.no_grad()
-def fused_update_reference_(param, seeds, coefs, pid, kind, lr, weight_decay=0.0, *, chunk: int = CHUNK):
+def fused_update_reference_(param, seeds, coefs, pid, kind, lr, weight_decay=0.0, *, chunk: int = CHUNK,
+                            start: int = 0, total: int | None = None):
     """The specification of :func:`fused_update_`, in torch ops (arguments as there).
 
     One read and one write of every element; directions regenerated chunk by chunk, so
-    scratch memory is O(chunk), never O(parameter * directions).
+    scratch memory is O(chunk), never O(parameter * directions). ``param`` may be a shard:
+    the flat elements ``[start, start + param.numel())`` of a parameter of ``total``
+    elements (default: ``start + param.numel()``); see :func:`shard_chunks`.
     """
     kind = check_kind(kind)
     check_chunk(chunk)
     _check(param, seeds, coefs)
+    start, total = _shard_args(param, start, total)
     if len(seeds) == 0 and weight_decay == 0.0:
         return param
     flat, dev = param.view(-1), param.device
     lo, hi, pid_t, tag = key_tensors(seeds, pid, kind, dev)
     coefs_t, lr_t, wd_t = _f64([float(c) for c in coefs], dev), _f64(float(lr), dev), _f64(float(weight_decay), dev)
-    for s, n in chunk_starts(flat.numel(), chunk):
+    for s, n, cn, b0, skip in shard_chunks(start, flat.numel(), total, chunk, kind):
         view = flat[s : s + n]
-        block0 = torch.tensor(s // per_block(kind), dtype=torch.int64, device=dev)
-        view.copy_(runner(_update_chunk, n)(view, coefs_t, lr_t, wd_t, block0, lo, hi, pid_t, tag, kind))
+        block0 = torch.tensor(b0, dtype=torch.int64, device=dev)
+        args = (view, coefs_t, lr_t, wd_t, block0, lo, hi, pid_t, tag, kind) + ((skip,) if skip else ())
+        view.copy_(runner(_update_chunk, cn)(*args))
     return param
 
 
 @torch.no_grad()
 def adamezo_update_reference_(param, seeds, coefs, pid, kind, lr, betas=(0.7, 0.9), weight_decay=0.0,
-                              scale=100.0, adam_eps=1e-5, *, chunk: int = CHUNK):
+                              scale=100.0, adam_eps=1e-5, *, chunk: int = CHUNK, start: int = 0,
+                              total: int | None = None):
     """The specification of :func:`adamezo_update_`, in torch ops (arguments as there).
 
     The moments exist only for the chunk being updated: a few chunk-sized buffers of
-    scratch, whatever the parameter size or K.
+    scratch, whatever the parameter size or K. ``start`` and ``total`` as in
+    :func:`fused_update_reference_` (a shard of a parameter).
     """
     kind = check_kind(kind)
     check_chunk(chunk)
     _check(param, seeds, coefs)
+    start, total = _shard_args(param, start, total)
     if not seeds:
         raise ValueError("the AdaMeZO update needs at least one (seed, coef) pair")
     flat, dev = param.view(-1), param.device
@@ -109,11 +154,12 @@ def adamezo_update_reference_(param, seeds, coefs, pid, kind, lr, betas=(0.7, 0.
     b2 = _f64([betas[1] ** j for j in range(len(seeds))], dev)
     consts = [_f64(float(v), dev) for v in (lr, weight_decay)]
     scale_t, eps_t = _f64(float(scale), dev), _f64(float(adam_eps), dev)
-    for s, n in chunk_starts(flat.numel(), chunk):
+    for s, n, cn, b0, skip in shard_chunks(start, flat.numel(), total, chunk, kind):
         view = flat[s : s + n]
-        block0 = torch.tensor(s // per_block(kind), dtype=torch.int64, device=dev)
-        run = runner(_adamezo_chunk, n)
-        view.copy_(run(view, coefs_t, *consts, b1, b2, scale_t, eps_t, block0, lo, hi, pid_t, tag, kind))
+        block0 = torch.tensor(b0, dtype=torch.int64, device=dev)
+        extra = (skip,) if skip else ()
+        run = runner(_adamezo_chunk, cn)
+        view.copy_(run(view, coefs_t, *consts, b1, b2, scale_t, eps_t, block0, lo, hi, pid_t, tag, kind, *extra))
     return param
 
 
@@ -185,6 +231,17 @@ def _check(param: torch.Tensor, seeds, coefs) -> None:
         )
 
 
+def _shard_pick(impl: str, param: torch.Tensor, start: int, total: int | None) -> str:
+    """:func:`pick`, except that a shard (an element offset or a larger whole) needs the torch reference."""
+    sharded = start != 0 or (total is not None and total != param.numel())
+    if not sharded:
+        return pick(impl, param)
+    if impl == "triton":
+        raise ValueError("a sharded update (start/total given) runs on the torch reference only: pass impl='torch' "
+                         "or 'auto'; the Triton update kernel always starts at element 0")
+    return "torch"
+
+
 @torch.no_grad()
 def fused_update_(
     param: torch.Tensor,
@@ -196,6 +253,8 @@ def fused_update_(
     weight_decay: float = 0.0,
     *,
     impl: str = "auto",
+    start: int = 0,
+    total: int | None = None,
 ) -> torch.Tensor:
     """``param -= lr * (sum_i coefs[i] * u(seeds[i], pid) + weight_decay * param)``, in place.
 
@@ -207,6 +266,10 @@ def fused_update_(
         lr, weight_decay: as in the formula.
         impl: ``"auto"``, ``"torch"`` (:func:`fused_update_reference_`) or ``"triton"``;
             see :func:`zo_fx.kernels.dispatch.pick`.
+        start, total: ``param`` is a shard, the flat elements ``[start, start + param.numel())``
+            of a parameter of ``total`` elements (default ``start + param.numel()``); its elements
+            come out bit-identical to the same elements of the unsharded update. Shards run on the
+            torch reference only (the Triton kernel starts every parameter at element 0).
 
     Example:
         >>> p = torch.zeros(4)
@@ -215,8 +278,8 @@ def fused_update_(
     """
     kind = check_kind(kind)
     _check(param, seeds, coefs)
-    if pick(impl, param) == "torch":
-        return fused_update_reference_(param, seeds, coefs, pid, kind, lr, weight_decay)
+    if _shard_pick(impl, param, start, total) == "torch":
+        return fused_update_reference_(param, seeds, coefs, pid, kind, lr, weight_decay, start=start, total=total)
     if param.numel() and (len(seeds) or weight_decay != 0.0):
         _launch(param, seeds, coefs, pid, kind, lr, weight_decay)
     return param
@@ -236,6 +299,8 @@ def adamezo_update_(
     adam_eps: float = 1e-5,
     *,
     impl: str = "auto",
+    start: int = 0,
+    total: int | None = None,
 ) -> torch.Tensor:
     """The AdaMeZO step on one parameter, in place, from the last K (seed, coef) pairs.
 
@@ -249,16 +314,20 @@ def adamezo_update_(
         scale: the constant the AdaMeZO reference multiplies the step by (100).
         adam_eps: added to sqrt(v).
         impl: ``"auto"``, ``"torch"`` (:func:`adamezo_update_reference_`) or ``"triton"``.
+        start, total: a shard of the parameter, as in :func:`fused_update_`.
     """
     kind = check_kind(kind)
     _check(param, seeds, coefs)
     if len(betas) != 2:
         raise ValueError(f"betas must be (b1, b2); got {betas!r}")
-    if pick(impl, param) == "torch":
-        return adamezo_update_reference_(param, seeds, coefs, pid, kind, lr, betas, weight_decay, scale, adam_eps)
+    if _shard_pick(impl, param, start, total) == "torch":
+        return adamezo_update_reference_(param, seeds, coefs, pid, kind, lr, betas, weight_decay, scale, adam_eps,
+                                         start=start, total=total)
     if param.numel():
         _launch(param, seeds, coefs, pid, kind, lr, weight_decay, betas, scale, adam_eps)
     return param
 
 
-__all__ = ["adamezo_update_", "adamezo_update_reference_", "fused_update_", "fused_update_reference_"]
+__all__ = [
+    "adamezo_update_", "adamezo_update_reference_", "fused_update_", "fused_update_reference_", "shard_chunks",
+]

@@ -7,7 +7,10 @@ weight is ever perturbed in place, so a skipped step (non-finite loss or learnin
 zero loss spread) leaves the weights bit-identical.
 
 Direction seeds are a pure function of (run seed, step, index), so a run resumed from
-``state_dict()`` draws the same directions as an uninterrupted one.
+``state_dict()`` draws the same directions as an uninterrupted one, and so processes that
+share the run seed draw the same directions: under ``torch.distributed`` the ranks split
+the step's evaluations (``strategy``), exchange only the group losses, and apply the same
+update (see :mod:`zo_fx.optim.distributed`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from zo_fx.compile import ZOModule
 from zo_fx.streams.table import GroupTable
 
 from .config import ZOConfig
+from .distributed import Distributed
 from .trajectory import Trajectory, model_fingerprint, tensor_specs
 
 NO_DECAY_KEYS = ("bias", "norm", "ln_")
@@ -71,13 +75,23 @@ class ZOOptimizer:
     evaluates) and :meth:`estimate` (the update's seeds and coefficients from their losses).
     Build one with keyword settings (``FZOO(zm, lr=1e-3, n_directions=8)``) or with a
     ready config (``FZOO(zm, config=FZOOConfig(lr=1e-3))``).
+
+    Distributed runs (see :mod:`zo_fx.optim.distributed`): ``process_group`` (default: the
+    default group when ``torch.distributed`` is initialised, else none: one process),
+    ``strategy`` (``"directions"``: each rank evaluates a share of the groups on the whole
+    batch; ``"data"``: each rank evaluates all groups on its shard of the batch),
+    ``timeout`` (a ``timedelta`` or seconds bounding each step's collectives; default the
+    group's own) and ``shard_batch`` (``"data"`` only: False when each rank is already given
+    its own examples). These are how the run is executed, not what it computes, so they are
+    not part of the config or the saved state: a run may resume with another world size.
     """
 
     method: ClassVar[str] = "zo"
     Config: ClassVar[type[ZOConfig]] = ZOConfig
 
     def __init__(self, zm: ZOModule, lr: float | None = None, *, config: ZOConfig | None = None,
-                 lr_schedule: Callable[[int], float] | None = None, **settings):
+                 lr_schedule: Callable[[int], float] | None = None, process_group=None,
+                 strategy: str = "directions", timeout=None, shard_batch: bool = True, **settings):
         if config is None:
             config = self.Config.from_settings(type(self).__name__, lr=lr, **settings)
         elif lr is not None or settings:
@@ -86,6 +100,8 @@ class ZOOptimizer:
             raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}; got {type(config).__name__}")
         self.config = config
         self.zm = zm
+        self.distributed = Distributed.resolve(process_group, strategy, timeout, shard_batch)
+        self.strategy = strategy
         self.lr_schedule = lr_schedule
         self.step_count = 0
         self.forward_passes = 0
@@ -136,10 +152,13 @@ class ZOOptimizer:
     def step(self, batch: dict) -> StepInfo:
         t0 = time.perf_counter()
         table = self.table()
-        losses = self.zm.group_losses(batch, table)
+        if self.distributed is None:
+            losses = self.zm.group_losses(batch, table)
+            means = [float(v) for v in losses.double().mean(1).tolist()]
+        else:  # the same means on every rank, from the ranks' shares
+            means = self.distributed.group_means(self.zm, batch, table, self.step_count)
         t1 = time.perf_counter()
         self.forward_passes += table.groups
-        means = [float(v) for v in losses.double().mean(1).tolist()]
         lr = self.current_lr()
         seeds, coefs, sigma, reason = [], [], None, None
         if not all(math.isfinite(v) for v in means):
