@@ -4,13 +4,15 @@ from .adamezo import AdaMeZO, AdaMeZOConfig
 from .base import StepInfo, ZOOptimizer, decays, direction_seed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ZOConfig
+from .distributed import STRATEGIES, Distributed, DistributedStepError, local_shards
 from .fzoo import FZOO, FZOOConfig
 from .mezo import MeZO, MeZOConfig
 from .registry import METHODS, Method, build_optimizer, get_method
 from .trajectory import ParamSpec, Trajectory, TrajectoryError, replay
 
 __all__ = [
-    "METHODS", "FZOO", "AdaMeZO", "AdaMeZOConfig", "FZOOConfig", "MeZO", "MeZOConfig", "Method", "ParamSpec",
+    "METHODS", "STRATEGIES", "Distributed", "DistributedStepError", "local_shards",
+    "FZOO", "AdaMeZO", "AdaMeZOConfig", "FZOOConfig", "MeZO", "MeZOConfig", "Method", "ParamSpec",
     "StepInfo", "Trajectory", "TrajectoryError", "ZOConfig", "ZOOptimizer", "build_optimizer", "decays",
     "direction_seed",
     "get_method", "latest_checkpoint", "load_checkpoint", "replay", "save_checkpoint",

@@ -107,6 +107,7 @@ class ZOOptimizer:
         self.forward_passes = 0
         self.skipped_steps = 0
         self.params = zm.trainable_parameters()
+        _refuse_fsdp(zm.model, self.params)
         # a torch optimizer over one dummy tensor: lets torch LR schedulers and the HF Trainer drive our lr
         self.torch_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
         self.trajectory = self._new_trajectory()
@@ -232,6 +233,30 @@ class ZOOptimizer:
             diffs += _spec_diffs(trajectory, fresh)
         if diffs:
             raise ValueError(f"the saved trajectory does not belong to this optimizer ({'; '.join(diffs)})")
+
+
+def _refuse_fsdp(model: torch.nn.Module, params: dict) -> None:
+    """FSDP2 / DTensor parameters: refused, because the update would silently miss the shards.
+
+    FSDP2 keeps the sharded DTensors as the truth and all-gathers them into temporary full
+    tensors around a forward; torch.export cannot trace that all-gather, and a model compiled
+    after an eager forward captures the temporary full tensors, whose updates FSDP2 discards.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without distributed support has neither
+        return
+    sharded = [n for n, p in params.items() if isinstance(p, DTensor)]
+    sharded += [f"{type(m).__name__} (fully_shard)" for m in model.modules() if isinstance(m, FSDPModule)]
+    if sharded:
+        raise ValueError(
+            f"{sharded[:3]}{' ...' if len(sharded) > 3 else ''}: the model is sharded by FSDP2 (fully_shard) or "
+            "holds DTensor parameters (tensor parallelism); zo_fx does not compose with them yet (torch.export "
+            "cannot capture FSDP2's all-gather hooks, and updates to its gathered copies are discarded). Train the "
+            "unsharded model with strategy='directions' or 'data', or keep flat shards "
+            "yourself and update them with Trajectory.apply(..., shards=...) (see zo_fx.optim.distributed)"
+        )
 
 
 def _spec_diffs(saved: Trajectory, fresh: Trajectory) -> list[str]:

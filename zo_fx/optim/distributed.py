@@ -276,6 +276,24 @@ class Distributed:
         return [float(v) for v in (total / n).tolist()]
 
 
+def local_shards(params: dict[str, torch.Tensor], rank: int, world: int
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
+    """This rank's flat shard of every parameter: (name -> copy of its elements, name -> (start, total)).
+
+    Each parameter is cut into ``world`` contiguous element ranges (sizes differ by at most one,
+    :func:`share`); pass both dicts to :meth:`Trajectory.apply` (``shards=``) to update the shards
+    exactly as the whole parameters would be. A rank whose range of a parameter is empty gets no
+    entry for it in the first dict.
+    """
+    tensors, shards = {}, {}
+    for name, p in params.items():
+        start, stop = share(p.numel(), world, rank)
+        shards[name] = (start, p.numel())
+        if stop > start:
+            tensors[name] = p.detach().reshape(-1)[start:stop].clone()
+    return tensors, shards
+
+
 def is_main_process() -> bool:
     """True on rank 0 of the default group and in a process outside any group: the one that prints and writes."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -300,5 +318,5 @@ def init_from_env(timeout: float = 600.0, backend: str | None = None) -> bool:
 
 __all__ = [
     "STRATEGIES", "Distributed", "DistributedStepError", "batch_fingerprint", "batch_size_of", "init_from_env",
-    "is_main_process", "shard_batch", "share",
+    "is_main_process", "local_shards", "shard_batch", "share",
 ]

@@ -131,22 +131,34 @@ class Trajectory:
                 "horizon": self.horizon, "betas": tuple(self.betas), "ada_scale": self.ada_scale,
                 "adam_eps": self.adam_eps}
 
-    def apply(self, tensors: dict[str, torch.Tensor], index: int, *, impl: str = "auto") -> None:
-        """Apply record ``index`` to ``tensors`` (name -> parameter), in place, through ``impl``."""
+    def apply(self, tensors: dict[str, torch.Tensor], index: int, *, impl: str = "auto",
+              shards: dict[str, tuple[int, int]] | None = None) -> None:
+        """Apply record ``index`` to ``tensors`` (name -> parameter), in place, through ``impl``.
+
+        ``shards`` (name -> (start, total)): ``tensors[name]`` is only the flat elements
+        ``[start, start + numel)`` of a parameter of ``total`` elements (a rank's shard); its
+        elements are updated exactly as the whole parameter's would be, bit for bit. A name
+        listed in ``shards`` but absent from ``tensors`` is skipped (this rank holds none of it).
+        """
         rec = self.records[index]
+        shards = shards or {}
+        placed = {name: dict(zip(("start", "total"), shards[name])) if name in shards else {} for name in
+                  (spec.name for spec in self.params)}
+        specs = [spec for spec in self.params if spec.name in tensors or spec.name not in shards]
         with torch.no_grad():
             if rec.get("mode", "linear") == "adamezo":
                 seeds, coefs = self.window(index)
-                for spec in self.params:
+                for spec in specs:
                     kernels.adamezo_update_(
                         tensors[spec.name].data, seeds, coefs, spec.pid, self.kind, rec["lr"], self.betas,
                         self.weight_decay if spec.decay else 0.0, self.ada_scale, self.adam_eps, impl=impl,
+                        **placed[spec.name],
                     )
             else:
-                for spec in self.params:
+                for spec in specs:
                     kernels.fused_update_(
                         tensors[spec.name].data, rec["seeds"], rec["coefs"], spec.pid, self.kind, rec["lr"],
-                        self.weight_decay if spec.decay else 0.0, impl=impl,
+                        self.weight_decay if spec.decay else 0.0, impl=impl, **placed[spec.name],
                     )
 
     # ---- persistence ------------------------------------------------------------------------------------
