@@ -166,6 +166,28 @@ def worker(scenario: str, out: str, *args) -> None:
         for step in range(5):
             opt.step(tiny_batch(step))
         print(f"rank {rank}: finished without noticing the failure", flush=True)
+    elif scenario == "trainer":  # ZOTrainer under torchrun, unchanged: rank weights equal, rank 0 writes
+        from model_zoo import causal_batch, tiny_llama
+        from transformers import TrainingArguments
+
+        class Examples(torch.utils.data.Dataset):
+            def __len__(self):
+                return 8
+
+            def __getitem__(self, i):
+                return {k: v[0] for k, v in causal_batch(1, 7, seed=i, pad_tail=False).items()}
+
+        model = tiny_llama(torch.float32)
+        args = TrainingArguments(output_dir=str(out / "hf"), per_device_train_batch_size=2, max_steps=3,
+                                 learning_rate=1e-3, save_strategy="steps", save_steps=3, report_to=[],
+                                 use_cpu=True, seed=5, disable_tqdm=True, logging_steps=1)
+        trainer = zo_fx.ZOTrainer(model=model, args=args, train_dataset=Examples(), zo_method="fzoo",
+                                  zo_kwargs={"n_directions": 3})
+        trainer.train()
+        assert trainer.zo_optimizer.distributed.strategy == "data"
+        torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, out / f"trainer-{rank}.pt")
+        if rank == 0:
+            trainer.zo_optimizer.trajectory.save(out / "trainer-trajectory.json")
     elif scenario == "fsdp":  # FSDP2 is refused with a clear error, never trained silently wrong
         from torch.distributed.fsdp import fully_shard
 
@@ -323,6 +345,21 @@ def test_fsdp2_models_are_refused_clearly(tmp_path):
     _ok(launch(2, "fsdp", tmp_path))
     for rank in range(2):
         assert "FSDP2" in (tmp_path / f"fsdp-{rank}.txt").read_text()
+
+
+@pytest.mark.slow
+def test_zo_trainer_runs_under_torchrun_unchanged(tmp_path):
+    _ok(launch(2, "trainer", tmp_path, timeout=180))
+    w0, w1 = torch.load(tmp_path / "trainer-0.pt"), torch.load(tmp_path / "trainer-1.pt")
+    assert all(torch.equal(w0[n], w1[n]) for n in w0)
+    assert (tmp_path / "hf" / "checkpoint-3" / "zo_optimizer.json").exists()
+    sys.path.insert(0, str(HERE.parent))
+    from model_zoo import tiny_llama
+
+    import zo_fx
+
+    replayed = zo_fx.replay(tiny_llama(torch.float32), zo_fx.Trajectory.load(tmp_path / "trainer-trajectory.json"))
+    assert all(torch.equal(p, w0[n]) for n, p in replayed.named_parameters())
 
 
 def test_bad_settings_are_refused():

@@ -9,6 +9,12 @@ one-tensor ``torch_optimizer``, so its LR scheduler drives our learning rate and
 
 Set ``remove_unused_columns=False`` when the loss reads keys the model does not take
 (e.g. ``class_labels`` for :class:`CandidateClassificationLoss`).
+
+Under ``torchrun`` the script runs unchanged: the Trainer gives each rank its own examples
+(a distributed sampler), so the optimizer runs the ``"data"`` strategy on them
+(``shard_batch=False``): the group losses of all ranks' examples are combined into one
+update that every rank applies, and only rank 0 writes the zo state (the Trainer's own
+``should_save``). Pass ``zo_kwargs={"strategy": ...}`` to choose otherwise.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 from transformers import Trainer
 
 from zo_fx.compile import zo_compile
+from zo_fx.optim.distributed import Distributed
 from zo_fx.optim.registry import build_optimizer, get_method
 
 ZO_STATE = "zo_optimizer.json"
@@ -57,9 +64,12 @@ class ZOTrainer(Trainer):
     def _build_zo(self, batch: dict) -> None:
         self.zo_module = zo_compile(self.model, batch, loss=self.zo_loss, impl=self.zo_impl,
                                      loss_keys=self.zo_loss_keys)
+        kwargs = dict(self.zo_kwargs)
+        if "strategy" not in kwargs and Distributed.resolve() is not None:  # per-rank batches from the sampler
+            kwargs.update(strategy="data", shard_batch=False)
         self.zo_optimizer = build_optimizer(
             self.zo_method, self.zo_module, lr=self.args.learning_rate, weight_decay=self.args.weight_decay,
-            seed=self.args.seed, **self.zo_kwargs,
+            seed=self.args.seed, **kwargs,
         )
         # share the Trainer's optimizer param group, so its scheduler sets our lr
         self.zo_optimizer.torch_optimizer = self.optimizer
@@ -85,7 +95,7 @@ class ZOTrainer(Trainer):
 
     def _save_optimizer_and_scheduler(self, output_dir):
         super()._save_optimizer_and_scheduler(output_dir)
-        if self.zo_optimizer is not None:
+        if self.zo_optimizer is not None and self.args.should_save:  # rank 0 only under torchrun
             with open(os.path.join(output_dir, ZO_STATE), "w") as f:
                 json.dump(self.zo_optimizer.state_dict(), f)
 
