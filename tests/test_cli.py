@@ -549,3 +549,32 @@ def test_label_words_outside_the_vocabulary_fail_before_the_model_loads(model_di
     monkeypatch.setattr(job, "load_model_and_tokenizer", no_load)
     message = error_of(None, _argv(model_dir, tmp_path / "run", **{"--label-words": "pos=fantastic,neg=horrible"}))
     assert "' fantastic'" in message and "unknown token" in message
+
+
+def test_finetune_under_torchrun_splits_the_directions_and_rank_0_writes(model_dir, tmp_path):
+    """``torchrun --nproc_per_node=2 -m zo_fx finetune ...`` unchanged: one set of outputs, the
+    weights of the single-process run (directions are split over the ranks, the losses gathered)."""
+    args = ["finetune", "--model", str(model_dir), "--task", str(REVIEWS), "--label-words", WORDS,
+            "--template", TEMPLATE, "--batch-size", "4", "--max-length", "16", "--threads", "1",
+            "--steps", "2", "--directions", "3"]
+    single = tmp_path / "single"
+    finetune(model_dir, single, "--steps", "2", "--directions", "3")
+    out = tmp_path / "dist"
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "zo_fx", *args, "--output-dir", str(out)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stderr[-3000:]
+    assert outputs[1][0] == "" and "validation accuracy" not in outputs[1][1]  # rank 1 silent
+    assert "finetune" in outputs[0][0] or (out / "metrics.json").exists()
+    a, b = load_file(single / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(a[n], b[n]) for n in a)

@@ -3,11 +3,18 @@
 :class:`FinetuneJob` sequences the other modules of :mod:`zo_fx.finetune`; :func:`run` is
 what ``zo-fx finetune`` calls. All setup that can fail on bad input happens in the
 constructor, before anything is written or an earlier run is replaced.
+
+Under ``torchrun`` (``torchrun --nproc_per_node=K -m zo_fx finetune ...``) every rank runs the
+same job on the same batches, and the optimizer splits each step's direction groups over the
+ranks (``strategy="directions"``, :mod:`zo_fx.optim.distributed`); only rank 0 takes the run
+lock, prints, and writes checkpoints and outputs, the others stay silent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -26,6 +33,14 @@ from zo_fx.finetune.plots import plot_curves, summary_table
 from zo_fx.finetune.resume import output_dir_of, prepare_output_dir, restore_checkpoint, write_checkpoint
 from zo_fx.finetune.task import build_task
 from zo_fx.locks import RunLock, RunLockedError
+from zo_fx.optim.distributed import init_from_env, is_main_process
+
+
+class _NoLock(contextlib.nullcontext):
+    """What a rank other than 0 holds instead of the run lock (rank 0 holds the real one)."""
+
+    def release(self) -> None:
+        pass
 
 
 class FinetuneJob:
@@ -41,8 +56,9 @@ class FinetuneJob:
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         self.out = output_dir_of(cfg)
-        try:
-            self.lock = RunLock.acquire(self.out)  # before anything is read from or written to the folder
+        self.main = is_main_process()  # rank 0 (or the only process): the one that writes
+        try:  # before anything is read from or written to the folder
+            self.lock = RunLock.acquire(self.out) if self.main else _NoLock()
         except RunLockedError as err:
             raise FinetuneError(str(err)) from None
         try:
@@ -52,7 +68,7 @@ class FinetuneJob:
             raise
 
     def _setup(self, cfg: FinetuneConfig) -> None:
-        stale = prepare_output_dir(cfg, self.out)
+        stale = prepare_output_dir(cfg, self.out) if self.main else []
         self.task = build_task(cfg)
         print(self.task.summary(), flush=True)
         early = load_tokenizer(cfg.model)
@@ -67,7 +83,8 @@ class FinetuneJob:
         self.optimizer = build_optimizer(cfg, self.model, self.loss, example, self.out)
         for path in stale:  # --overwrite, now that the new run is set up
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
         self.total = cfg.total_steps
         self.eval_every = cfg.eval_every or max(1, math.ceil(self.total / DEFAULT_EVALS))
         self.checkpoint_every = cfg.checkpoint_every or self.eval_every
@@ -131,7 +148,7 @@ class FinetuneJob:
                 state["evals"].append(ev)
                 bar.write(f"step {done} ({ev['forward_passes']:,} forward passes): validation accuracy "
                           f"{ev['accuracy']:.4f}, loss {ev['loss']:.4f}")
-            if done % self.checkpoint_every == 0 or done == self.total:
+            if self.main and (done % self.checkpoint_every == 0 or done == self.total):
                 write_checkpoint(self.out, self.model, opt, self.cursor, state)
         bar.close()
 
@@ -158,6 +175,8 @@ class FinetuneJob:
             evals.append(self.evaluation("validation", "final"))
         evals.append(self.evaluation("test", "final"))
         metrics = self.metrics(state)
+        if not self.main:
+            return metrics
         with atomic_path(self.out / "model.safetensors") as tmp:
             save_file({n: p.detach().contiguous() for n, p in opt.params.items()}, str(tmp))
         if opt.trajectory is not None:
@@ -221,9 +240,18 @@ def export_pretrained(model, tokenizer, out: Path) -> Path:
 
 
 def run(cfg: FinetuneConfig) -> dict:
-    """Run the job of ``cfg`` end to end and return what ``metrics.json`` holds."""
-    job = FinetuneJob(cfg)
-    with job.lock:
-        state = job.start()
-        job.train(state)
-        return job.finish(state)
+    """Run the job of ``cfg`` end to end and return what ``metrics.json`` holds.
+
+    Launched by ``torchrun``, the process joins the group first; ranks other than 0 run silent.
+    """
+    init_from_env()
+    with contextlib.ExitStack() as quiet:
+        if not is_main_process():  # prints and progress bars; an error still surfaces once the context exits
+            sink = quiet.enter_context(open(os.devnull, "w"))  # noqa: SIM115 - closed by the exit stack
+            quiet.enter_context(contextlib.redirect_stdout(sink))
+            quiet.enter_context(contextlib.redirect_stderr(sink))
+        job = FinetuneJob(cfg)
+        with job.lock:
+            state = job.start()
+            job.train(state)
+            return job.finish(state)
