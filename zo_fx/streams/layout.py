@@ -109,9 +109,17 @@ def philox_block_words(blocks, seed_lo, seed_hi, pid, tag) -> tuple[torch.Tensor
 
 def signs_from_words(words: torch.Tensor) -> torch.Tensor:
     """[..., 4] words -> [..., 128] int32 signs in element order (word-major, bit 0 first)."""
+    return 1 - 2 * sign_bits_from_words(words).to(torch.int32)
+
+
+def sign_bits_from_words(words: torch.Tensor) -> torch.Tensor:
+    """[..., 4] words -> [..., 128] bool, True where the sign is -1 (element order as above).
+
+    ``where(bit, x - s, x + s)`` is ``x + s * sign`` rounded the same way, without the
+    multiply: the perturbation kernels use it.
+    """
     shifts = torch.arange(32, dtype=torch.int32, device=words.device)
-    bits = (words.to(torch.int32).unsqueeze(-1) >> shifts) & 1
-    return (1 - 2 * bits).flatten(-2)
+    return ((words.to(torch.int32).unsqueeze(-1) >> shifts) & 1).flatten(-2).bool()
 
 
 def sign_at(words: torch.Tensor, lane: torch.Tensor) -> torch.Tensor:
@@ -129,16 +137,30 @@ def box_muller_uniforms(w_even: torch.Tensor, w_odd: torch.Tensor) -> tuple[torc
 
 def normals_from_words(words: torch.Tensor) -> torch.Tensor:
     """[..., 4] words -> [..., 4] float32 normals: pair q of words gives (r cos, r sin)."""
-    u1, u2 = box_muller_uniforms(words[..., 0::2], words[..., 1::2])  # [..., 2]: pair q
-    r = torch.sqrt(-2.0 * torch.log(u1))
-    theta = u2 * TWO_PI_F32
-    return torch.stack((r * torch.cos(theta), r * torch.sin(theta)), dim=-1).flatten(-2)
+    return normals_from_columns(*words.unbind(-1))
+
+
+def normals_from_columns(w0, w1, w2, w3) -> torch.Tensor:
+    """The four words of each block as separate tensors -> ``[..., 4]`` float32 normals.
+
+    Box-Muller runs on whole word columns and the four outputs are stacked once at the
+    end: under ``torch.compile`` this is one contiguous vectorised loop, about 5x faster on
+    CPU than Box-Muller on the stacked words' strided pairs, and element by element the
+    same float32 operations.
+    """
+    values = []
+    for even, odd in ((w0, w1), (w2, w3)):
+        u1, u2 = box_muller_uniforms(even, odd)
+        r = torch.sqrt(-2.0 * torch.log(u1))
+        theta = u2 * TWO_PI_F32
+        values += [r * torch.cos(theta), r * torch.sin(theta)]
+    return torch.stack(values, dim=-1)
 
 
 def block_values(kind: str, blocks, seed_lo, seed_hi, pid, tag) -> torch.Tensor:
     """Values of whole blocks, shape ``[*broadcast dims, per_block(kind)]`` (int32 signs or float32 normals)."""
-    words = torch.stack(philox_block_words(blocks, seed_lo, seed_hi, pid, tag), dim=-1)
-    return signs_from_words(words) if kind == RADEMACHER else normals_from_words(words)
+    words = philox_block_words(blocks, seed_lo, seed_hi, pid, tag)
+    return signs_from_words(torch.stack(words, dim=-1)) if kind == RADEMACHER else normals_from_columns(*words)
 
 
 # ---- random access by (seed, pid, element range) ---------------------------------------------------------
