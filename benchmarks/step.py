@@ -65,6 +65,7 @@ import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import transformers
@@ -149,12 +150,26 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="CPU threads for torch (0: torch's default). On a CPU shared with other busy processes use 1: "
         "OpenMP threads that wait at barriers for a descheduled sibling can make small ops 100x slower",
     )
+    ap.add_argument(
+        "--sweep",
+        action="store_true",
+        help="run the methods over model sizes and batch shapes instead (step_sweep.py; default methods "
+        "zo_fx_fzoo, zo_fx_mezo, reference_mezo and both floors)",
+    )
+    ap.add_argument("--sweep-models", nargs="+", default=None, metavar="MODEL",
+                    help="models of --sweep (default: smollm2 llama-1b)")
+    ap.add_argument("--sweep-shapes", nargs="+", default=None, metavar="BxT",
+                    help="batch shapes of --sweep for every model, e.g. 4x16 16x64 (default: per model)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--plot", type=Path, default=None, help="bar chart PNG (default: the --json path, .png)")
     args = ap.parse_args(argv)
     if args.peft:
         args.peft = list(dict.fromkeys(args.peft))
         args.methods = _expand_methods((args.methods or "zo_fx_fzoo") + ",floor")
+    elif args.sweep:
+        from step_sweep import DEFAULT_METHODS
+
+        args.methods = _expand_methods(args.methods or ",".join(DEFAULT_METHODS))
     else:
         args.methods = _expand_methods(args.methods or ",".join(m for m in METHODS if m != "floor_per_copy"))
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -379,6 +394,7 @@ def run_method(
         "compile_s": facts["compile_s"],
         "untimed_warmup_steps": facts["extra_warmup"] + args.warmup,
         "loss": _loss_of(ret),
+        "timing": getattr(ret, "timing", None),  # zo_fx: forward and update seconds of the last timed step
     }
     if report and "zm" in facts:
         result["report"] = _report_head(facts["zm"])
@@ -610,6 +626,15 @@ def main(argv: list[str] | None = None) -> dict:
     load_start = os.getloadavg()[0]
     if any(m in ZO_FX_METHODS for m in args.methods):
         _zo_fx_api()  # fail before spending minutes on the baselines
+    if args.sweep:
+        from step_sweep import main_sweep
+
+        # what the sweep reuses from this file (loaded by path in the tests, so not always importable by name)
+        here = SimpleNamespace(run_method=run_method, add_ratios=add_ratios, DTYPES=DTYPES,
+                               _storage_ptrs=_storage_ptrs)
+        result = main_sweep(here, args)
+        result["settings"].update(load_average_1min_start=load_start, load_average_1min_end=os.getloadavg()[0])
+        return result
     # The master copy stays on the CPU: every method gets a deepcopy on --device.
     master, _ = load_model(args.model, DTYPES[args.dtype])
     exclude = _storage_ptrs(master)

@@ -251,3 +251,23 @@ def test_adam_step_updates_and_frees_gradients():
     assert loss == pytest.approx(_loss_at(model, batch, theta), rel=1e-6)
     assert all(p.grad is None for p in model.parameters())
     assert any(not torch.equal(p, theta[n]) for n, p in model.named_parameters())
+
+
+def test_sweep_runs_every_model_shape_and_method_side_by_side(tmp_path):
+    out = tmp_path / "sweep.json"
+    argv = ["--sweep", "--sweep-models", "tiny-llama", "--sweep-shapes", "2x8", "1x16", "--methods",
+            "zo_fx_fzoo,floor", "--directions", "2", "--repeats", "1", "--warmup", "0", "--threads", "1",
+            "--json", str(out)]
+    step.main(argv)
+    result = json.loads(out.read_text())
+    runs = result["runs"]
+    assert [(r["batch_size"], r["seq_len"], r["tokens"]) for r in runs] == [(2, 8, 16), (1, 16, 16)]
+    for run in runs:
+        assert set(run["methods"]) == {"zo_fx_fzoo", "floor", "floor_per_copy"}
+        fzoo = run["methods"]["zo_fx_fzoo"]
+        # the update reads and writes every trainable element once; the step moves at least that
+        trainable_bytes = 4 * sum(p.numel() for p in random_model("tiny-llama").parameters())
+        assert fzoo["update_gbs"] > 0 and fzoo["weight_bytes_moved"] >= 2 * trainable_bytes
+        assert fzoo["ratios"]["step_vs_floor"] > 0 and run["memcpy_gbs"] > 0
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
+    assert "| tiny-llama | 2x8 | zo_fx_fzoo |" in (tmp_path / "sweep.md").read_text()
