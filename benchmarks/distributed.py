@@ -103,6 +103,7 @@ def launch(name: str, world: int, strategy: str, args: argparse.Namespace, folde
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--directions", str(args.directions),
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
     procs = []
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     for rank in range(world):
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -115,6 +116,8 @@ def launch(name: str, world: int, strategy: str, args: argparse.Namespace, folde
         return {"error": f"exit codes {codes}"}
     result = json.loads(out.read_text())
     result["wall_s"] = time.perf_counter() - t0
+    # the 1-minute load average before and after: other work on the machine shares its cores with these processes
+    result["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     return result
 
 
@@ -123,16 +126,17 @@ def table(results: dict, settings: dict) -> str:
     lines = [f"FZOO on {settings['model']} ({settings['parameters']:,} parameters), B={settings['batch_size']} "
              f"T={settings['seq_len']} N={settings['directions']}, 1 thread per process, {settings['cpu']}",
              "",
-             "| run | processes | steps/s | s/step | forward s | update s | speed-up | bytes sent/step/rank |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| run | processes | steps/s | s/step | forward s | update s | speed-up | bytes/step/rank | load avg |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, world, _ in CONFIGS:
         r = results[name]
         if "error" in r:
-            lines.append(f"| {name} | {world} | error: {r['error']} | | | | | |")
+            lines.append(f"| {name} | {world} | error: {r['error']} | | | | | | |")
             continue
         speed = f"{r['steps_per_s'] / single:.2f}x" if single else "-"
         lines.append(f"| {name} | {world} | {r['steps_per_s']:.4f} | {r['seconds_per_step']:.2f} | "
-                     f"{r['forward_s']:.2f} | {r['update_s']:.2f} | {speed} | {r['wire_bytes_per_step']:.0f} |")
+                     f"{r['forward_s']:.2f} | {r['update_s']:.2f} | {speed} | {r['wire_bytes_per_step']:.0f} | "
+                     f"{r.get('load_average', '-')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -29,17 +29,21 @@ Two strategies (:data:`STRATEGIES`):
 Per step a rank sends ``O(G)`` numbers (data) or ``O(G * B / world)`` (directions: its share
 of the per-example losses), independent of the model size.
 
-Faults: the collectives wait at most ``timeout`` (default: the process group's own timeout,
-the one given to ``init_process_group``). A rank whose evaluation raises still takes part in
-the header exchange with status "failed", so the other ranks stop at once with a
-:class:`DistributedStepError` naming it, and it re-raises its own error. A rank that dies
-or hangs makes the collective fail (connection closed) or time out; the others then raise a
-:class:`DistributedStepError` naming the ranks that did not report, never hang.
+Faults: the collectives fail after the process group's timeout (the one given to
+``init_process_group``: set it, it is what makes a process with a hung peer exit). The
+optimizer's own ``timeout`` raises the error sooner, but gloo cannot cancel the pending
+collective, so the process still exits only once the group's timeout has passed. A rank
+whose evaluation raises still takes part in the header exchange with status "failed", so the
+other ranks stop at once with a :class:`DistributedStepError` naming it, and it re-raises
+its own error. A rank that dies or hangs makes the collective fail (connection closed) or
+time out; the others then raise a :class:`DistributedStepError` naming the ranks that did
+not report, never hang.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -139,10 +143,13 @@ class Distributed:
                 raise ValueError("a process group was given but torch.distributed is not initialised: call "
                                  "torch.distributed.init_process_group first (torchrun sets up its environment)")
             return None
-        world = dist.get_world_size(process_group)
+        world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+        if rank < 0:
+            raise ValueError("this process is not a member of the given process group: pass a group it belongs to "
+                             "(every rank of the run must build its optimizer with the same group)")
         if world == 1:
             return None
-        return cls(process_group, dist.get_rank(process_group), world, strategy, timeout, bool(shard_batch))
+        return cls(process_group, rank, world, strategy, timeout, bool(shard_batch))
 
     # ---- collectives ------------------------------------------------------------------------------------
     def _gather(self, row: torch.Tensor, what: str, step: int, phase: int = 0) -> list[torch.Tensor]:
@@ -153,7 +160,9 @@ class Distributed:
         try:
             work = dist.all_gather(out, row, group=self.group, async_op=self.timeout is not None)
             if self.timeout is not None:
-                work.wait(self.timeout)
+                self._wait(work, step, what)
+        except DistributedStepError:
+            raise
         except Exception as err:  # noqa: BLE001 - any backend failure becomes one clear error
             missing = self._silent_ranks(mark)
             who = (f"rank(s) {missing} did not report (died, hung or raised outside the step)" if missing
@@ -164,6 +173,24 @@ class Distributed:
                 f"{first}). Every rank stops; resume from the last complete checkpoint"
             ) from err
         return out
+
+    def _wait(self, work, step: int, what: str) -> None:
+        """Wait for ``work`` at most ``self.timeout``: polled, because gloo's ``Work.wait(timeout)`` does not
+        give up before the process group's own timeout."""
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        pause = 1e-5
+        while not work.is_completed():
+            if time.monotonic() > deadline:
+                missing = self._silent_ranks(self._last_mark)
+                who = f"rank(s) {missing} did not report" if missing else "a peer did not report"
+                raise DistributedStepError(
+                    f"rank {self.rank}: step {step}: the exchange of {what} timed out after "
+                    f"{self.timeout.total_seconds():g} s: {who} (hung or died). Every rank stops; resume from the "
+                    "last complete checkpoint"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+        work.wait()  # raises the collective's own error, if it failed
 
     # Progress marks: before each collective a rank writes how far it got into the group's key-value
     # store (a few bytes, not a collective). When a collective fails, the ranks whose mark is behind
@@ -178,6 +205,7 @@ class Distributed:
         return f"zo_fx/progress/{dist.get_global_rank(self.group, rank) if self.group is not None else rank}"
 
     def _mark(self, mark: int) -> None:
+        self._last_mark = mark
         store = self._store()
         if store is not None:
             try:
@@ -225,15 +253,15 @@ class Distributed:
     def _directions(self, zm, batch, table: GroupTable, step: int) -> list[float]:
         a, b = share(table.groups, self.world, self.rank)
         shares = [share(table.groups, self.world, r) for r in range(self.world)]
-        size, error, local = batch_size_of(batch), None, None
+        size, fingerprint, error, local = 0, 0, None, None
         try:
+            size, fingerprint = batch_size_of(batch), batch_fingerprint(batch)
             if b > a:
                 sub = GroupTable(table.seeds[a:b], table.coefs[a:b], table.eps, table.kind)
                 local = zm.group_losses(batch, sub).detach().to("cpu", torch.float64)
         except Exception as err:  # noqa: BLE001 - reported to the peers, then re-raised
             error = err
-        header = torch.tensor([FAILED if error else OK, float(batch_fingerprint(batch)), float(size)],
-                              dtype=torch.float64)
+        header = torch.tensor([FAILED if error else OK, float(fingerprint), float(size)], dtype=torch.float64)
         headers = self._gather(header, "the step header", step)
         if error is not None:
             raise error
