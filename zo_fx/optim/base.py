@@ -79,11 +79,12 @@ class ZOOptimizer:
     Distributed runs (see :mod:`zo_fx.optim.distributed`): ``process_group`` (default: the
     default group when ``torch.distributed`` is initialised, else none: one process),
     ``strategy`` (``"directions"``: each rank evaluates a share of the groups on the whole
-    batch; ``"data"``: each rank evaluates all groups on its shard of the batch),
-    ``timeout`` (a ``timedelta`` or seconds after which a step's collective raises; default
-    the group's own, which is also what lets the process exit) and ``shard_batch`` (``"data"`` only: False when each rank is already given
-    its own examples). These are how the run is executed, not what it computes, so they are
-    not part of the config or the saved state: a run may resume with another world size.
+    batch; ``"data"``: each rank evaluates all groups on its shard of the batch), ``timeout`` (a
+    ``timedelta`` or seconds after which a step's collective raises; default the group's own,
+    which is also what lets the process exit) and ``shard_batch`` (``"data"`` only: False when
+    each rank is already given its own examples). These are how the run is executed, not what it
+    computes, so they are not part of the config or the saved state: a run may resume with
+    another world size.
     """
 
     method: ClassVar[str] = "zo"
