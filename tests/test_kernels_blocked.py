@@ -113,3 +113,11 @@ def test_the_head_over_a_vocabulary_of_many_tiles(monkeypatch):
     got = ops.head_logits(x, weight, None, 3, None, 12, 1e-2, "rademacher", "out_in")
     want = grouped_linear_reference(x, weight, None, 3, None, [12], [1e-2], "rademacher", shared_input=True)[0]
     assert_close(got, want, rtol=1e-12, atol=1e-12, what="head over 19 tiles")
+
+
+def test_the_tile_size_keeps_every_groups_tiles_within_the_cache_budget():
+    assert blocked.tile_elements(8, 4) * 8 * 4 == blocked.TILE_BYTES  # FZOO's 8 perturbed fp32 groups: 2**19
+    assert blocked.tile_elements(2, 4) == blocked.MAX_TILE  # MeZO: capped
+    assert blocked.tile_elements(10_000, 8) == blocked.MIN_TILE  # many groups: never below the floor
+    for groups in (1, 3, 8, 64):
+        assert blocked.MIN_TILE <= blocked.tile_elements(groups, 2) <= blocked.MAX_TILE

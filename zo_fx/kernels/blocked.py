@@ -8,7 +8,7 @@ CPU cache. Per tile, one call generates the direction tile of every distinct see
 and forms every perturbed group's tile from it (``[G', rows, cols]``, in cache), and one
 batched GEMM multiplies each group's rows by its tile. So per step a weight crosses
 memory once, each distinct direction is generated once, and no weight-sized temporary
-exists at all: scratch is G' tiles of at most :data:`TILE_ELEMENTS` elements (plus the
+exists at all: scratch is G' tiles within :data:`TILE_BYTES` together (plus the
 distinct directions' values on one tile), whatever the weight's size, so a per-group copy
 of a weight never exists once a weight is larger than a tile.
 
@@ -42,11 +42,25 @@ from zo_fx.streams.layout import (
 
 from ._chunks import COMPILE_MIN_NUMEL, accumulation_dtype, compile_enabled
 
-#: elements of one weight tile. Chosen by ``benchmarks/tile_size.py`` on the 2-core EPYC
-#: (1 MiB L2 per core, 32 MiB L3), fp32, G = 9 and G = 2, weights from 576x1536 to
-#: 8192x2048: 2**18 (1 MiB of fp32, one L2) was fastest or within 5% of it on every shape;
-#: 2**15 pays the per-tile call overhead, 2**20 and more spill the G perturbed tiles out of L3.
-TILE_ELEMENTS = 1 << 18
+#: bytes of all perturbed groups' tiles of one step of the walk together: half the 32 MiB L3
+#: of the 2-core EPYC this was measured on, so the tiles stay in cache between their
+#: forming and their GEMM. ``benchmarks/tile_size.py`` (results/tile_size.md): FZOO's 8
+#: perturbed fp32 groups were fastest at 2**19-element tiles (16 MiB together), MeZO's 2
+#: at 2**21 (16 MiB), on weights from 576x576 to 8192x2048; 2**15-2**16 pay a call and a
+#: narrow GEMM per tile, and tiles beyond the budget spill out of the L3 (up to 1.5x slower).
+TILE_BYTES = 16 << 20
+#: bounds of the tile size in elements, whatever the number of groups
+MIN_TILE, MAX_TILE = 1 << 16, 1 << 21
+#: a fixed tile size in elements overriding the budget (None: sized by TILE_BYTES); tests set
+#: it small so that tiny models' weights span many tiles
+TILE_ELEMENTS: int | None = None
+
+
+def tile_elements(groups: int, itemsize: int) -> int:
+    """Elements per tile when ``groups`` perturbed tiles of ``itemsize`` bytes share the budget."""
+    if TILE_ELEMENTS is not None:
+        return TILE_ELEMENTS
+    return min(MAX_TILE, max(MIN_TILE, TILE_BYTES // (max(groups, 1) * itemsize)))
 
 
 def _perturbed_tiles(base, scales, which, block0, seed_lo, seed_hi, pid, tag, kind: str):
@@ -115,8 +129,7 @@ def blocked_grouped_matmul(
         weight: ``[N, K]`` (``out_in``) or ``[K, N]`` (``in_out``), contiguous.
         w_pid: the weight's stream id; None for a frozen weight (every group plain).
         seeds, scales: one per group; a zero scale is the plain weight.
-        tile: elements per tile; default :data:`TILE_ELEMENTS`, read at call time (tests make it
-            small so that tiny models' weights span many tiles).
+        tile: elements per tile; default :func:`tile_elements` for the moved groups.
     """
     kind = check_kind(kind)
     groups = len(seeds)
@@ -136,7 +149,7 @@ def blocked_grouped_matmul(
     scale_t = torch.tensor([scales[g] for g in moved], dtype=torch.float64, device=x.device)
     flat = weight.reshape(-1)
     pb = per_block(kind)
-    step = tile_rows(rows_w, cols_w, kind, tile or TILE_ELEMENTS)
+    step = tile_rows(rows_w, cols_w, kind, tile or tile_elements(len(moved), weight.element_size()))
     index = torch.tensor(moved, device=x.device)
     contiguous_moved = moved == list(range(moved[0], moved[0] + len(moved)))
     if shared_input:
@@ -190,4 +203,4 @@ def _plain_products(x, weight, out, plain: list[int], out_in: bool, shared_input
         torch.mm(x[g], w_t, out=out[g])
 
 
-__all__ = ["TILE_ELEMENTS", "blocked_grouped_matmul", "supports", "tile_rows"]
+__all__ = ["TILE_BYTES", "blocked_grouped_matmul", "supports", "tile_elements", "tile_rows"]
