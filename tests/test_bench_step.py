@@ -271,3 +271,14 @@ def test_sweep_runs_every_model_shape_and_method_side_by_side(tmp_path):
         assert fzoo["ratios"]["step_vs_floor"] > 0 and run["memcpy_gbs"] > 0
     assert (tmp_path / "sweep.png").stat().st_size > 1000
     assert "| tiny-llama | 2x8 | zo_fx_fzoo |" in (tmp_path / "sweep.md").read_text()
+
+
+def test_step_profile_puts_a_steps_time_in_categories(tmp_path):
+    profiler = _load("step_profile")
+    assert profiler.category("aten::bmm") == "GEMM" and profiler.category("aten::silu") == "elementwise"
+    assert profiler.category("## Call CompiledFxGraph abc") == "direction generation"
+    out = profiler.main(["--model", "tiny-llama", "--batch-size", "2", "--seq-len", "8", "--directions", "2",
+                         "--threads", "1", "--json", str(tmp_path / "p.json")])
+    zo, floor = out["seconds"]["zo_fx fzoo"], out["seconds"]["floor (per copy)"]
+    assert zo["GEMM"] > 0 and floor["GEMM"] > 0 and "direction generation" not in floor
+    assert "| direction generation |" in (tmp_path / "p.md").read_text()
