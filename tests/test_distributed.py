@@ -238,7 +238,9 @@ def launch(world: int, scenario: str, out: Path, *args, timeout: float = 60.0, t
     procs, logs = [], []
     t0 = time.perf_counter()
     for rank in range(max(world, 1)):
-        rank_env = dict(env)
+        # a private inductor cache per rank: ranks compiling the same kernel at once into one shared cache
+        # have loaded each other's half-written libraries (undefined symbol errors)
+        rank_env = {**env, "TORCHINDUCTOR_CACHE_DIR": str(out / f"inductor-{rank}")}
         if world:
             rank_env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                             MASTER_PORT=str(port))
