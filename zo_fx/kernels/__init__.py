@@ -8,6 +8,8 @@ entry point that chooses between them through :func:`zo_fx.kernels.dispatch.pick
   (torch only: the kernels never form one).
 * :mod:`.linear`: ``grouped_linear`` (reference ``grouped_linear_reference``), G perturbed
   GEMMs from one load of each weight tile; ``perturbed_linear``, one group's product.
+* :mod:`.blocked`: ``blocked_grouped_matmul``, the same G products on the CPU torch path,
+  each weight walked once in cache-sized tiles (torch only).
 * :mod:`.update`: ``fused_update_`` and ``adamezo_update_`` (references
   ``fused_update_reference_``, ``adamezo_update_reference_``), in-place multi-direction updates.
 * :mod:`.embedding`: ``grouped_embedding`` (reference ``grouped_embedding_reference``),
@@ -33,6 +35,7 @@ _ENTRY_POINTS = {
     "grouped_linear": "linear",
     "grouped_linear_reference": "linear",
     "perturbed_linear": "linear",
+    "blocked_grouped_matmul": "blocked",
     "grouped_embedding": "embedding",
     "grouped_embedding_reference": "embedding",
     "fused_update_": "update",
