@@ -121,3 +121,16 @@ def test_the_tile_size_keeps_every_groups_tiles_within_the_cache_budget():
     assert blocked.tile_elements(10_000, 8) == blocked.MIN_TILE  # many groups: never below the floor
     for groups in (1, 3, 8, 64):
         assert blocked.MIN_TILE <= blocked.tile_elements(groups, 2) <= blocked.MAX_TILE
+
+
+def test_a_product_autograd_tracks_is_never_silently_detached():
+    """The tiles are formed without autograd: under grad the blocked path steps aside, and the
+    per-group path refuses loudly (zo_fx runs its graph under no_grad; nothing differentiates it)."""
+    weight = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2 * 3, 4, dtype=torch.float64)
+    assert not blocked.supports(weight, "out_in", x)
+    with torch.no_grad():
+        assert blocked.supports(weight, "out_in", x)
+    seeds, scales = GroupTable([1, 1], [1.0, -1.0], 1e-2).tensors()
+    with pytest.raises(RuntimeError, match="automatic differentiation"):
+        ops.grouped_linear(x, weight, None, 7, None, seeds, scales, "rademacher", 2, 0, impl="torch")

@@ -139,7 +139,7 @@ def grouped_linear(
         if shared:
             lead[0] = lead[0] * groups
         return y.reshape(*lead, y.shape[-1])
-    if out_dim == 0 and x.dim() >= 2 and blocked.supports(weight, weight_layout):
+    if out_dim == 0 and x.dim() >= 2 and blocked.supports(weight, weight_layout, x, bias):
         k = x.shape[-1]
         xs = x.reshape(-1, k) if shared else x.reshape(groups, -1, k)
         y = blocked.blocked_grouped_matmul(xs, weight, w_pid, seed_list, scale_list, kind, weight_layout,
@@ -184,7 +184,7 @@ def head_logits(x: torch.Tensor, weight, bias, w_pid, b_pid, seed: int, scale: f
 
     A large vocabulary's head is walked in cache-sized tiles of its rows, never copied whole.
     """
-    if x.dim() < 2 or not blocked.supports(weight, layout):
+    if x.dim() < 2 or not blocked.supports(weight, layout, x, bias):
         return perturbed_linear(x, weight, bias, w_pid, b_pid, seed, scale, kind, layout)
     rows = x.reshape(-1, x.shape[-1])
     y = blocked.blocked_grouped_matmul(rows, weight, w_pid, [seed], [scale], kind, layout, shared_input=True)

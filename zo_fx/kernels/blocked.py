@@ -101,9 +101,16 @@ def tile_rows(rows: int, cols: int, kind: str, tile: int) -> int:
     return min(rows, max(align, (tile // max(cols, 1)) // align * align))
 
 
-def supports(weight: torch.Tensor, weight_layout: str) -> bool:
-    """Whether the blocked path takes this weight (else the per-group path runs)."""
+def supports(weight: torch.Tensor, weight_layout: str, *inputs: torch.Tensor | None) -> bool:
+    """Whether the blocked path takes this weight (else the per-group path runs).
+
+    Not under autograd: the tiles are formed in no_grad code, so a product autograd should
+    track (``weight`` or an input requiring grad with grad enabled) stays on the per-group
+    path, which is differentiable.
+    """
     if weight.dim() != 2 or not weight.is_contiguous() or weight.numel() == 0:
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, *inputs)):
         return False
     return weight_layout == "out_in" or weight.dtype in (torch.float32, torch.float64)
 
