@@ -54,6 +54,8 @@ from zo_fx.streams.table import GroupTable
 
 STRATEGIES = ("directions", "data")
 OK, FAILED = 0.0, 1.0
+#: seconds a slower rank gets to reach a failed exchange before the error names it as silent
+GRACE_S = 10.0
 #: fingerprints are kept below 2**48 so that float64 carries them exactly
 _FINGERPRINT_BITS = 48
 
@@ -165,8 +167,8 @@ class Distributed:
             raise
         except Exception as err:  # noqa: BLE001 - any backend failure becomes one clear error
             missing = self._silent_ranks(mark)
-            who = (f"rank(s) {missing} did not report (died, hung or raised outside the step)" if missing
-                   else "a peer failed or timed out")
+            who = (f"rank(s) {missing} did not report within {GRACE_S:g} s (died, hung, or raised outside the "
+                   "step)" if missing else "a peer failed or timed out")
             first = str(err).splitlines()[0] if str(err) else ""
             raise DistributedStepError(
                 f"rank {self.rank}: step {step}: the exchange of {what} failed: {who} ({type(err).__name__}: "
@@ -214,17 +216,26 @@ class Distributed:
                 pass
 
     def _silent_ranks(self, mark: int) -> list[int] | None:
-        """Ranks whose progress mark is behind ``mark``, or None when the store cannot tell."""
+        """Ranks whose progress mark stays behind ``mark`` for :data:`GRACE_S` seconds, or None if all catch up
+        or the store cannot tell.
+
+        A peer's collective error reaches a rank as soon as one peer goes, while a healthy but slower rank may
+        still be evaluating its share: it gets the grace period to reach the exchange before it is named.
+        """
         store = self._store()
         if store is None:
             return None
+        deadline = time.monotonic() + GRACE_S
         try:
-            behind = []
-            for r in range(self.world):
-                key = self._key(r)
-                if r != self.rank and (not store.check([key]) or int(store.get(key)) < mark):
-                    behind.append(r)
-            return behind or None
+            while True:
+                behind = []
+                for r in range(self.world):
+                    key = self._key(r)
+                    if r != self.rank and (not store.check([key]) or int(store.get(key)) < mark):
+                        behind.append(r)
+                if not behind or time.monotonic() > deadline:
+                    return behind or None
+                time.sleep(0.2)
         except Exception:  # noqa: BLE001 - the store went with a dead rank
             return None
 
