@@ -226,7 +226,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, scenario: str, out: Path, *args, timeout: float = 60.0, test_timeout: float = 60.0,
+def launch(world: int, scenario: str, out: Path, *args, timeout: float = 240.0, test_timeout: float = 60.0,
            hung=()):
     """Start ``world`` ranks (or one plain process when world is 0) and wait; returns [(rc, output, seconds)].
 
@@ -337,7 +337,7 @@ def test_a_distributed_run_resumes_from_rank_0s_checkpoint(reference, tmp_path, 
 
 def test_bytes_per_step_depend_on_groups_not_on_model_size(tmp_path):
     world = 2
-    _ok(launch(world, "wire", tmp_path))
+    _ok(launch(world, "wire", tmp_path, timeout=240))
     r = json.loads((tmp_path / "result.json").read_text())
     assert r["params-64x256"] > 20 * r["params-8x16"]
     for strategy in ("directions", "data"):
@@ -356,7 +356,7 @@ def test_a_failing_rank_stops_the_others_with_its_name(tmp_path, how):
     # the process group's timeout; a hang meets the optimizer's own (5 s) first, which raises the named error, but
     # the process exits only once gloo gives up the pending collective at the group's timeout
     timeout = 15 if how != "hang" else 25
-    results = launch(3, "fault", tmp_path, how, "1", "directions", timeout=90, test_timeout=timeout,
+    results = launch(3, "fault", tmp_path, how, "1", "directions", test_timeout=timeout,
                      hung=(1,) if how == "hang" else ())
     for rank, (rc, text, seconds) in enumerate(results):
         assert rc != 0, f"rank {rank} exited 0:\n{text[-2000:]}"
@@ -364,13 +364,14 @@ def test_a_failing_rank_stops_the_others_with_its_name(tmp_path, how):
         if rank != 1:
             assert "DistributedStepError" in text, text[-2000:]
             assert "rank(s) [1]" in text, text[-2000:]
-            assert seconds < 60, f"rank {rank} took {seconds:.0f} s to notice"
+            # start-up (imports, compiles) included; a hang would run to the launcher's 240 s
+            assert seconds < 120, f"rank {rank} took {seconds:.0f} s to notice"
             if how == "hang":
                 assert "timed out after 5 s" in text, text[-2000:]
 
 
 def test_data_strategy_fault_and_bad_input(tmp_path):
-    results = launch(2, "fault", tmp_path, "raise", "0", "data", timeout=90, test_timeout=15)
+    results = launch(2, "fault", tmp_path, "raise", "0", "data", test_timeout=15)
     assert results[0][0] != 0 and "injected failure on rank 0" in results[0][1]
     assert results[1][0] != 0 and "rank(s) [0]" in results[1][1], results[1][1][-2000:]
 
