@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
 
-from zo_fx.kernels import blocked
+_HERE = Path(__file__).resolve().parent
+if str(_HERE) not in sys.path:
+    sys.path.insert(0, str(_HERE))
+
+from forward_groups import _median_time  # noqa: E402
+
+from zo_fx.kernels import blocked  # noqa: E402
 
 SHAPES = {  # weight [N, K] (out_in) and the rows per group of a typical step
     "smollm2 q/o 576x576": (576, 576, 384),
@@ -36,13 +41,8 @@ TILES = [1 << k for k in range(15, 22)]
 
 
 def _time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    """Median milliseconds of ``repeats`` calls after one warm-up (forward_groups.py's timer)."""
+    return _median_time(fn, repeats)["s"] * 1e3
 
 
 def measure(repeats: int) -> list[dict]:
