@@ -102,6 +102,7 @@ def main(argv=None) -> None:
         save_file({n: p.detach().contiguous() for n, p in opt.params.items()}, str(args.out / "weights.safetensors"))
         say(f"wrote {args.out / 'trajectory.json'} and weights.safetensors")
     if dist.is_initialized():
+        dist.barrier()  # all ranks at teardown together (rank 0 may still be writing): destroy can hang otherwise
         dist.destroy_process_group()
 
 

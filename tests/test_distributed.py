@@ -214,6 +214,8 @@ def worker(scenario: str, out: str, *args) -> None:
         except ValueError as err:
             (out / f"fsdp-{rank}.txt").write_text(str(err))
     if distributed:
+        if scenario != "fault":  # every rank reaches teardown together: a rank still busy (rank 0 writing
+            dist.barrier()  # files) while another destroys the group has hung destroy_process_group
         dist.destroy_process_group()
 
 
