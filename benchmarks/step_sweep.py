@@ -107,6 +107,7 @@ def run_sweep(step_module, args: argparse.Namespace) -> dict:
             exclude = step_module._storage_ptrs(master)
             weights = [p.detach() for p in master.parameters()]
             copy_gbs = memcpy_gbs(weights)
+            trainable = sum(p.numel() * p.element_size() for p in master.parameters() if p.requires_grad)
             for shape in [s for m, s in plan if m == model_name]:
                 b, t = parse_shape(shape) if isinstance(shape, str) else shape
                 args.batch_size, args.seq_len = b, t
@@ -120,7 +121,6 @@ def run_sweep(step_module, args: argparse.Namespace) -> dict:
                     r["weight_gbs"] = moved / r["step_s"] / 1e9
                     r["weight_gbs_vs_memcpy"] = r["weight_gbs"] / copy_gbs
                     update_s = (r.get("timing") or {}).get("update_s")
-                    trainable = sum(p.numel() * p.element_size() for p in master.parameters() if p.requires_grad)
                     r["update_gbs"] = 2 * trainable / update_s / 1e9 if update_s else None
                     methods[name] = r
                 floor = step_module.add_ratios(methods)

@@ -40,7 +40,7 @@ from zo_fx.streams.layout import (
     sign_bits_from_words,
 )
 
-from ._chunks import COMPILE_MIN_NUMEL, accumulation_dtype, compile_enabled
+from ._chunks import accumulation_dtype, runner
 
 #: bytes of all perturbed groups' tiles of one step of the walk together: half the 32 MiB L3
 #: of the 2-core EPYC this was measured on, so the tiles stay in cache between their
@@ -80,18 +80,6 @@ def _perturbed_tiles(base, scales, which, block0, seed_lo, seed_hi, pid, tag, ki
         return torch.where(negative[which], b - s, b + s).to(base.dtype)
     u = normals_from_columns(*words).reshape(seed_lo.shape[0], -1)[:, :n].to(acc)
     return (b + s * u[which]).to(base.dtype)
-
-
-_compiled_tiles = None
-
-
-def _tile_runner(numel: int):
-    global _compiled_tiles
-    if numel < COMPILE_MIN_NUMEL or not compile_enabled():
-        return _perturbed_tiles
-    if _compiled_tiles is None:
-        _compiled_tiles = torch.compile(_perturbed_tiles, dynamic=True)
-    return _compiled_tiles
 
 
 def tile_rows(rows: int, cols: int, kind: str, tile: int) -> int:
@@ -168,7 +156,8 @@ def blocked_grouped_matmul(
         r1 = min(rows_w, r0 + step)
         base = flat[r0 * cols_w : r1 * cols_w]
         block0 = torch.tensor(r0 * cols_w // pb, dtype=torch.int64, device=x.device)
-        tiles = _tile_runner(base.numel() * len(moved))(base, scale_t, which, block0, lo, hi, pid_t, tag, kind)
+        make = runner(_perturbed_tiles, base.numel() * len(moved))  # compiled for large tiles
+        tiles = make(base, scale_t, which, block0, lo, hi, pid_t, tag, kind)
         tiles = tiles.view(len(moved), r1 - r0, cols_w)
         if out_in:  # tile rows are output features r0..r1: written in place, no temporary
             _tile_products(xs, tiles, out, moved, index, contiguous_moved, r0, r1, shared_input)

@@ -107,9 +107,15 @@ def philox_block_words(blocks, seed_lo, seed_hi, pid, tag) -> tuple[torch.Tensor
     return torch.broadcast_tensors(*philox_words(blocks & MASK32, blocks >> 32, seed_hi, tag, seed_lo, pid))
 
 
+def _bits(words: torch.Tensor) -> torch.Tensor:
+    """[..., 4] words -> [..., 128] int32 bits in element order (word-major, bit 0 first)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+    return ((words.to(torch.int32).unsqueeze(-1) >> shifts) & 1).flatten(-2)
+
+
 def signs_from_words(words: torch.Tensor) -> torch.Tensor:
     """[..., 4] words -> [..., 128] int32 signs in element order (word-major, bit 0 first)."""
-    return 1 - 2 * sign_bits_from_words(words).to(torch.int32)
+    return 1 - 2 * _bits(words)
 
 
 def sign_bits_from_words(words: torch.Tensor) -> torch.Tensor:
@@ -118,8 +124,7 @@ def sign_bits_from_words(words: torch.Tensor) -> torch.Tensor:
     ``where(bit, x - s, x + s)`` is ``x + s * sign`` rounded the same way, without the
     multiply: the perturbation kernels use it.
     """
-    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
-    return ((words.to(torch.int32).unsqueeze(-1) >> shifts) & 1).flatten(-2).bool()
+    return _bits(words).bool()
 
 
 def sign_at(words: torch.Tensor, lane: torch.Tensor) -> torch.Tensor:
