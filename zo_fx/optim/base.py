@@ -29,6 +29,8 @@ from zo_fx.streams.table import GroupTable
 
 from .config import ZOConfig
 from .distributed import Distributed
+from .guard import apply_checked, check_settings_fit
+from .means import example_means
 from .trajectory import Trajectory, model_fingerprint, tensor_specs
 
 NO_DECAY_KEYS = ("bias", "norm", "ln_")
@@ -58,6 +60,10 @@ class StepInfo:
     reason: str | None = None
     seconds: float = 0.0
     timing: dict = field(default_factory=dict)
+    #: examples (batch indices) left out of this step's estimate: their loss was non-finite in some group
+    dropped_examples: list[int] = field(default_factory=list)
+    #: the step was skipped because a loss or an updated weight was not finite
+    nonfinite: bool = False
 
     @property
     def loss(self) -> float:
@@ -109,6 +115,7 @@ class ZOOptimizer:
         self.skipped_steps = 0
         self.params = zm.trainable_parameters()
         _refuse_fsdp(zm.model, self.params)
+        check_settings_fit(config, self.params)
         # a torch optimizer over one dummy tensor: lets torch LR schedulers and the HF Trainer drive our lr
         self.torch_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
         self.trajectory = self._new_trajectory()
@@ -155,27 +162,32 @@ class ZOOptimizer:
         t0 = time.perf_counter()
         table = self.table()
         if self.distributed is None:
-            losses = self.zm.group_losses(batch, table)
-            means = [float(v) for v in losses.double().mean(1).tolist()]
+            means, dropped = example_means(self.zm.group_losses(batch, table).double())
         else:  # the same means on every rank, from the ranks' shares
-            means = self.distributed.group_means(self.zm, batch, table, self.step_count)
+            means, dropped = self.distributed.group_means(self.zm, batch, table, self.step_count)
         t1 = time.perf_counter()
         self.forward_passes += table.groups
         lr = self.current_lr()
-        seeds, coefs, sigma, reason = [], [], None, None
+        seeds, coefs, sigma, reason, nonfinite = [], [], None, None, False
         if not all(math.isfinite(v) for v in means):
             bad = [i for i, v in enumerate(means) if not math.isfinite(v)]
-            reason = f"non-finite loss in group(s) {bad}: step skipped, weights untouched"
+            reason = (f"non-finite loss in group(s) {bad}, in some group for every example of the batch: "
+                      "step skipped, weights untouched")
+            nonfinite = True
         else:
             seeds, coefs, sigma, reason = self.estimate(means)
             reason = reason or self._lr_problem(lr)
-        info = StepInfo(self.step_count, means, seeds, coefs, lr, self.forward_passes, sigma)
+        if reason is None:
+            self.trajectory.records.append(self._record(seeds, coefs, lr))
+            refused = apply_checked(self.trajectory, self.params, len(self.trajectory.records) - 1, self.zm.impl)
+            if refused is not None:
+                self.trajectory.records.pop()
+                reason, nonfinite = f"{refused}: step skipped, weights untouched", True
+        info = StepInfo(self.step_count, means, seeds, coefs, lr, self.forward_passes, sigma,
+                        dropped_examples=dropped, nonfinite=nonfinite)
         if reason is not None:
             info.skipped, info.reason = True, reason
             self.skipped_steps += 1
-        else:
-            self.trajectory.records.append(self._record(seeds, coefs, lr))
-            self.trajectory.apply(self.params, len(self.trajectory.records) - 1, impl=self.zm.impl)
         t2 = time.perf_counter()
         info.timing = {"forward_s": t1 - t0, "update_s": t2 - t1}
         info.seconds = t2 - t0

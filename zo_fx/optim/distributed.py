@@ -52,6 +52,8 @@ import torch.distributed as dist
 
 from zo_fx.streams.table import GroupTable
 
+from .means import example_means, finite_columns
+
 STRATEGIES = ("directions", "data")
 OK, FAILED = 0.0, 1.0
 #: seconds a slower rank gets to reach a failed exchange before the error names it as silent
@@ -255,13 +257,17 @@ class Distributed:
             )
 
     # ---- one step's group means -----------------------------------------------------------------------
-    def group_means(self, zm, batch: dict, table: GroupTable, step: int) -> list[float]:
-        """The G group mean losses of ``table`` on ``batch``, identical on every rank."""
+    def group_means(self, zm, batch: dict, table: GroupTable, step: int) -> tuple[list[float], list[int]]:
+        """The G group mean losses of ``table`` on ``batch``, identical on every rank, and the examples
+        left out of them (non-finite in some group; see :mod:`zo_fx.optim.means`).
+
+        ``"directions"`` names the dropped examples by batch index on every rank; ``"data"`` names those
+        of this rank's shard only (by index in the batch it was given), the means use every rank's."""
         if self.strategy == "directions":
             return self._directions(zm, batch, table, step)
         return self._data(zm, batch, table, step)
 
-    def _directions(self, zm, batch, table: GroupTable, step: int) -> list[float]:
+    def _directions(self, zm, batch, table: GroupTable, step: int) -> tuple[list[float], list[int]]:
         a, b = share(table.groups, self.world, self.rank)
         shares = [share(table.groups, self.world, r) for r in range(self.world)]
         size, fingerprint, error, local = 0, 0, None, None
@@ -283,9 +289,9 @@ class Distributed:
             row[: local.numel()] = local.reshape(-1)
         rows = self._gather(row, "the group losses", step, phase=1)
         losses = torch.cat([rows[r][: (s - f) * size].view(s - f, size) for r, (f, s) in enumerate(shares)])
-        return [float(v) for v in losses.mean(1).tolist()]  # as the single process: losses.double().mean(1)
+        return example_means(losses)  # as the single process
 
-    def _data(self, zm, batch, table: GroupTable, step: int) -> list[float]:
+    def _data(self, zm, batch, table: GroupTable, step: int) -> tuple[list[float], list[int]]:
         size = batch_size_of(batch)
         if self.shard_batch:
             if size < self.world:
@@ -296,11 +302,13 @@ class Distributed:
             local_batch = shard_batch(batch, a, b)
             fingerprint = batch_fingerprint(batch)
         else:
-            local_batch, fingerprint = batch, 0
-        error, sums, count = None, torch.zeros(table.groups, dtype=torch.float64), 0
+            local_batch, fingerprint, a = batch, 0, 0
+        error, sums, count, dropped = None, torch.zeros(table.groups, dtype=torch.float64), 0, []
         try:
             losses = zm.group_losses(local_batch, table).detach().to("cpu", torch.float64)
-            sums, count = losses.sum(1), losses.shape[1]
+            good = finite_columns(losses)
+            dropped = [a + int(i) for i in (~good).nonzero().flatten().tolist()]
+            sums, count = losses[:, good].sum(1), int(good.sum())
         except Exception as err:  # noqa: BLE001 - reported to the peers, then re-raised
             error = err
         head = torch.tensor([FAILED if error else OK, float(fingerprint), float(count)], dtype=torch.float64)
@@ -312,7 +320,9 @@ class Distributed:
         for r in rows[1:]:  # rank order on every rank: the same float64 sums everywhere
             total = total + r[3:]
             n += r[2].item()
-        return [float(v) for v in (total / n).tolist()]
+        if n == 0:  # no example finite in every group, on any rank: the step is skipped
+            return [float("nan")] * table.groups, dropped
+        return [float(v) for v in (total / n).tolist()], dropped
 
 
 def local_shards(params: dict[str, torch.Tensor], rank: int, world: int

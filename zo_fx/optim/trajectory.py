@@ -132,19 +132,21 @@ class Trajectory:
                 "adam_eps": self.adam_eps}
 
     def apply(self, tensors: dict[str, torch.Tensor], index: int, *, impl: str = "auto",
-              shards: dict[str, tuple[int, int]] | None = None) -> None:
+              shards: dict[str, tuple[int, int]] | None = None, only: list[str] | None = None) -> None:
         """Apply record ``index`` to ``tensors`` (name -> parameter), in place, through ``impl``.
 
         ``shards`` (name -> (start, total)): ``tensors[name]`` is only the flat elements
         ``[start, start + numel)`` of a parameter of ``total`` elements (a rank's shard); its
         elements are updated exactly as the whole parameter's would be, bit for bit. A name
         listed in ``shards`` but absent from ``tensors`` is skipped (this rank holds none of it).
+        ``only``: apply to these parameters alone (the others need not be in ``tensors``).
         """
         rec = self.records[index]
         shards = shards or {}
         placed = {name: dict(zip(("start", "total"), shards[name])) if name in shards else {} for name in
                   (spec.name for spec in self.params)}
-        specs = [spec for spec in self.params if spec.name in tensors or spec.name not in shards]
+        specs = [spec for spec in self.params if (spec.name in tensors or spec.name not in shards)
+                 and (only is None or spec.name in only)]
         with torch.no_grad():
             if rec.get("mode", "linear") == "adamezo":
                 seeds, coefs = self.window(index)

@@ -22,7 +22,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"no such jsonl file: {path}")
     rows = []
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:  # a byte-order mark is valid input
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
