@@ -24,6 +24,7 @@ from zo_fx.finetune import (
     FinetuneError,
     run,
 )
+from zo_fx.finetune.signals import RunStopped
 
 EXAMPLES = """\
 examples:
@@ -172,6 +173,7 @@ def _add_tools(commands) -> None:
 def _tool(command: str, args: dict) -> int:
     import json
 
+    from zo_fx.finetune.evaluation import unavailable
     from zo_fx.finetune.tools import evaluate_model, replay_run
 
     if command == "replay":
@@ -181,6 +183,11 @@ def _tool(command: str, args: dict) -> int:
         cfg = FinetuneConfig(batch_size=1, **args)
         result = evaluate_model(cfg, base)
     print(json.dumps(result, indent=1))
+    missing = [reason for r in result.get("results", []) if (reason := unavailable(r))]
+    if missing:
+        print(f"zo-fx eval: {'; '.join(missing)}: no accuracy is reported from NaN or inf outputs",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -194,12 +201,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command in ("eval", "replay"):
             return _tool(command, args)
-        run(FinetuneConfig(**args))
+        metrics = run(FinetuneConfig(**args))
+    except RunStopped as err:
+        print(f"zo-fx {command}: {err}", file=sys.stderr)
+        return err.status
     except FinetuneError as err:
         raise SystemExit(f"zo-fx {command}: error: {err}") from None
     except KeyboardInterrupt:
         raise SystemExit("zo-fx finetune: interrupted; continue with --resume --output-dir <the run's "
                          "folder> (it restarts from the newest checkpoint)") from None
+    if command == "finetune":
+        final = metrics["final"]["fine_tuned"]
+        missing = [split for split in ("validation", "test") if final[split].get("non_finite")]
+        if missing:
+            print(f"zo-fx finetune: the fine-tuned model's outputs are NaN or inf on {' and '.join(missing)} "
+                  "examples: no accuracy is reported for them (see the summary above); the run's files are written",
+                  file=sys.stderr)
+            return 1
     return 0
 
 

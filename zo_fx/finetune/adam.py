@@ -55,7 +55,7 @@ class AdamBaseline:
             loss.backward()
             self.torch_optimizer.step()
         else:
-            info.skipped, info.reason = True, "non-finite loss: step skipped, weights untouched"
+            info.skipped, info.reason, info.nonfinite = True, "non-finite loss: step skipped, weights untouched", True
             self.skipped_steps += 1
         self.torch_optimizer.zero_grad(set_to_none=True)
         self.step_count += 1

@@ -110,6 +110,11 @@ class FinetuneConfig:
                 f"FZOO needs --directions >= 2 to estimate the loss spread; got {self.directions}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise FinetuneError(f"--lr must be a positive number; got {self.lr}")
+        top = torch.finfo(DTYPES[self.dtype]).max
+        for flag, value in (("--lr", self.lr), ("--eps", self.eps)):
+            if value is not None and math.isfinite(value) and value > top:
+                raise FinetuneError(f"{flag} {value:g} is above the largest {self.dtype} value ({top:g}): the "
+                                    f"weights cannot hold such a step; use a smaller {flag} or a wider --dtype")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise FinetuneError(f"--weight-decay must be a number >= 0; got {self.weight_decay}")
         if not (self.eps > 0 and math.isfinite(self.eps)):

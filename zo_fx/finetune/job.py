@@ -23,17 +23,28 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from zo_fx.files import atomic_path, atomic_write_json, replace_dir
+from zo_fx.files import WriteError, atomic_path, atomic_write_json, replace_dir, writing
 from zo_fx.finetune.config import DEFAULT_EVALS, DTYPES, FinetuneConfig, FinetuneError
-from zo_fx.finetune.evaluation import evaluate
+from zo_fx.finetune.evaluation import describe, evaluate
 from zo_fx.finetune.loss import build_loss, check_label_words
-from zo_fx.finetune.model import apply_peft, load_model_and_tokenizer, load_tokenizer
+from zo_fx.finetune.model import apply_peft, load_model_and_tokenizer, load_tokenizer, preflight
 from zo_fx.finetune.optimizer import build_optimizer
 from zo_fx.finetune.plots import plot_curves, summary_table
-from zo_fx.finetune.resume import output_dir_of, prepare_output_dir, restore_checkpoint, write_checkpoint
+from zo_fx.finetune.resume import (
+    check_free_space,
+    output_dir_of,
+    prepare_output_dir,
+    restore_checkpoint,
+    write_checkpoint,
+)
+from zo_fx.finetune.signals import RunStopped, StopSignal
 from zo_fx.finetune.task import build_task
 from zo_fx.locks import RunLock, RunLockedError
+from zo_fx.optim.checkpoint import latest_checkpoint
 from zo_fx.optim.distributed import init_from_env, is_main_process
+
+#: a run stops after this many steps in a row skipped for a non-finite loss or weight
+MAX_NONFINITE_STEPS = 5
 
 
 class _NoLock(contextlib.nullcontext):
@@ -50,9 +61,10 @@ class FinetuneJob:
     words, compile) before anything is written or an earlier run is replaced.
     """
 
-    def __init__(self, cfg: FinetuneConfig):
+    def __init__(self, cfg: FinetuneConfig, stop: StopSignal | None = None):
         self.wall0 = time.perf_counter()
         self.cfg = cfg
+        self.stop = stop or StopSignal()
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         self.out = output_dir_of(cfg)
@@ -71,6 +83,7 @@ class FinetuneJob:
         stale = prepare_output_dir(cfg, self.out) if self.main else []
         self.task = build_task(cfg)
         print(self.task.summary(), flush=True)
+        preflight(cfg.model, cfg.max_length)  # a folder's files, its tokenizer, its position limit
         early = load_tokenizer(cfg.model)
         if early is not None:  # label words by token id, before the model load
             check_label_words(self.task, early)
@@ -81,6 +94,9 @@ class FinetuneJob:
         self.cursor = self.task.cursor(cfg.batch_size, seed=cfg.seed)
         example = self.encode(self.task.train[:cfg.batch_size])
         self.optimizer = build_optimizer(cfg, self.model, self.loss, example, self.out)
+        self.trainable_bytes = sum(p.numel() * p.element_size() for p in self.optimizer.params.values())
+        if self.main:
+            check_free_space(self.out, self.trainable_bytes)
         for path in stale:  # --overwrite, now that the new run is set up
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         if self.main:
@@ -112,7 +128,12 @@ class FinetuneJob:
         if self.cfg.resume:
             state = restore_checkpoint(self.out, self.cfg, self.model, self.optimizer, self.cursor,
                                        self.task.fingerprint())
-            print(f"resumed at step {self.optimizer.step_count} from {self.out}", flush=True)
+            done = self.optimizer.step_count
+            if done > self.total:
+                raise FinetuneError(f"--resume: the run in {self.out} has already done {done} steps, more than the "
+                                    f"{self.total} asked for; pass --steps {done} or more (the total to reach), or "
+                                    "start a new --output-dir")
+            print(f"resumed at step {done} from {self.out}", flush=True)
         else:
             zero_shot = [self.evaluation(split, "zero_shot") for split in ("validation", "test")]
             state = {"history": [], "evals": zero_shot}
@@ -121,14 +142,23 @@ class FinetuneJob:
         return state
 
     def train(self, state: dict) -> None:
-        """Step until ``total``; validate and checkpoint on schedule; report skipped steps as they happen."""
+        """Step until ``total``; validate and checkpoint on schedule; report skipped steps as they happen.
+
+        Stops early, with the weights finite, after :data:`MAX_NONFINITE_STEPS` non-finite steps in a row;
+        on SIGTERM, after the step under way and a checkpoint (:mod:`zo_fx.finetune.signals`)."""
         opt, history = self.optimizer, state["history"]
         if opt.step_count < self.total:
             self.compile_phase()
         bar = tqdm(total=self.total, initial=min(opt.step_count, self.total), desc=self.cfg.method,
                    unit="step", dynamic_ncols=True)
         smooth = history[-1]["loss"] if history else math.nan
-        while opt.step_count < self.total:
+        with self.stop.deferred():
+            self._steps(state, bar, smooth)
+
+    def _steps(self, state: dict, bar, smooth: float) -> None:
+        opt, history = self.optimizer, state["history"]
+        faults, saved = 0, None  # non-finite steps in a row; the step of the last checkpoint written
+        while opt.step_count < self.total and self.stop.requested is None:
             info = opt.step(self.encode(self.cursor.next_batch()))
             done = opt.step_count
             record = {"step": done, "loss": info.loss, "sigma": info.sigma, "lr": info.lr,
@@ -136,7 +166,12 @@ class FinetuneJob:
             if info.skipped:
                 record["reason"] = info.reason
                 bar.write(f"step {done}: {info.reason}")
+            if info.dropped_examples:
+                record["dropped_examples"] = info.dropped_examples
+                bar.write(f"step {done}: example(s) {info.dropped_examples} of the batch had a non-finite loss and "
+                          "were left out of the step's estimate (in every group alike)")
             history.append(record)
+            faults = faults + 1 if info.nonfinite else 0
             if math.isfinite(info.loss):
                 smooth = info.loss if not math.isfinite(smooth) else 0.9 * smooth + 0.1 * info.loss
             sigma = "" if info.sigma is None else f" sigma={info.sigma:.2e}"
@@ -146,11 +181,29 @@ class FinetuneJob:
             if done % self.eval_every == 0 or done == self.total:
                 ev = self.evaluation("validation", "train")
                 state["evals"].append(ev)
-                bar.write(f"step {done} ({ev['forward_passes']:,} forward passes): validation accuracy "
-                          f"{ev['accuracy']:.4f}, loss {ev['loss']:.4f}")
-            if self.main and (done % self.checkpoint_every == 0 or done == self.total):
+                bar.write(f"step {done} ({ev['forward_passes']:,} forward passes): validation {describe(ev)}")
+            if faults >= MAX_NONFINITE_STEPS:
+                bar.close()
+                hint = "a smaller --lr" + (f", or --dtype float32 instead of {self.cfg.dtype}"
+                                           if self.cfg.dtype != "float32" else "")
+                raise FinetuneError(
+                    f"steps {done - faults + 1}-{done}: {faults} steps in a row were skipped because a loss or an "
+                    f"updated weight was not finite (last: {info.reason}); the run stopped. The weights are "
+                    f"finite and {self._newest_checkpoint_text()}. Start again with {hint}")
+            stopping = self.stop.requested is not None
+            if self.main and (done % self.checkpoint_every == 0 or done == self.total or stopping):
                 write_checkpoint(self.out, self.model, opt, self.cursor, state)
+                saved = done
         bar.close()
+        if self.stop.requested is not None:
+            wrote = f"checkpoint step-{saved:08d} written. " if saved is not None else ""
+            raise RunStopped(f"stopped by {self.stop.requested} after step {opt.step_count}; {wrote}Continue with "
+                             f"the same command and --resume --output-dir {self.out}", self.stop.signum)
+
+    def _newest_checkpoint_text(self) -> str:
+        newest = latest_checkpoint(self.out)
+        return (f"the newest checkpoint, {newest.name}, is intact" if newest is not None
+                else "no checkpoint had been written yet")
 
     def compile_phase(self) -> None:
         """Build the grouped graph and the generator kernels before the first step, as their own phase.
@@ -177,12 +230,16 @@ class FinetuneJob:
         metrics = self.metrics(state)
         if not self.main:
             return metrics
-        with atomic_path(self.out / "model.safetensors") as tmp:
+        with writing("the trained weights", self.out / "model.safetensors", needed=self.trainable_bytes), \
+                atomic_path(self.out / "model.safetensors") as tmp:
             save_file({n: p.detach().contiguous() for n, p in opt.params.items()}, str(tmp))
         if opt.trajectory is not None:
-            opt.trajectory.save(self.out / "trajectory.json")
-        plot_curves(metrics, self.out / "curves.png")
-        atomic_write_json(self.out / "metrics.json", metrics, indent=1)
+            with writing("the trajectory", self.out / "trajectory.json"):
+                opt.trajectory.save(self.out / "trajectory.json")
+        with writing("the curves", self.out / "curves.png"):
+            plot_curves(metrics, self.out / "curves.png")
+        with writing("the metrics", self.out / "metrics.json"):
+            atomic_write_json(self.out / "metrics.json", metrics, indent=1)
         print(summary_table(metrics, self.out), flush=True)
         try:  # last: a model transformers cannot save must not cost the run's other outputs
             folder = export_pretrained(self.model, self.tokenizer, self.out)
@@ -199,7 +256,7 @@ class FinetuneJob:
 
         def last(split: str, zero_shot: bool) -> dict:
             picked = [e for e in evals if e["split"] == split and (e["phase"] == "zero_shot") == zero_shot]
-            return {k: picked[-1][k] for k in ("accuracy", "loss", "n")} if picked else {}
+            return {k: picked[-1].get(k, 0) for k in ("accuracy", "loss", "n", "non_finite")} if picked else {}
 
         return {
             "settings": state["settings"],
@@ -231,11 +288,15 @@ def export_pretrained(model, tokenizer, out: Path) -> Path:
     final = out / ("adapter" if is_peft else "model")
     tmp = out / (final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    replace_dir(tmp, final)
+    try:
+        with writing(f"the {final.name}/ folder", out):
+            model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            replace_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -243,15 +304,27 @@ def run(cfg: FinetuneConfig) -> dict:
     """Run the job of ``cfg`` end to end and return what ``metrics.json`` holds.
 
     Launched by ``torchrun``, the process joins the group first; ranks other than 0 run silent.
+    A file that cannot be written (disk full, a size limit, permissions) ends the run with a
+    :class:`FinetuneError` that says what failed and that ``--resume`` continues from the newest
+    intact checkpoint; SIGTERM ends it with :class:`RunStopped` after a checkpoint.
     """
-    init_from_env()
+    distributed = init_from_env()
     with contextlib.ExitStack() as quiet:
         if not is_main_process():  # prints and progress bars; an error still surfaces once the context exits
             sink = quiet.enter_context(open(os.devnull, "w"))  # noqa: SIM115 - closed by the exit stack
             quiet.enter_context(contextlib.redirect_stdout(sink))
             quiet.enter_context(contextlib.redirect_stderr(sink))
-        job = FinetuneJob(cfg)
-        with job.lock:
-            state = job.start()
-            job.train(state)
-            return job.finish(state)
+        stop = quiet.enter_context(StopSignal().installed(active=not distributed))
+        job = FinetuneJob(cfg, stop)
+        try:
+            with job.lock:
+                state = job.start()
+                job.train(state)
+                return job.finish(state)
+        except WriteError as err:
+            newest = latest_checkpoint(job.out)
+            kept = (f"the newest intact checkpoint, {newest.name}, is kept: free space (or lift the limit) and "
+                    f"continue with the same command and --resume --output-dir {job.out}" if newest is not None
+                    else "no checkpoint of this run had been written yet: free space (or lift the limit) and run "
+                         "again")
+            raise FinetuneError(f"{err}. Nothing was half-written: {kept}") from None

@@ -8,6 +8,7 @@ imported only here, when a model is actually loaded, so ``zo-fx finetune --help`
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -43,6 +44,66 @@ def load_tokenizer(name: str):
         return None
 
 
+#: config keys that mean positions are rotary, relative or ALiBi: no table a long prompt could run off
+_UNBOUNDED_POSITIONS = ("rope_parameters", "rope_theta", "rope_scaling", "rotary_dim", "rotary_pct",
+                        "partial_rotary_factor", "alibi", "use_alibi")
+
+
+def learned_position_limit(config) -> int | None:
+    """The number of learned absolute positions of a model ``config``, or None when positions are not a
+    table (rotary, relative, ALiBi), where a longer prompt is a quality question, not an index error."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    if any(d.get(k) not in (None, False) for k in _UNBOUNDED_POSITIONS):
+        return None
+    if d.get("position_embedding_type", "absolute") not in ("absolute", None):
+        return None
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if isinstance(d.get(key), int) and d[key] > 0:
+            return d[key]
+    return None
+
+
+def preflight(name: str, max_length: int) -> None:
+    """What can be checked of ``--model`` before its weights load: a folder's config, weight files and
+    tokenizer, and ``--max-length`` against learned positions. Seconds, not the minutes of a large load."""
+    from transformers import AutoConfig
+
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        return
+    _check_folder_files(folder)
+    if load_tokenizer(name) is None:
+        raise FinetuneError(f"--model folder {folder} has no tokenizer that loads (tokenizer.json, "
+                            "tokenizer_config.json, ...); save it there with tokenizer.save_pretrained(folder)")
+    try:
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except Exception:  # noqa: BLE001 - a bad config.json is reported with its detail by the model load
+        return
+    limit = learned_position_limit(config)
+    if limit is not None and max_length > limit:
+        raise FinetuneError(f"--max-length {max_length} is more than the {limit} positions {folder} has learned "
+                            f"({type(config).__name__}): a longer prompt would index past its position table. "
+                            f"Use --max-length {limit} or less (longer prompts lose their start)")
+
+
+def _check_folder_files(folder: Path) -> None:
+    if not (folder / "config.json").is_file():
+        raise FinetuneError(f"--model folder {folder} has no config.json; point it at the folder where "
+                            "model.save_pretrained() wrote config.json and the weights")
+    try:
+        json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        raise FinetuneError(f"--model folder {folder} could not be loaded (config.json: {err}). Check that "
+                            "config.json is valid JSON for a causal LM (save it again with "
+                            "model.save_pretrained(folder))") from None
+    if not any((folder / f).is_file() for f in _WEIGHT_FILES):
+        raise FinetuneError(
+            f"--model folder {folder} has config.json but no weights ({', '.join(_WEIGHT_FILES[::2])}); "
+            "save the model there with model.save_pretrained(folder), or point --model at the folder "
+            "that holds the weights"
+        )
+
+
 def load_model_and_tokenizer(name: str, dtype: torch.dtype):
     """(model, tokenizer) from ``"smollm2"``, a local folder, or a hub name already in the local cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -61,15 +122,7 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype):
         except FileNotFoundError as err:
             raise FinetuneError(str(err)) from None
     elif folder.is_dir():
-        if not (folder / "config.json").is_file():
-            raise FinetuneError(f"--model folder {folder} has no config.json; point it at the folder where "
-                                "model.save_pretrained() wrote config.json and the weights")
-        if not any((folder / f).is_file() for f in _WEIGHT_FILES):
-            raise FinetuneError(
-                f"--model folder {folder} has config.json but no weights ({', '.join(_WEIGHT_FILES[::2])}); "
-                "save the model there with model.save_pretrained(folder), or point --model at the folder "
-                "that holds the weights"
-            )
+        _check_folder_files(folder)
         try:
             model, tokenizer = models.load_model(folder, dtype)
         except Exception as err:  # transformers raises many types for a bad config or weights file

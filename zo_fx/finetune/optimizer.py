@@ -30,8 +30,11 @@ def build_optimizer(cfg: FinetuneConfig, model, loss, example: dict, output_dir:
         raise FinetuneError(f"zo_compile could not prepare {type(model).__name__} for zeroth-order training: "
                             f"{err}.{hint} Or train with --method adam (backprop).") from None
     schedule = cfg.lr_at if cfg.lr_schedule != "constant" else None
-    return zo_optimizer(cfg.method, zm, lr=cfg.learning_rate, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                        seed=cfg.seed, directions=cfg.directions, horizon=cfg.horizon, lr_schedule=schedule)
+    try:
+        return zo_optimizer(cfg.method, zm, lr=cfg.learning_rate, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                            seed=cfg.seed, directions=cfg.directions, horizon=cfg.horizon, lr_schedule=schedule)
+    except ValueError as err:  # a setting the model's weights cannot take (their dtype's range)
+        raise FinetuneError(f"--{cfg.method}: {err}") from None
 
 
 def zo_optimizer(method: str, zm, *, directions: int, horizon: int, lr_schedule=None, **common):

@@ -42,11 +42,11 @@ def plot_curves(metrics: dict, path: Path) -> None:
     ax_loss.set(xlabel="forward passes", ylabel="training loss", title="training loss")
     ax_loss.legend()
     val = [e for e in evals if e["split"] == "validation"]
-    ax_acc.plot([e["forward_passes"] for e in val], [e["accuracy"] for e in val], "o-", color="tab:orange",
-                label="validation")
+    ax_acc.plot([e["forward_passes"] for e in val], [math.nan if e["accuracy"] is None else e["accuracy"]
+                                                     for e in val], "o-", color="tab:orange", label="validation")
     for phase, style in (("zero_shot", ":"), ("final", "--")):
         test = [e for e in evals if e["split"] == "test" and e["phase"] == phase]
-        if test:
+        if test and test[-1]["accuracy"] is not None:
             ax_acc.axhline(test[-1]["accuracy"], color="tab:green", ls=style,
                            label=f"test, {phase.replace('_', '-')}: {test[-1]['accuracy']:.3f}")
     ax_acc.set(xlabel="forward passes", ylabel="accuracy", title="accuracy")
@@ -69,6 +69,12 @@ def summary_table(metrics: dict, out: Path) -> str:
             rows.append((f"{split} {key}", _number(zs), _number(ft)))
     width = max(len(r[0]) for r in rows)
     lines = [f"{a:<{width}}  {b:>10}  {c:>10}" for a, b, c in rows]
+    for phase in ("zero_shot", "fine_tuned"):
+        for split in ("validation", "test"):
+            bad = f[phase][split].get("non_finite")
+            if bad:
+                lines.append(f"NOT AVAILABLE: {phase.replace('_', '-')} {split} accuracy and loss (the model's "
+                             f"outputs are NaN or inf on {bad} of {f[phase][split]['n']} examples)")
     s = metrics["settings"]
     lines.append(f"{s['method']}: {f['steps']} steps, {f['forward_passes']:,} forward passes, "
                  f"{f['skipped_steps']} skipped, {f['train_seconds']:.1f} s training, "
@@ -79,4 +85,4 @@ def summary_table(metrics: dict, out: Path) -> str:
 
 
 def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+    return "n/a" if value is None else f"{value:.4f}"

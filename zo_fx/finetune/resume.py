@@ -14,6 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
+from zo_fx.files import free_bytes, human_bytes
 from zo_fx.finetune.adam import AdamBaseline
 from zo_fx.finetune.config import FinetuneConfig, FinetuneError
 from zo_fx.optim.checkpoint import checkpoint_folders, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -90,6 +91,20 @@ def restore_checkpoint(out: Path, cfg: FinetuneConfig, model, optimizer, cursor,
     except (ValueError, KeyError, FileNotFoundError) as err:
         raise FinetuneError(f"--resume: cannot continue the run in {out}: {err}") from None
     return extra
+
+
+#: what a checkpoint holds besides the weights (optimizer state, trajectory, extras): a generous margin
+CHECKPOINT_OVERHEAD = 16 << 20
+
+
+def check_free_space(out: Path, trainable_bytes: int) -> None:
+    """Refuse a run whose folder cannot hold even one checkpoint (the trainable weights and their state)."""
+    needed = trainable_bytes + CHECKPOINT_OVERHEAD
+    free = free_bytes(out)
+    if free is not None and free < needed:
+        raise FinetuneError(f"--output-dir {out} has {human_bytes(free)} free, less than one checkpoint needs "
+                            f"(about {human_bytes(needed)}: the trainable weights and the optimizer state); free "
+                            "space or choose another --output-dir")
 
 
 def write_checkpoint(out: Path, model, optimizer, cursor, state: dict) -> None:

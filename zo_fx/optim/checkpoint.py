@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from zo_fx.files import atomic_write_text, replace_dir
+from zo_fx.files import atomic_write_text, replace_dir, writing
 
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
@@ -78,16 +78,22 @@ def save_checkpoint(output_dir, model: torch.nn.Module, optimizer, extra: dict |
     name = f"step-{optimizer.step_count:08d}"
     final = output_dir / name
     tmp = output_dir / (name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     tensors = {n: p.detach().contiguous() for n, p in optimizer.params.items()}
-    save_file(tensors, str(tmp / "weights.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(optimizer.state_dict()))
-    (tmp / "extra.json").write_text(json.dumps(extra or {}))
-    write_manifest(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    replace_dir(tmp, final)
-    atomic_write_text(output_dir / LATEST, name)
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    try:
+        with writing(f"checkpoint {name}", output_dir, needed=needed):
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            save_file(tensors, str(tmp / "weights.safetensors"))
+            (tmp / "optimizer.json").write_text(json.dumps(optimizer.state_dict()))
+            (tmp / "extra.json").write_text(json.dumps(extra or {}))
+            write_manifest(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            replace_dir(tmp, final)
+            atomic_write_text(output_dir / LATEST, name)
+    except BaseException:  # the half-written folder goes; the previous checkpoints stay as they were
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for stale in checkpoint_folders(output_dir)[keep:] if keep > 0 else []:
         shutil.rmtree(stale, ignore_errors=True)
     return final
