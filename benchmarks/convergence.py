@@ -211,6 +211,10 @@ def run(args) -> dict:
                 done.append(train_once(method, lr, schedule, seed, steps, per_probe, args, setup))
                 tests.append(evaluate(model, task, tokenizer, loss, "test", args.max_length,
                                       desc=f"{method} test"))
+            broken = [t for t in tests if t["accuracy"] is None]
+            if broken:  # never average an accuracy computed from NaN outputs
+                raise SystemExit(f"{method} lr {lr:g}: the trained model's test outputs are non-finite on "
+                                 f"{broken[0]['non_finite']} examples; lower the lr in --lrs")
             mean_loss = [sum(v) / len(v) for v in zip(*(d["losses"] for d in done))]
             probes = [(pts[0][0], sum(p[1] for p in pts) / len(pts))
                       for pts in zip(*(d["probes"] for d in done))]

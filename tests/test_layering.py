@@ -19,7 +19,7 @@ LAYERS = [
     ["zo_fx.kernels"],
     ["zo_fx.ops", "zo_fx.losses"],
     ["zo_fx.passes"],
-    ["zo_fx.compile"],
+    ["zo_fx.compile", "zo_fx.decoding"],
     ["zo_fx.optim"],
     ["zo_fx.integrations"],
     ["zo_fx.tasks", "zo_fx.models"],

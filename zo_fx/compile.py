@@ -64,6 +64,7 @@ class ZOModule:
         self.backend = backend
         self._graphs: dict[tuple[int, str], Callable] = {}
         self._rewritten: dict[tuple[int, str], Rewritten] = {}
+        self._decoder = None
         # what check_batch compares a batch and the parameters with: the captured graph's placeholders
         values = {ph: node.meta.get("val") for ph, node in captured.placeholders().items()}
         self._input_specs = {key: (values[ph].dtype, values[ph].dim()) for ph, kind, key in captured.inputs
@@ -191,12 +192,34 @@ class ZOModule:
         """Outputs of the unperturbed model (one group with coefficient 0)."""
         return self.forward_groups(batch, GroupTable([0], [0.0], 0.0))
 
+    # ---- decoding ----------------------------------------------------------------------------------
+    def decoder(self):
+        """The decoding graph (captured on first use): see :mod:`zo_fx.decoding`."""
+        if self._decoder is None:
+            from .decoding import Decoder
+
+            self._decoder = Decoder(self)
+        return self._decoder
+
+    def generate(self, batch: dict, table: GroupTable, max_new_tokens: int, **generation_args) -> torch.Tensor:
+        """Decode the G perturbed models of ``table`` on the prompts of ``batch`` at once -> ``[G, B, ...]``
+        token ids; group g sees ``theta + eps * c_g * u(seed_g)`` at every step. Arguments as Hugging Face
+        ``generate`` (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``min_new_tokens``,
+        ``eos_token_id``, ``pad_token_id``) plus ``generator=`` or ``seed=`` for sampling. See
+        :func:`zo_fx.decoding.generate`."""
+        from .decoding import generate
+
+        return generate(self, batch, table, max_new_tokens, **generation_args)
+
     def report(self, groups: int = 2, kind: str = "rademacher") -> ZOReport:
         """Which rule handles each use of each trainable parameter, and what runs once vs G times."""
         report = build_report(self.captured, self.rewritten(groups, kind), self.model)
         if self.head is not None:
             how = "label-word rows at one position" if hasattr(self.loss_fn, "from_readout") else "all rows"
             report.notes.append(f"output head {self.head.weight} fused into the loss, one group at a time ({how})")
+        report.notes.append("generate: decodes without a KV cache (each new token re-runs the whole sequence: "
+                            "about (T + n/2) times the positions of a cached step for a prompt of T and n new "
+                            "tokens); exact, group by group, against explicitly perturbed generate")
         return report
 
     def __repr__(self) -> str:

@@ -100,6 +100,10 @@ def _output(node: Node, ctx: RewriteContext) -> None:
     ctx.g.output(tuple(outs))
 
 
+def _is_batch_input(captured: CapturedModel, node: Node) -> bool:
+    return any(ph == node.name and kind == "input" for ph, kind, _ in captured.inputs)
+
+
 def check_postconditions(gm: GraphModule, ctx: RewriteContext) -> None:
     """Every trainable parameter placeholder feeds only perturbation-aware ops; the graph lints."""
     for node in gm.graph.nodes:
@@ -113,13 +117,22 @@ def check_postconditions(gm: GraphModule, ctx: RewriteContext) -> None:
     gm.graph.lint()
 
 
-def rewrite(captured: CapturedModel, groups: int, kind: str, impl: str = "auto") -> Rewritten:
-    """Rewrite ``captured`` to evaluate ``groups`` perturbed copies in one pass."""
+def rewrite(captured: CapturedModel, groups: int, kind: str, impl: str = "auto",
+            grouped_inputs: bool = False) -> Rewritten:
+    """Rewrite ``captured`` to evaluate ``groups`` perturbed copies in one pass.
+
+    ``grouped_inputs``: the batch tensors arrive already grouped (G slices of their batch dim,
+    group-major, each group its own examples), as in decoding, where every group has generated
+    its own tokens; by default they are the B shared examples.
+    """
     ctx = RewriteContext(captured, groups, kind, impl)
     rules: dict[str, str] = {}
     for node in captured.graph_module.graph.nodes:
         if node.op == "placeholder":
-            ctx.set(node, ctx.g.placeholder(node.name), PARAM if ctx.is_param(node) else INV)
+            layout = PARAM if ctx.is_param(node) else INV
+            if grouped_inputs and layout == INV and ctx.batch_dim(node) is not None and _is_batch_input(captured, node):
+                layout = GRP
+            ctx.set(node, ctx.g.placeholder(node.name), layout)
             ctx.new[node].meta = dict(node.meta)
             continue
         if ctx.seeds is None:  # after the graph's own placeholders: the group table

@@ -1,0 +1,270 @@
+"""Batched perturbed generation: the G perturbed models of a group table decode their prompts together.
+
+Group g sees ``theta + eps * c_g * u(seed_g)`` at every decoding step, as in
+:meth:`ZOModule.group_losses`, but each group now feeds back its own tokens, so the batch
+tensors of a step are *grouped* (G slices of G*B rows, group-major): the model is captured
+once more for decoding (with ``position_ids`` where the forward takes them, computed from
+the attention mask as Hugging Face ``generate`` does for left-padded prompts) and rewritten
+with grouped inputs. Each step runs the graph up to the output head on the whole sequence
+and the head at the last position only, one group at a time.
+
+This first version decodes **without a KV cache**: step t re-runs the prompt and the t-1
+tokens before it, so a completion of n tokens costs about ``n * (T + n/2)`` token positions
+instead of ``T + n``. ``zm.report()`` and a warning say so. Greedy decoding equals
+``model.generate(..., do_sample=False)`` of the explicitly perturbed model token for token;
+sampling uses the caller's generator (reproducible, not Hugging Face's random stream).
+
+Settings follow ``GenerationConfig`` with the same meaning and the model's own
+generation config as defaults. A setting that would change decoding and is not implemented
+here (beams, repetition penalties, ...) is refused, never ignored.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .checks import check_int, check_real
+from .ops import head_logits
+from .passes.capture import capture, live_inputs
+from .passes.readout import cut_head
+from .passes.rewrite import rewrite
+from .streams.table import GroupTable
+
+#: GenerationConfig fields that change what is decoded, with the value that leaves decoding alone
+UNSUPPORTED_NEUTRAL = {
+    "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None, "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None, "force_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "min_length": 0, "max_length": None,
+    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None, "diversity_penalty": 0.0,
+    "length_penalty": 1.0, "exponential_decay_length_penalty": None, "sequence_bias": None,
+    "guidance_scale": None, "renormalize_logits": False, "num_return_sequences": 1, "top_h": None,
+    "watermarking_config": None, "dola_layers": None, "prompt_lookup_num_tokens": None,
+    "assistant_model": None, "stop_strings": None,
+}
+SUPPORTED = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
+             "pad_token_id", "decoder_start_token_id")
+
+
+class GenerationSettingError(ValueError):
+    """A generation argument that zo_fx cannot honour exactly, or an invalid value."""
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    decoder_start_token_id: int | None = None
+
+
+def _config_defaults(model) -> dict:
+    config = getattr(model, "generation_config", None)
+    return config.to_dict() if config is not None and hasattr(config, "to_dict") else {}
+
+
+def resolve_settings(model, max_new_tokens: int, overrides: dict) -> GenerationSettings:
+    """The settings of one ``generate`` call: ``overrides`` over the model's generation config, checked."""
+    unknown = sorted(k for k in overrides if k not in SUPPORTED and k not in UNSUPPORTED_NEUTRAL)
+    if unknown:
+        raise GenerationSettingError(f"unknown generation argument(s) {unknown}; zo_fx takes {list(SUPPORTED)}")
+    merged = {**_config_defaults(model), **overrides}
+    for key, neutral in UNSUPPORTED_NEUTRAL.items():
+        value = merged.get(key, neutral)
+        if key in ("max_length", "min_length") and key not in overrides:
+            continue  # the config's length defaults are superseded by max_new_tokens / min_new_tokens
+        if value not in (neutral, None) and value != neutral:
+            raise GenerationSettingError(
+                f"generation setting {key}={value!r} (from {'the call' if key in overrides else 'the model'}'s "
+                f"generation config) changes decoding and is not implemented by zm.generate; set it to {neutral!r}")
+    do_sample = bool(merged.get("do_sample") or False)
+    temperature = check_real(merged.get("temperature") or 1.0, "temperature", low=0.0, low_open=True)
+    top_k = merged.get("top_k")
+    top_k = None if top_k in (None, 0) else check_int(top_k, "top_k", low=1)
+    top_p = check_real(merged.get("top_p") if merged.get("top_p") is not None else 1.0, "top_p", low=0.0,
+                       high=1.0, low_open=True)
+    eos = merged.get("eos_token_id")
+    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None)
+    pad = merged.get("pad_token_id")
+    if pad is None:
+        pad = eos_ids[0] if eos_ids else 0
+    start = merged.get("decoder_start_token_id")
+    if start is None:
+        start = getattr(getattr(model, "config", None), "decoder_start_token_id", None)
+    return GenerationSettings(
+        max_new_tokens=check_int(max_new_tokens, "max_new_tokens", low=1),
+        min_new_tokens=check_int(merged.get("min_new_tokens") or 0, "min_new_tokens", low=0),
+        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_ids=eos_ids,
+        pad_token_id=int(pad), decoder_start_token_id=None if start is None else int(start),
+    )
+
+
+def process_logits(logits: torch.Tensor, new_tokens: int, s: GenerationSettings) -> torch.Tensor:
+    """Hugging Face's logits processors and warpers for the supported settings, in its order (float32)."""
+    if new_tokens < s.min_new_tokens and s.eos_token_ids:
+        logits = logits.clone()
+        logits[:, list(s.eos_token_ids)] = -float("inf")
+    if not s.do_sample:
+        return logits
+    if s.temperature != 1.0:
+        logits = logits / s.temperature
+    if s.top_k is not None:
+        k = min(s.top_k, logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - s.top_p)
+        remove[..., -1:] = False  # keep at least one token
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), -float("inf"))
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, s: GenerationSettings, generator: torch.Generator | None) -> torch.Tensor:
+    if not s.do_sample:
+        return logits.argmax(dim=-1)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def position_ids_of(mask: torch.Tensor) -> torch.Tensor:
+    """Positions of left-padded sequences, as Hugging Face ``generate`` computes them."""
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill(mask == 0, 1)
+
+
+class Decoder:
+    """The decoding graph of one ZOModule: captured with grouped inputs, head at the last position only."""
+
+    def __init__(self, zm):
+        self.zm = zm
+        model = zm.model
+        self.encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        self.with_positions = not self.encoder_decoder and _hf_positions(model)
+        example = self._example()
+        captured = capture(model, example, loss_keys=zm.loss_keys)
+        if captured.pids != zm.captured.pids:
+            raise AssertionError("the decoding capture names other trainable parameters than the training one")
+        self.captured = captured
+        cut = cut_head(captured)
+        self.headless, self.head = (cut[0], cut[1]) if cut else (captured, None)
+        self._graphs: dict = {}
+
+    def _example(self) -> dict:
+        ids = torch.tensor([[3, 4, 5, 6, 7], [0, 0, 4, 5, 6]], dtype=torch.long)
+        mask = (torch.arange(5) >= torch.tensor([[0], [2]])).long()
+        if self.encoder_decoder:
+            return {"input_ids": ids, "attention_mask": mask,
+                    "decoder_input_ids": torch.tensor([[0, 3, 4], [0, 5, 6]], dtype=torch.long)}
+        example = {"input_ids": ids, "attention_mask": mask}
+        if self.with_positions:
+            example["position_ids"] = position_ids_of(mask)
+        return example
+
+    def graph(self, table: GroupTable):
+        key = (table.groups, table.kind)
+        if key not in self._graphs:
+            gm = rewrite(self.headless, table.groups, table.kind, self.zm.impl, grouped_inputs=True).graph_module
+            self._graphs[key] = torch.compile(gm, dynamic=True) if self.zm.backend == "inductor" else gm
+        return self._graphs[key]
+
+    @torch.no_grad()
+    def last_logits(self, inputs: dict, table: GroupTable) -> torch.Tensor:
+        """``[G*B, V]`` float32 logits at the last position of every grouped sequence."""
+        seeds, scales = table.tensors()
+        args = live_inputs(self.headless, self.zm.model, inputs) + [seeds, scales]
+        out = self.graph(table)(*args)
+        hidden = out[0] if isinstance(out, (tuple, list)) else out
+        last = hidden[:, -1]
+        if self.head is None:
+            return last.float()
+        head, params = self.head, self.headless.params
+        weight, bias = params[head.weight], params[head.bias] if head.bias else None
+        pids = self.zm.pids
+        rows = []
+        for g, h in enumerate(last.chunk(table.groups, dim=0)):
+            logits = head_logits(h, weight, bias, pids.get(head.weight), pids.get(head.bias) if head.bias else None,
+                                 table.seeds[g], table.scales[g], table.kind, head.layout)
+            if head.out_dtype is not None:
+                logits = logits.to(head.out_dtype)
+            rows.append(logits.float())
+        return torch.cat(rows)
+
+
+def _hf_positions(model) -> bool:
+    """Whether ``generate`` would pass ``position_ids`` (the forward takes them by name)."""
+    try:
+        return "position_ids" in inspect.signature(model.forward).parameters or (
+            hasattr(model, "get_base_model") and "position_ids" in inspect.signature(
+                model.get_base_model().forward).parameters)
+    except (TypeError, ValueError):
+        return False
+
+
+_WARNED: set[int] = set()
+
+
+def generate(zm, batch: dict, table: GroupTable, max_new_tokens: int, *, generator: torch.Generator | None = None,
+             seed: int | None = None, **generation_args) -> torch.Tensor:
+    """Decode the G perturbed models of ``table`` on the B prompts of ``batch`` together.
+
+    Returns ``[G, B, T + n]`` token ids (prompt and new tokens) for a decoder-only model and
+    ``[G, B, 1 + n]`` decoder tokens for an encoder-decoder; ``n`` is the longest completion
+    over all groups, each sequence padded with ``pad_token_id`` after its EOS.
+    """
+    settings = resolve_settings(zm.model, max_new_tokens, generation_args)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=batch["input_ids"].device).manual_seed(int(seed))
+    decoder = zm.decoder()
+    if id(zm) not in _WARNED:
+        _WARNED.add(id(zm))
+        warnings.warn("zm.generate decodes without a KV cache: step t re-runs the whole sequence (prompt and "
+                      "t - 1 new tokens), about (T + n/2) / 1 times the positions of a cached decode step",
+                      stacklevel=2)
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    if ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, T]; got {tuple(ids.shape)}")
+    if not decoder.encoder_decoder and bool((mask[:, -1] == 0).any()):
+        raise ValueError("the prompts are right-padded: decoding appends at the end, so pad on the left "
+                         "(tokenizer.padding_side = 'left')")
+    G, B = table.groups, ids.shape[0]
+    grouped = {k: v.repeat(G, *([1] * (v.dim() - 1))) for k, v in (("input_ids", ids), ("attention_mask", mask))}
+    if decoder.encoder_decoder:
+        if settings.decoder_start_token_id is None:
+            raise GenerationSettingError("an encoder-decoder model needs decoder_start_token_id")
+        seqs = torch.full((G * B, 1), settings.decoder_start_token_id, dtype=ids.dtype, device=ids.device)
+    else:
+        seqs = grouped["input_ids"]
+    masks = grouped["attention_mask"]
+    unfinished = torch.ones(G * B, dtype=torch.bool, device=ids.device)
+    eos = torch.tensor(settings.eos_token_ids, dtype=ids.dtype, device=ids.device)
+    for step in range(settings.max_new_tokens):
+        if decoder.encoder_decoder:
+            inputs = {**grouped, "decoder_input_ids": seqs}
+        else:
+            inputs = {"input_ids": seqs, "attention_mask": masks}
+            if decoder.with_positions:
+                inputs["position_ids"] = position_ids_of(masks)
+        logits = process_logits(decoder.last_logits(inputs, table), step, settings)
+        chosen = next_tokens(logits, settings, generator)
+        chosen = torch.where(unfinished, chosen, torch.full_like(chosen, settings.pad_token_id))
+        seqs = torch.cat([seqs, chosen[:, None]], dim=1)
+        if not decoder.encoder_decoder:
+            masks = torch.cat([masks, torch.ones_like(masks[:, :1])], dim=1)
+        if eos.numel():
+            unfinished &= ~torch.isin(chosen, eos)
+        if not bool(unfinished.any()):
+            break
+    return seqs.view(G, B, -1)
