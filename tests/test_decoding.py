@@ -29,6 +29,12 @@ def left_padded(batch_size=3, seq_len=6, seed=1) -> dict:
     return {"input_ids": ids.masked_fill(mask == 0, PAD), "attention_mask": mask}
 
 
+@functools.cache
+def compiled_family(family: str):
+    """One compiled model per family for the whole file (the decoding graphs are captured once)."""
+    return compiled(FAMILIES[family], left_padded())
+
+
 def compiled(make, batch):
     model = make()
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = PAD, EOS
@@ -75,22 +81,35 @@ FAMILIES = {
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_groups_greedy_tokens_equal_explicitly_perturbed_generate(family):
     batch = left_padded()
-    model, zm = compiled(FAMILIES[family], batch)
+    model, zm = compiled_family(family)
     ours = zm.generate(batch, TABLE, 8)
     assert_same_tokens(ours, explicit_generate(model, zm, batch, TABLE, 8))
     assert not torch.equal(ours[1], ours[2]), "the perturbation reaches the tokens"
 
 
+@pytest.mark.parametrize("family", ["llama", "llama-lora"])
+def test_cached_decoding_equals_uncached(family):
+    batch = left_padded(seed=5)
+    _, zm = compiled_family(family)
+    assert zm.decoder().cached, zm.decoder().reason
+    cached = zm.generate(batch, TABLE, 12)
+    assert torch.equal(cached, zm.generate(batch, TABLE, 12, use_cache=False))
+    assert "KV cache (a prefill graph" in str(zm.report())
+
+
 def test_min_new_tokens_and_eos_per_sequence_as_generate():
     batch = left_padded(seed=3)
-    model, zm = compiled(tiny_llama, batch)
+    model, zm = compiled_family("llama")
     unconstrained = zm.generate(batch, TABLE, 10)
     eos = int(unconstrained[0, 0, 7])  # a token group 0 emits early on: make it the EOS
-    model.generation_config.eos_token_id = eos
     outputs = {}
     for min_new in (0, 4):
-        ours = outputs[min_new] = zm.generate(batch, TABLE, 10, min_new_tokens=min_new)
-        assert_same_tokens(ours, explicit_generate(model, zm, batch, TABLE, 10, min_new_tokens=min_new))
+        model.generation_config.eos_token_id = eos
+        try:
+            ours = outputs[min_new] = zm.generate(batch, TABLE, 10, min_new_tokens=min_new)
+            assert_same_tokens(ours, explicit_generate(model, zm, batch, TABLE, 10, min_new_tokens=min_new))
+        finally:
+            model.generation_config.eos_token_id = EOS
         stops = ours[:, :, 6:] == eos
         first = stops.float().argmax(-1)
         assert bool((first[stops.any(-1)] >= min_new).all()), "no EOS before min_new_tokens"
@@ -101,7 +120,7 @@ def test_min_new_tokens_and_eos_per_sequence_as_generate():
 
 def test_sampling_with_a_seed_is_reproducible_and_differs_between_groups():
     batch = left_padded()
-    _, zm = compiled(tiny_llama, batch)
+    _, zm = compiled_family("llama")
     table = GroupTable([0, 0, 0], [0.0, 0.0, 0.0], 1e-3)  # the same model three times: only sampling differs
     kwargs = dict(do_sample=True, temperature=1.5, top_k=20, top_p=0.9)
     a = zm.generate(batch, table, 8, seed=7, **kwargs)
@@ -113,21 +132,23 @@ def test_sampling_with_a_seed_is_reproducible_and_differs_between_groups():
 
 def test_what_cannot_be_decoded_exactly_is_refused():
     batch = left_padded()
-    model, zm = compiled(tiny_llama, batch)
+    model, zm = compiled_family("llama")
     with pytest.raises(GenerationSettingError, match="repetition_penalty"):
         zm.generate(batch, TABLE, 4, repetition_penalty=1.2)
     with pytest.raises(GenerationSettingError, match="unknown generation argument"):
         zm.generate(batch, TABLE, 4, beams=2)
     model.generation_config.num_beams = 4
-    with pytest.raises(GenerationSettingError, match="num_beams"):
-        zm.generate(batch, TABLE, 4)
-    model.generation_config.num_beams = 1
+    try:
+        with pytest.raises(GenerationSettingError, match="num_beams"):
+            zm.generate(batch, TABLE, 4)
+    finally:
+        model.generation_config.num_beams = 1
     right = {"input_ids": batch["input_ids"].flip(1), "attention_mask": batch["attention_mask"].flip(1)}
     with pytest.raises(ValueError, match="left"):
         zm.generate(right, TABLE, 4)
 
 
-def test_the_report_says_how_generate_decodes():
-    batch = left_padded()
-    _, zm = compiled(tiny_llama, batch)
-    assert "without a KV cache" in str(zm.report())
+def test_a_model_decoded_without_a_cache_says_why():
+    _, zm = compiled_family("t5-encoder-decoder")
+    zm.generate(left_padded(), TABLE, 2)
+    assert not zm.decoder().cached and "no KV cache (encoder-decoder" in str(zm.report())

@@ -217,9 +217,8 @@ class ZOModule:
         if self.head is not None:
             how = "label-word rows at one position" if hasattr(self.loss_fn, "from_readout") else "all rows"
             report.notes.append(f"output head {self.head.weight} fused into the loss, one group at a time ({how})")
-        report.notes.append("generate: decodes without a KV cache (each new token re-runs the whole sequence: "
-                            "about (T + n/2) times the positions of a cached step for a prompt of T and n new "
-                            "tokens); exact, group by group, against explicitly perturbed generate")
+        if self._decoder is not None:
+            report.notes.append(self._decoder.describe())
         return report
 
     def __repr__(self) -> str:

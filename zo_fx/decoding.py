@@ -8,7 +8,7 @@ the attention mask as Hugging Face ``generate`` does for left-padded prompts) an
 with grouped inputs. Each step runs the graph up to the output head on the whole sequence
 and the head at the last position only, one group at a time.
 
-This first version decodes **without a KV cache**: step t re-runs the prompt and the t-1
+Models that cannot be captured with a KV cache decode **without one**: step t re-runs the prompt and the t-1
 tokens before it, so a completion of n tokens costs about ``n * (T + n/2)`` token positions
 instead of ``T + n``. ``zm.report()`` and a warning say so. Greedy decoding equals
 ``model.generate(..., do_sample=False)`` of the explicitly perturbed model token for token;
@@ -47,7 +47,7 @@ UNSUPPORTED_NEUTRAL = {
     "assistant_model": None, "stop_strings": None,
 }
 SUPPORTED = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
-             "pad_token_id", "decoder_start_token_id")
+             "pad_token_id", "decoder_start_token_id", "use_cache")
 
 
 class GenerationSettingError(ValueError):
@@ -65,6 +65,7 @@ class GenerationSettings:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
     decoder_start_token_id: int | None = None
+    use_cache: bool = True
 
 
 def _config_defaults(model) -> dict:
@@ -105,6 +106,7 @@ def resolve_settings(model, max_new_tokens: int, overrides: dict) -> GenerationS
         min_new_tokens=check_int(merged.get("min_new_tokens") or 0, "min_new_tokens", low=0),
         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_ids=eos_ids,
         pad_token_id=int(pad), decoder_start_token_id=None if start is None else int(start),
+        use_cache=bool(overrides.get("use_cache", True)),
     )
 
 
@@ -144,21 +146,59 @@ def position_ids_of(mask: torch.Tensor) -> torch.Tensor:
 
 
 class Decoder:
-    """The decoding graph of one ZOModule: captured with grouped inputs, head at the last position only."""
+    """The decoding graphs of one ZOModule, captured on first use, with grouped inputs.
+
+    Decoder-only models get a KV cache: a prefill graph (prompt -> last-position logits and the
+    cache as tensors) and a one-token decode graph (token, cache -> logits, cache), both rewritten
+    for G groups, so each group keeps its own cache and a step costs one position per sequence.
+    A self-check on a small example compares cached and uncached logits before the cache is
+    trusted. Models where that cannot be done (encoder-decoders, prompt-learning adapters, a
+    failed capture or check) decode without a cache: the whole sequence every step, head at the
+    last position only; ``reason`` says why.
+    """
 
     def __init__(self, zm):
         self.zm = zm
         model = zm.model
         self.encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
         self.with_positions = not self.encoder_decoder and _hf_positions(model)
-        example = self._example()
-        captured = capture(model, example, loss_keys=zm.loss_keys)
+        captured = capture(model, self._example(), loss_keys=zm.loss_keys)
         if captured.pids != zm.captured.pids:
             raise AssertionError("the decoding capture names other trainable parameters than the training one")
-        self.captured = captured
         cut = cut_head(captured)
         self.headless, self.head = (cut[0], cut[1]) if cut else (captured, None)
         self._graphs: dict = {}
+        self.cache: KVCacheGraphs | None = None
+        self.reason = self._try_cache()
+
+    @property
+    def cached(self) -> bool:
+        return self.cache is not None
+
+    def describe(self) -> str:
+        if self.cached:
+            return "generate: KV cache (a prefill graph and a one-token decode graph, one cache per group)"
+        return (f"generate: no KV cache ({self.reason}): each new token re-runs the whole sequence, about "
+                "(T + n/2) times the positions of a cached step for a prompt of T and n new tokens")
+
+    def _try_cache(self) -> str | None:
+        if self.encoder_decoder:
+            return "encoder-decoder models decode uncached in this version"
+        model = self.zm.model
+        config = getattr(model, "peft_config", None)
+        if config and any(getattr(c, "is_prompt_learning", False) for c in config.values()):
+            return "prompt-learning adapters (prefix/prompt tuning) manage the cache themselves"
+        if not self.with_positions or cache_kwarg(model) is None:
+            return f"{type(model).__name__}'s forward takes no position_ids and cache"
+        try:
+            cache = KVCacheGraphs(self.zm)
+            problem = cache.self_check(self)
+        except Exception as err:  # noqa: BLE001 - any failure means: decode without the cache, and say why
+            return f"the cached forward could not be captured ({type(err).__name__}: {str(err)[:200]})"
+        if problem:
+            return problem
+        self.cache = cache
+        return None
 
     def _example(self) -> dict:
         ids = torch.tensor([[3, 4, 5, 6, 7], [0, 0, 4, 5, 6]], dtype=torch.long)
@@ -174,13 +214,12 @@ class Decoder:
     def graph(self, table: GroupTable):
         key = (table.groups, table.kind)
         if key not in self._graphs:
-            gm = rewrite(self.headless, table.groups, table.kind, self.zm.impl, grouped_inputs=True).graph_module
-            self._graphs[key] = torch.compile(gm, dynamic=True) if self.zm.backend == "inductor" else gm
+            self._graphs[key] = _compiled(self.zm, self.headless, table)
         return self._graphs[key]
 
     @torch.no_grad()
     def last_logits(self, inputs: dict, table: GroupTable) -> torch.Tensor:
-        """``[G*B, V]`` float32 logits at the last position of every grouped sequence."""
+        """``[G*B, V]`` float32 logits at the last position of every grouped sequence (no cache)."""
         seeds, scales = table.tensors()
         args = live_inputs(self.headless, self.zm.model, inputs) + [seeds, scales]
         out = self.graph(table)(*args)
@@ -201,12 +240,146 @@ class Decoder:
         return torch.cat(rows)
 
 
+def _compiled(zm, captured, table: GroupTable):
+    gm = rewrite(captured, table.groups, table.kind, zm.impl, grouped_inputs=True).graph_module
+    return torch.compile(gm, dynamic=True) if zm.backend == "inductor" else gm
+
+
+def cache_kwarg(model) -> str | None:
+    """The name the model's forward takes a cache under (``cache`` in newer transformers)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((k for k in ("cache", "past_key_values") if k in params), None)
+
+
+def _takes_logits_to_keep(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _cache_tensors(out) -> list[torch.Tensor]:
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "layers"):
+        raise TypeError(f"the model returned no layered cache ({type(cache).__name__})")
+    tensors = []
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is None or getattr(layer, "values", None) is None:
+            raise TypeError(f"cache layer {type(layer).__name__} holds no key/value tensors")
+        tensors += [layer.keys, layer.values]
+    return tensors
+
+
+class KVCacheGraphs:
+    """Prefill and one-token decode graphs whose KV cache is graph inputs and outputs (one per group)."""
+
+    def __init__(self, zm):
+        from transformers import DynamicCache
+
+        self.zm = zm
+        model = zm.model
+        kwarg, keep = cache_kwarg(model), _takes_logits_to_keep(model)
+        config = getattr(model, "config", None)
+        config = model.get_base_model().config if hasattr(model, "get_base_model") else config
+
+        def run(model, tensors, cache=None):
+            extra = {kwarg: cache} if cache is not None else {}
+            if keep:
+                extra["logits_to_keep"] = 1
+            out = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
+                        position_ids=tensors["position_ids"], use_cache=True, **extra)
+            return [out.logits[:, -1], *_cache_tensors(out)]
+
+        def decode(model, tensors):
+            kv = [tensors[f"kv{i}"] for i in range(self.n_kv)]
+            return run(model, tensors, DynamicCache(ddp_cache_data=list(zip(kv[0::2], kv[1::2])), config=config))
+
+        prompt = self._prompt(model, run)
+        with torch.no_grad():
+            kv = run(model, prompt)[1:]
+        self.n_kv = len(kv)
+        step = {"input_ids": prompt["input_ids"][:, -1:], "attention_mask": torch.cat(
+            [prompt["attention_mask"], torch.ones_like(prompt["attention_mask"][:, :1])], 1),
+            "position_ids": prompt["position_ids"][:, -1:] + 1, **{f"kv{i}": t for i, t in enumerate(kv)}}
+        dims = {"input_ids": {0}, "position_ids": {0}, "attention_mask": {0, 1},
+                **{f"kv{i}": {0, t.dim() - 2} for i, t in enumerate(kv)}}
+        self.prefill = capture(model, prompt, call=run)
+        self.decode = capture(model, step, call=decode, dynamic_dims=dims)
+        for captured in (self.prefill, self.decode):
+            if captured.pids != zm.captured.pids:
+                raise AssertionError("the cached captures name other trainable parameters than the training one")
+        self._graphs: dict = {}
+
+    @staticmethod
+    def _prompt(model, run) -> dict:
+        """A left-padded example whose length differs from every size of the cache (export merges equal sizes)."""
+        def example(length: int) -> dict:
+            ids = torch.arange(3, 3 + 2 * length).view(2, length) % 7 + 3
+            mask = torch.ones_like(ids)
+            mask[1, :2] = 0
+            return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask,
+                    "position_ids": position_ids_of(mask)}
+
+        with torch.no_grad():
+            sizes = {int(s) for t in run(model, example(5))[1:] for s in t.shape}
+        length = next(n for n in range(5, 64) if not ({n, n + 1} & (sizes | {2})))
+        return example(length)
+
+    def graphs(self, table: GroupTable):
+        key = (table.groups, table.kind)
+        if key not in self._graphs:
+            self._graphs[key] = (_compiled(self.zm, self.prefill, table), _compiled(self.zm, self.decode, table))
+        return self._graphs[key]
+
+    @torch.no_grad()
+    def start(self, inputs: dict, table: GroupTable) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        seeds, scales = table.tensors()
+        out = self.graphs(table)[0](*live_inputs(self.prefill, self.zm.model, inputs), seeds, scales)
+        return out[0].float(), list(out[1:])
+
+    @torch.no_grad()
+    def step(self, inputs: dict, kv: list[torch.Tensor], table: GroupTable) -> tuple[torch.Tensor, list]:
+        seeds, scales = table.tensors()
+        batch = {**inputs, **{f"kv{i}": t for i, t in enumerate(kv)}}
+        out = self.graphs(table)[1](*live_inputs(self.decode, self.zm.model, batch), seeds, scales)
+        return out[0].float(), list(out[1:])
+
+    def self_check(self, decoder: Decoder) -> str | None:
+        """Cached against uncached logits on a small example (two perturbed groups, three new tokens)."""
+        table = GroupTable([0, 1], [0.0, 1.0], 1e-2)
+        prompt = decoder._example()
+        grouped = {k: v.repeat(2, 1) for k, v in prompt.items()}
+        logits, kv = self.start(grouped, table)
+        seqs, masks = grouped["input_ids"], grouped["attention_mask"]
+        dtype = next(iter(self.zm.trainable_parameters().values())).dtype
+        tol = 1e-8 if dtype == torch.float64 else 1e-3 if dtype == torch.float32 else 5e-2
+        for _ in range(3):
+            reference = decoder.last_logits({"input_ids": seqs, "attention_mask": masks,
+                                             "position_ids": position_ids_of(masks)}, table)
+            scale = float(reference.abs().max()) or 1.0
+            if not torch.allclose(logits, reference, rtol=0, atol=tol * scale):
+                worst = float((logits - reference).abs().max()) / scale
+                return f"the cached logits differ from the uncached ones by {worst:.2e} of their range"
+            token = reference.argmax(-1)[:, None]
+            seqs = torch.cat([seqs, token], 1)
+            masks = torch.cat([masks, torch.ones_like(token)], 1)
+            logits, kv = self.step({"input_ids": token, "attention_mask": masks,
+                                    "position_ids": position_ids_of(masks)[:, -1:]}, kv, table)
+        return None
+
+
 def _hf_positions(model) -> bool:
     """Whether ``generate`` would pass ``position_ids`` (the forward takes them by name)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        return "position_ids" in inspect.signature(model.forward).parameters or (
-            hasattr(model, "get_base_model") and "position_ids" in inspect.signature(
-                model.get_base_model().forward).parameters)
+        return "position_ids" in inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -226,11 +399,9 @@ def generate(zm, batch: dict, table: GroupTable, max_new_tokens: int, *, generat
     if generator is None and seed is not None:
         generator = torch.Generator(device=batch["input_ids"].device).manual_seed(int(seed))
     decoder = zm.decoder()
-    if id(zm) not in _WARNED:
+    if not decoder.cached and id(zm) not in _WARNED:
         _WARNED.add(id(zm))
-        warnings.warn("zm.generate decodes without a KV cache: step t re-runs the whole sequence (prompt and "
-                      "t - 1 new tokens), about (T + n/2) / 1 times the positions of a cached decode step",
-                      stacklevel=2)
+        warnings.warn(f"zm.{decoder.describe()}", stacklevel=2)
     ids = batch["input_ids"]
     mask = batch.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
@@ -250,15 +421,23 @@ def generate(zm, batch: dict, table: GroupTable, max_new_tokens: int, *, generat
     masks = grouped["attention_mask"]
     unfinished = torch.ones(G * B, dtype=torch.bool, device=ids.device)
     eos = torch.tensor(settings.eos_token_ids, dtype=ids.dtype, device=ids.device)
+    kv, cached = None, decoder.cached and settings.use_cache
     for step in range(settings.max_new_tokens):
-        if decoder.encoder_decoder:
-            inputs = {**grouped, "decoder_input_ids": seqs}
+        if cached:
+            if kv is None:
+                raw, kv = decoder.cache.start({"input_ids": seqs, "attention_mask": masks,
+                                               "position_ids": position_ids_of(masks)}, table)
+            else:
+                raw, kv = decoder.cache.step({"input_ids": seqs[:, -1:], "attention_mask": masks,
+                                              "position_ids": position_ids_of(masks)[:, -1:]}, kv, table)
+        elif decoder.encoder_decoder:
+            raw = decoder.last_logits({**grouped, "decoder_input_ids": seqs}, table)
         else:
             inputs = {"input_ids": seqs, "attention_mask": masks}
             if decoder.with_positions:
                 inputs["position_ids"] = position_ids_of(masks)
-        logits = process_logits(decoder.last_logits(inputs, table), step, settings)
-        chosen = next_tokens(logits, settings, generator)
+            raw = decoder.last_logits(inputs, table)
+        chosen = next_tokens(process_logits(raw, step, settings), settings, generator)
         chosen = torch.where(unfinished, chosen, torch.full_like(chosen, settings.pad_token_id))
         seqs = torch.cat([seqs, chosen[:, None]], dim=1)
         if not decoder.encoder_decoder:

@@ -53,13 +53,16 @@ class CapturedModel:
 class _Forward(torch.nn.Module):
     """Calls the user's model with keyword arguments and returns a plain tensor output."""
 
-    def __init__(self, model: torch.nn.Module, keys: list[str], extra_kwargs: dict):
+    def __init__(self, model: torch.nn.Module, keys: list[str], extra_kwargs: dict, call=None):
         super().__init__()
         self.model = model
         self.keys = keys
         self.extra_kwargs = extra_kwargs
+        self.call = call
 
     def forward(self, *tensors):
+        if self.call is not None:
+            return tuple(self.call(self.model, dict(zip(self.keys, tensors))))
         out = self.model(**dict(zip(self.keys, tensors)), **self.extra_kwargs)
         return model_output_tensor(out)
 
@@ -195,20 +198,26 @@ def _export_example(batch: dict, keys: list[str]) -> dict:
 
 
 def capture(model: torch.nn.Module, example_batch: dict, *, extra_kwargs: dict | None = None,
-            loss_keys=DEFAULT_LOSS_KEYS) -> CapturedModel:
+            loss_keys=DEFAULT_LOSS_KEYS, call=None, dynamic_dims: dict | None = None) -> CapturedModel:
     """Export ``model``'s forward on ``example_batch`` with dynamic batch (and sequence) dims.
 
     The graph is made functional (no in-place op: an in-place write on a value the groups
     share would leak one group's values into the others) and every batch key it received
     must reach an op of the graph.
+
+    ``call(model, tensors) -> tuple of tensors`` replaces the plain forward call (decoding
+    captures a forward that takes and returns a KV cache as tensors); ``dynamic_dims`` (key ->
+    dims) names the symbolic dims of an input where they are not dims 0 and 1.
     """
-    keys = model_input_keys(model, example_batch, loss_keys)
+    keys = list(example_batch) if call is not None else model_input_keys(model, example_batch, loss_keys)
     extra = dict(extra_kwargs or {})
     if is_hf_model(model) and _takes_use_cache(model):
         extra.setdefault("use_cache", False)
-    wrapper = _Forward(model, keys, extra)
+    wrapper = _Forward(model, keys, extra, call)
     example = _export_example(example_batch, keys)
+    dynamic_dims = dynamic_dims or {}
     dynamic = tuple(
+        {d: Dim.AUTO for d in dynamic_dims[k]} if k in dynamic_dims else
         {d: Dim.AUTO for d in range(min(example[k].dim(), 2)) if d == 0 or example[k].shape[d] > 1} for k in keys
     )
     try:
