@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "zo_fx"
 
 #: bottom to top; a module may import from its own layer and every layer before it
 LAYERS = [
-    ["zo_fx.files", "zo_fx.checks", "zo_fx.locks"],
+    ["zo_fx.files", "zo_fx.checks", "zo_fx.locks", "zo_fx.rewards"],
     ["zo_fx.streams"],
     ["zo_fx.kernels"],
     ["zo_fx.ops", "zo_fx.losses"],

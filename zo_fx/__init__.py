@@ -1,5 +1,6 @@
 """zo_fx: zeroth-order fine-tuning compiled into one batched forward pass."""
 
+from . import rewards
 from .compile import ZOModule, zo_compile
 from .losses import CandidateClassificationLoss, causal_lm_loss
 from .optim import (
@@ -10,6 +11,7 @@ from .optim import (
     FZOOConfig,
     MeZO,
     MeZOConfig,
+    RewardObjective,
     StepInfo,
     Trajectory,
     TrajectoryError,
@@ -38,4 +40,5 @@ __all__ = [
     "MeZO", "FZOO", "AdaMeZO", "ZOOptimizer", "StepInfo", "Trajectory", "replay", "ZOTrainer",
     "ZOConfig", "MeZOConfig", "FZOOConfig", "AdaMeZOConfig", "METHODS", "build_optimizer",
     "ExportFailedError", "UncoveredParameterUseError", "UnsupportedGraphError", "TrajectoryError",
+    "RewardObjective", "rewards",
 ]

@@ -8,12 +8,14 @@ from .distributed import STRATEGIES, Distributed, DistributedStepError, local_sh
 from .fzoo import FZOO, FZOOConfig
 from .mezo import MeZO, MeZOConfig
 from .registry import METHODS, Method, build_optimizer, get_method
+from .reward import RewardObjective
 from .trajectory import ParamSpec, Trajectory, TrajectoryError, replay
 
 __all__ = [
     "METHODS", "STRATEGIES", "Distributed", "DistributedStepError", "local_shards",
     "FZOO", "AdaMeZO", "AdaMeZOConfig", "FZOOConfig", "MeZO", "MeZOConfig", "Method", "ParamSpec",
-    "StepInfo", "Trajectory", "TrajectoryError", "ZOConfig", "ZOOptimizer", "build_optimizer", "decays",
+    "RewardObjective", "StepInfo", "Trajectory", "TrajectoryError", "ZOConfig", "ZOOptimizer", "build_optimizer",
+    "decays",
     "direction_seed",
     "get_method", "latest_checkpoint", "load_checkpoint", "replay", "save_checkpoint",
 ]

@@ -64,6 +64,8 @@ class StepInfo:
     dropped_examples: list[int] = field(default_factory=list)
     #: the step was skipped because a loss or an updated weight was not finite
     nonfinite: bool = False
+    #: what an objective reported (a reward step: mean reward per group, completion lengths, failures)
+    objective: dict = field(default_factory=dict)
 
     @property
     def loss(self) -> float:
@@ -158,10 +160,20 @@ class ZOOptimizer:
         return None
 
     @torch.no_grad()
-    def step(self, batch: dict) -> StepInfo:
+    def step(self, batch: dict, objective=None) -> StepInfo:
+        """One step on ``batch``: the group table's per-example losses, the method's estimate, the update.
+
+        ``objective(zm, batch, table, step) -> [G, B]`` replaces the model's per-example loss, e.g. a
+        :class:`~zo_fx.optim.reward.RewardObjective` (loss = -reward of each group's generated text).
+        """
         t0 = time.perf_counter()
         table = self.table()
-        if self.distributed is None:
+        if objective is not None:
+            if self.distributed is not None:
+                raise NotImplementedError("an objective (rewards) is not split over ranks yet; run it on one "
+                                          "process, or use the per-example loss under torch.distributed")
+            means, dropped = example_means(objective(self.zm, batch, table, self.step_count).double())
+        elif self.distributed is None:
             means, dropped = example_means(self.zm.group_losses(batch, table).double())
         else:  # the same means on every rank, from the ranks' shares
             means, dropped = self.distributed.group_means(self.zm, batch, table, self.step_count)
@@ -190,6 +202,10 @@ class ZOOptimizer:
             self.skipped_steps += 1
         t2 = time.perf_counter()
         info.timing = {"forward_s": t1 - t0, "update_s": t2 - t1}
+        if objective is not None and getattr(objective, "last", None):
+            extra = {k: v for k, v in objective.last.items() if k != "completions"}
+            info.timing.update(extra.pop("timing", {}))
+            info.objective = extra
         info.seconds = t2 - t0
         self.step_count += 1
         if isinstance(self.lr_schedule, torch.optim.lr_scheduler.LRScheduler):
