@@ -35,6 +35,9 @@ examples:
   zo-fx finetune --task reviews.jsonl --label-words pos=great,neg=terrible --template '{text} It was'
   zo-fx finetune --task ./reviews/ ...   # a folder of train.jsonl, validation.jsonl, test.jsonl: your own splits
   zo-fx finetune --model ./my-model-folder --task SST-2 --data-dir ./sst2
+  zo-fx finetune --task countdown --max-new-tokens 24 --steps 100   # reward 1 per correct equation
+  zo-fx finetune --task prompts.jsonl --reward exact_match,format:0.1   # {"prompt": ..., "answers": [...]} lines
+  zo-fx finetune --task arithmetic --reward number,my_rewards:brevity:0.1
 
 outputs (in --output-dir): metrics.json (settings, per-step loss/sigma/lr/forward passes/seconds,
 evaluations, final numbers), trajectory.json (the run as seeds and coefficients, replayable with
@@ -73,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         "by save_pretrained (model and tokenizer); or a hub name already in the local Hugging Face cache "
         "(there is no download)"))
     g.add_argument("--task", default="vader", help=(
-        "'vader' (word sentiment from the VADER lexicon, the default); a task of the MeZO/FZOO papers "
+        "'vader' (word sentiment from the VADER lexicon, the default); 'countdown' or 'arithmetic' (reward "
+        "tasks made from --seed: each step generates completions and trains on their reward); a task of the "
+        "MeZO/FZOO papers "
         "(SST-2, RTE, CB, BoolQ, WSC, WIC, MultiRC, Copa, ...); or a .jsonl file of "
         "{\"text\": ..., \"label\": ...} lines (split 80/10/10 by text)"))
     g.add_argument("--label-words", help=(
@@ -98,6 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
         "tokens per prompt; longer prompts lose their start (default: %(default)s)"))
     g.add_argument("--dtype", default="float32", choices=list(DTYPES), help=(
         "weight dtype (default: %(default)s; ZO loss differences at eps=1e-3 need float32)"))
+
+    g = p.add_argument_group("rewards on generated text (--task countdown | arithmetic, or a jsonl with --reward)")
+    g.add_argument("--reward", help=(
+        "comma-separated rewards, each name[:weight]: exact_match, f1, number, format, regex=PATTERN, or "
+        "module:function[:weight] for your own TRL-style reward(prompts, completions, **columns) -> list of "
+        "floats. Makes the run a reward run: each step decodes the batch's prompts with every perturbed "
+        "model and trains on -reward (default for countdown/arithmetic: the task's own checker)"))
+    g.add_argument("--max-new-tokens", type=int, default=32, help="completion length (default: %(default)s)")
+    g.add_argument("--do-sample", action="store_true", help=(
+        "sample completions during training (seeded by --seed and the step; evaluation decodes greedily)"))
+    g.add_argument("--temperature", type=float, help="sampling temperature (default: the model's generation config)")
+    g.add_argument("--top-k", type=int, help="top-k sampling")
+    g.add_argument("--top-p", type=float, help="nucleus sampling")
 
     g = p.add_argument_group("method")
     g.add_argument("--method", default="fzoo", choices=METHODS, help=(

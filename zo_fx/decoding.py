@@ -170,6 +170,8 @@ class Decoder:
         self._graphs: dict = {}
         self.cache: KVCacheGraphs | None = None
         self.reason = self._try_cache()
+        #: [G, B] after each generate: which sequences met a non-finite logit (their tokens mean nothing)
+        self.last_nonfinite: torch.Tensor | None = None
 
     @property
     def cached(self) -> bool:
@@ -393,7 +395,9 @@ def generate(zm, batch: dict, table: GroupTable, max_new_tokens: int, *, generat
 
     Returns ``[G, B, T + n]`` token ids (prompt and new tokens) for a decoder-only model and
     ``[G, B, 1 + n]`` decoder tokens for an encoder-decoder; ``n`` is the longest completion
-    over all groups, each sequence padded with ``pad_token_id`` after its EOS.
+    over all groups, each sequence padded with ``pad_token_id`` after its EOS. A sequence whose
+    logits were non-finite at some step is flagged in ``zm.decoder().last_nonfinite``: a reward or
+    metric must not be computed from it.
     """
     settings = resolve_settings(zm.model, max_new_tokens, generation_args)
     if generator is None and seed is not None:
@@ -422,6 +426,7 @@ def generate(zm, batch: dict, table: GroupTable, max_new_tokens: int, *, generat
     unfinished = torch.ones(G * B, dtype=torch.bool, device=ids.device)
     eos = torch.tensor(settings.eos_token_ids, dtype=ids.dtype, device=ids.device)
     kv, cached = None, decoder.cached and settings.use_cache
+    broken = torch.zeros(G * B, dtype=torch.bool, device=ids.device)  # a non-finite logit at some step
     for step in range(settings.max_new_tokens):
         if cached:
             if kv is None:
@@ -437,6 +442,9 @@ def generate(zm, batch: dict, table: GroupTable, max_new_tokens: int, *, generat
             if decoder.with_positions:
                 inputs["position_ids"] = position_ids_of(masks)
             raw = decoder.last_logits(inputs, table)
+        finite = torch.isfinite(raw).all(-1, keepdim=True)
+        broken |= unfinished & ~finite.squeeze(-1)
+        raw = torch.where(finite, raw, torch.zeros_like(raw))  # a flagged row decodes on, its tokens unused
         chosen = next_tokens(process_logits(raw, step, settings), settings, generator)
         chosen = torch.where(unfinished, chosen, torch.full_like(chosen, settings.pad_token_id))
         seqs = torch.cat([seqs, chosen[:, None]], dim=1)
@@ -446,4 +454,5 @@ def generate(zm, batch: dict, table: GroupTable, max_new_tokens: int, *, generat
             unfinished &= ~torch.isin(chosen, eos)
         if not bool(unfinished.any()):
             break
+    decoder.last_nonfinite = broken.view(G, B)
     return seqs.view(G, B, -1)

@@ -15,6 +15,8 @@ import torch
 METHODS = ("fzoo", "mezo", "adamezo", "adam")
 PEFTS = ("none", "lora", "prefix", "prompt")
 LR_SCHEDULES = ("constant", "linear")
+#: built-in tasks whose objective is a reward on generated text (zo_fx.tasks.countdown)
+REWARD_TASK_NAMES = ("countdown", "arithmetic")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 
@@ -88,6 +90,12 @@ class FinetuneConfig:
     overwrite: bool = False
     dtype: str = "float32"
     threads: int | None = None
+    reward: str | None = None
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
 
     def __post_init__(self) -> None:
         for name, allowed in (("method", METHODS), ("peft", PEFTS), ("dtype", tuple(DTYPES)),
@@ -96,7 +104,7 @@ class FinetuneConfig:
                 flag = name.replace("_", "-")
                 raise FinetuneError(f"--{flag} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         positive = ("batch_size", "max_length", "directions", "horizon", "steps", "forward_budget",
-                    "eval_every", "checkpoint_every", "threads")
+                    "eval_every", "checkpoint_every", "threads", "max_new_tokens", "top_k")
         for name in positive:
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -119,8 +127,25 @@ class FinetuneConfig:
             raise FinetuneError(f"--weight-decay must be a number >= 0; got {self.weight_decay}")
         if not (self.eps > 0 and math.isfinite(self.eps)):
             raise FinetuneError(f"--eps must be a positive number; got {self.eps}")
+        if self.temperature is not None and not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise FinetuneError(f"--temperature must be a positive number; got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise FinetuneError(f"--top-p must be in (0, 1]; got {self.top_p}")
         if self.resume and self.output_dir is None:
             raise FinetuneError("--resume needs --output-dir: the folder of the run to continue")
+
+    @property
+    def is_reward_task(self) -> bool:
+        """A task scored by rewards on generated text: a built-in reward task, or any task with --reward."""
+        return self.reward is not None or self.task.lower() in REWARD_TASK_NAMES
+
+    def generation_args(self) -> dict:
+        """The generation settings given on the command line (the model's generation config fills the rest)."""
+        args = {"do_sample": self.do_sample} if self.do_sample else {}
+        for key in ("temperature", "top_k", "top_p"):
+            if getattr(self, key) is not None:
+                args[key] = getattr(self, key)
+        return args
 
     @property
     def learning_rate(self) -> float:

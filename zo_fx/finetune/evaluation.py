@@ -41,14 +41,20 @@ def evaluate(model, task, tokenizer, loss, split: str, max_length: int, desc: st
 
 
 def unavailable(result: dict) -> str | None:
-    """Why ``result`` has no accuracy (its non-finite examples), or None when it has one."""
-    if result.get("accuracy") is not None:
+    """Why ``result`` has no accuracy or reward (its non-finite examples), or None when it has one."""
+    metric = "reward" if "reward" in result else "accuracy"
+    if result.get(metric) is not None:
         return None
-    return (f"{result['split']} accuracy not available: the model's outputs are non-finite (NaN or inf) on "
+    return (f"{result['split']} {metric} not available: the model's outputs are non-finite (NaN or inf) on "
             f"{result['non_finite']} of {result['n']} examples")
 
 
 def describe(result: dict) -> str:
     """``accuracy 0.9100, loss 0.2345``, or the reason there is none."""
     reason = unavailable(result)
-    return reason if reason else f"accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f}"
+    if reason:
+        return reason
+    if "reward" in result:
+        failed = f" ({result['failed']} unscored)" if result.get("failed") else ""
+        return f"mean reward {result['reward']:.4f}{failed}"
+    return f"accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f}"

@@ -81,19 +81,15 @@ class FinetuneJob:
 
     def _setup(self, cfg: FinetuneConfig) -> None:
         stale = prepare_output_dir(cfg, self.out) if self.main else []
-        self.task = build_task(cfg)
+        self.task = self.build_task(cfg)
         print(self.task.summary(), flush=True)
         preflight(cfg.model, cfg.max_length)  # a folder's files, its tokenizer, its position limit
-        early = load_tokenizer(cfg.model)
-        if early is not None:  # label words by token id, before the model load
-            check_label_words(self.task, early)
+        self.check_before_load(cfg)
         print(f"loading {cfg.model} ...", flush=True)
         model, self.tokenizer = load_model_and_tokenizer(cfg.model, DTYPES[cfg.dtype])
         self.model = apply_peft(model, cfg.peft, cfg.seed)
-        self.loss = build_loss(self.task, self.tokenizer, self.model, cfg.peft)
         self.cursor = self.task.cursor(cfg.batch_size, seed=cfg.seed)
-        example = self.encode(self.task.train[:cfg.batch_size])
-        self.optimizer = build_optimizer(cfg, self.model, self.loss, example, self.out)
+        self.optimizer = self.build_optimizer(cfg)
         self.trainable_bytes = sum(p.numel() * p.element_size() for p in self.optimizer.params.values())
         if self.main:
             check_free_space(self.out, self.trainable_bytes)
@@ -110,6 +106,33 @@ class FinetuneJob:
               f"lr={cfg.learning_rate:g}, {self.total} steps x {cfg.per_step_forward_passes} "
               f"forward passes of {cfg.batch_size} examples -> {self.out}", flush=True)
 
+    # ---- what a kind of task decides (a reward task overrides these: zo_fx.finetune.reward) ----------------
+    def build_task(self, cfg: FinetuneConfig):
+        return build_task(cfg)
+
+    def check_before_load(self, cfg: FinetuneConfig) -> None:
+        early = load_tokenizer(cfg.model)
+        if early is not None:  # label words by token id, before the model load
+            check_label_words(self.task, early)
+
+    def build_optimizer(self, cfg: FinetuneConfig):
+        self.loss = build_loss(self.task, self.tokenizer, self.model, cfg.peft)
+        example = self.encode(self.task.train[:cfg.batch_size])
+        return build_optimizer(cfg, self.model, self.loss, example, self.out)
+
+    def step(self, batch: dict):
+        return self.optimizer.step(batch)
+
+    def score(self, split: str, desc: str) -> dict:
+        """The evaluation numbers of ``split`` (accuracy and loss here; mean reward for a reward task)."""
+        return evaluate(self.model, self.task, self.tokenizer, self.loss, split, self.cfg.max_length, desc=desc)
+
+    def task_record(self) -> dict:
+        task = self.task
+        return {"name": task.name, "description": task.description, "label_words": task.label_words,
+                "template": task.template, "metric": "accuracy",
+                "sizes": {s: len(getattr(task, s)) for s in ("train", "validation", "test")}}
+
     def encode(self, examples) -> dict:
         return self.task.encode(self.tokenizer, examples, self.cfg.max_length)
 
@@ -119,8 +142,7 @@ class FinetuneJob:
             desc = f"{split} at step {opt.step_count}"
         else:
             desc = f"{phase.replace('_', '-')} {split}"
-        result = evaluate(self.model, self.task, self.tokenizer, self.loss, split, self.cfg.max_length,
-                          desc=desc)
+        result = self.score(split, desc)
         return {"step": opt.step_count, "forward_passes": opt.forward_passes, "phase": phase, **result}
 
     def start(self) -> dict:
@@ -159,13 +181,18 @@ class FinetuneJob:
         opt, history = self.optimizer, state["history"]
         faults, saved = 0, None  # non-finite steps in a row; the step of the last checkpoint written
         while opt.step_count < self.total and self.stop.requested is None:
-            info = opt.step(self.encode(self.cursor.next_batch()))
+            info = self.step(self.encode(self.cursor.next_batch()))
             done = opt.step_count
             record = {"step": done, "loss": info.loss, "sigma": info.sigma, "lr": info.lr,
                       "forward_passes": info.forward_passes, "seconds": info.seconds, "skipped": info.skipped}
             if info.skipped:
                 record["reason"] = info.reason
                 bar.write(f"step {done}: {info.reason}")
+            if info.objective:
+                record["reward"] = info.objective.get("rewards", [math.nan])[0]
+                record["rewards"] = info.objective.get("rewards")
+                record["completion_tokens"] = info.objective.get("completion_lengths")
+                record["timing"] = info.timing
             if info.dropped_examples:
                 record["dropped_examples"] = info.dropped_examples
                 bar.write(f"step {done}: example(s) {info.dropped_examples} of the batch had a non-finite loss and "
@@ -175,6 +202,8 @@ class FinetuneJob:
             if math.isfinite(info.loss):
                 smooth = info.loss if not math.isfinite(smooth) else 0.9 * smooth + 0.1 * info.loss
             sigma = "" if info.sigma is None else f" sigma={info.sigma:.2e}"
+            if "reward" in record:
+                sigma += f" reward={record['reward']:.3f}"
             bar.set_postfix_str(f"loss={smooth:.4f}{sigma} fwd={info.forward_passes:,} "
                                 f"ex/s={self.cfg.batch_size / max(info.seconds, 1e-9):.1f}")
             bar.update(1)
@@ -252,17 +281,18 @@ class FinetuneJob:
 
     def metrics(self, state: dict) -> dict:
         """What ``metrics.json`` holds: settings, task, model, step history, evaluations, final numbers."""
-        opt, evals, history, task = self.optimizer, state["evals"], state["history"], self.task
+        opt, evals, history = self.optimizer, state["evals"], state["history"]
+        metric = self.task_record().get("metric", "accuracy")
+        keys = ("reward", "n", "non_finite", "failed") if metric == "reward" else ("accuracy", "loss", "n",
+                                                                                     "non_finite")
 
         def last(split: str, zero_shot: bool) -> dict:
             picked = [e for e in evals if e["split"] == split and (e["phase"] == "zero_shot") == zero_shot]
-            return {k: picked[-1].get(k, 0) for k in ("accuracy", "loss", "n", "non_finite")} if picked else {}
+            return {k: picked[-1].get(k, 0) for k in keys} if picked else {}
 
         return {
             "settings": state["settings"],
-            "task": {"name": task.name, "description": task.description, "label_words": task.label_words,
-                     "template": task.template,
-                     "sizes": {s: len(getattr(task, s)) for s in ("train", "validation", "test")}},
+            "task": self.task_record(),
             "model": {"name": self.cfg.model, "class": type(self.model).__name__,
                       "parameters": sum(p.numel() for p in self.model.parameters()),
                       "trainable": sum(p.numel() for p in opt.params.values())},
@@ -315,7 +345,12 @@ def run(cfg: FinetuneConfig) -> dict:
             quiet.enter_context(contextlib.redirect_stdout(sink))
             quiet.enter_context(contextlib.redirect_stderr(sink))
         stop = quiet.enter_context(StopSignal().installed(active=not distributed))
-        job = FinetuneJob(cfg, stop)
+        if cfg.is_reward_task:
+            from zo_fx.finetune.reward import RewardJob
+
+            job = RewardJob(cfg, stop)
+        else:
+            job = FinetuneJob(cfg, stop)
         try:
             with job.lock:
                 state = job.start()

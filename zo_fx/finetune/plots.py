@@ -41,15 +41,16 @@ def plot_curves(metrics: dict, path: Path) -> None:
                  label=f"moving average ({window} steps)")
     ax_loss.set(xlabel="forward passes", ylabel="training loss", title="training loss")
     ax_loss.legend()
+    metric = metrics["task"].get("metric", "accuracy")
     val = [e for e in evals if e["split"] == "validation"]
-    ax_acc.plot([e["forward_passes"] for e in val], [math.nan if e["accuracy"] is None else e["accuracy"]
+    ax_acc.plot([e["forward_passes"] for e in val], [math.nan if e.get(metric) is None else e[metric]
                                                      for e in val], "o-", color="tab:orange", label="validation")
     for phase, style in (("zero_shot", ":"), ("final", "--")):
         test = [e for e in evals if e["split"] == "test" and e["phase"] == phase]
-        if test and test[-1]["accuracy"] is not None:
-            ax_acc.axhline(test[-1]["accuracy"], color="tab:green", ls=style,
-                           label=f"test, {phase.replace('_', '-')}: {test[-1]['accuracy']:.3f}")
-    ax_acc.set(xlabel="forward passes", ylabel="accuracy", title="accuracy")
+        if test and test[-1].get(metric) is not None:
+            ax_acc.axhline(test[-1][metric], color="tab:green", ls=style,
+                           label=f"test, {phase.replace('_', '-')}: {test[-1][metric]:.3f}")
+    ax_acc.set(xlabel="forward passes", ylabel=f"mean {metric}" if metric == "reward" else metric, title=metric)
     ax_acc.legend()
     fig.suptitle(f"{s['method']} on {metrics['task']['name']} ({s['model']}, peft={s['peft']}, "
                  f"lr={s['lr']:g}, B={s['batch_size']})")
@@ -63,8 +64,9 @@ def summary_table(metrics: dict, out: Path) -> str:
     """Zero-shot vs fine-tuned accuracy and loss, the run's cost, and where its outputs are."""
     f = metrics["final"]
     rows = [("", "zero-shot", "fine-tuned")]
+    keys = ("reward",) if metrics["task"].get("metric") == "reward" else ("accuracy", "loss")
     for split in ("validation", "test"):
-        for key in ("accuracy", "loss"):
+        for key in keys:
             zs, ft = f["zero_shot"][split].get(key), f["fine_tuned"][split].get(key)
             rows.append((f"{split} {key}", _number(zs), _number(ft)))
     width = max(len(r[0]) for r in rows)
@@ -73,7 +75,7 @@ def summary_table(metrics: dict, out: Path) -> str:
         for split in ("validation", "test"):
             bad = f[phase][split].get("non_finite")
             if bad:
-                lines.append(f"NOT AVAILABLE: {phase.replace('_', '-')} {split} accuracy and loss (the model's "
+                lines.append(f"NOT AVAILABLE: {phase.replace('_', '-')} {split} {' and '.join(keys)} (the model's "
                              f"outputs are NaN or inf on {bad} of {f[phase][split]['n']} examples)")
     s = metrics["settings"]
     lines.append(f"{s['method']}: {f['steps']} steps, {f['forward_passes']:,} forward passes, "

@@ -23,7 +23,8 @@ FINAL_CHECKPOINTS_KEPT = 2
 # Settings that change what a run computes; a resumed run must repeat them exactly.
 RESUME_KEYS = ("model", "task", "label_words", "template", "data_dir", "method", "peft", "lr", "eps",
                "directions", "horizon", "batch_size", "max_length", "seed", "n_train", "n_val", "n_test",
-               "dtype", "weight_decay", "lr_schedule")
+               "dtype", "weight_decay", "lr_schedule", "reward", "max_new_tokens", "do_sample", "temperature", "top_k",
+               "top_p")
 _RUN_FILES = ("metrics.json", "trajectory.json", "model.safetensors", "curves.png", "LATEST", "model", "adapter")
 
 
@@ -76,7 +77,9 @@ def restore_checkpoint(out: Path, cfg: FinetuneConfig, model, optimizer, cursor,
         raise FinetuneError(f"--resume: the task data changed since the run in {out} started (its examples hash "
                             "differently): a resumed run would train on other data than it did. Restore the "
                             "original task file or start a new --output-dir")
-    saved, now = {"lr_schedule": "constant", **extra.get("settings", {})}, cfg.resolved()
+    older = {"lr_schedule": "constant", "reward": None, "max_new_tokens": 32, "do_sample": False,
+             "temperature": None, "top_k": None, "top_p": None}  # settings runs written before them had
+    saved, now = {**older, **extra.get("settings", {})}, cfg.resolved()
     decays = cfg.lr_schedule != "constant"
     keys = RESUME_KEYS + (("steps",) if decays else ())  # a decay spans the planned steps
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}"

@@ -88,6 +88,7 @@ class RewardObjective:
     def __call__(self, zm, batch: dict, table: GroupTable, step: int) -> torch.Tensor:
         t0 = time.perf_counter()
         texts, lengths = self.completions(zm, batch, table, step)
+        broken = zm.decoder().last_nonfinite
         t1 = time.perf_counter()
         prompts = batch.get("prompts", batch.get("prompt"))
         if prompts is None:
@@ -101,12 +102,15 @@ class RewardObjective:
             per_function.append(scored.per_function)
         t2 = time.perf_counter()
         table_r = torch.tensor(rewards, dtype=torch.float64)
+        if broken is not None and bool(broken.any()):  # never a reward from text decoded from NaN logits
+            table_r[broken.cpu()] = math.nan
         finite = torch.isfinite(table_r)
         self.last = {
             "rewards": [float(r[f].mean()) if f.any() else math.nan for r, f in zip(table_r, finite)],
             "reward_functions": per_function,
             "completion_lengths": lengths.double().mean(1).tolist(),
             "failed_examples": int((~finite.all(0)).sum()),
+            "non_finite_outputs": int(broken.sum()) if broken is not None else 0,
             "failures": sorted(set(failures)),
             "timing": {"generate_s": t1 - t0, "score_s": t2 - t1},
             "completions": texts,

@@ -20,10 +20,10 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass, field
 from fractions import Fraction
 
 from zo_fx.rewards import number_match
+from zo_fx.tasks.reward_task import RewardTask
 
 #: TinyZero's scores: a correct equation, and a well-formed one that is wrong
 CORRECT, WELL_FORMED = 1.0, 0.1
@@ -148,26 +148,6 @@ def countdown_reward(completions: list[str], numbers, target, **columns) -> list
 
 def arithmetic_reward(completions: list[str], answer, **columns) -> list[float]:
     return number_match(completions, answer=answer)
-
-
-@dataclass
-class RewardTask:
-    """Prompts with the columns their reward reads, per split, and the reward functions (with weights)."""
-
-    name: str
-    description: str
-    rewards: list = field(default_factory=list)
-    weights: list = field(default_factory=list)
-    train: list[dict] = field(default_factory=list)
-    validation: list[dict] = field(default_factory=list)
-    test: list[dict] = field(default_factory=list)
-
-    def split(self, name: str) -> list[dict]:
-        return getattr(self, name)
-
-    def summary(self) -> str:
-        sizes = ", ".join(f"{s} {len(self.split(s))}" for s in ("train", "validation", "test"))
-        return f"task {self.name}: {self.description} ({sizes})"
 
 
 def _countdown_example(rng: random.Random) -> dict:
