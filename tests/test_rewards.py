@@ -128,14 +128,14 @@ def _mean_reward(zm, objective, batch) -> float:
 
 def test_a_reward_run_learns_a_task_a_tiny_model_can(tiny):
     """Task: complete random 2-5 word prompts with "great"; tiny Llama (seed 0), FZOO N=8, lr=eps=0.05,
-    40 steps of 8 prompts, greedy decoding of 4 tokens; held-out prompts 32-63."""
+    25 steps of 8 prompts, greedy decoding of 4 tokens; held-out prompts 32-63."""
     zm, tokenizer, prompts, initial = tiny
     zm = _fresh(zm, initial)
     objective = zo_fx.RewardObjective(tokenizer, share_of_great, max_new_tokens=4)
     held_out = _batch(tokenizer, prompts[32:])
     before = _mean_reward(zm, objective, held_out)
     opt = zo_fx.FZOO(zm, lr=0.05, eps=0.05, n_directions=8)
-    for step in range(40):
+    for step in range(25):
         chunk = prompts[(step * 8) % 32:(step * 8) % 32 + 8]
         info = opt.step(_batch(tokenizer, chunk), objective=objective)
         assert {"rewards", "completion_lengths", "failed_examples"} <= set(info.objective)
@@ -180,3 +180,31 @@ def test_sampled_reward_steps_replay_exactly(tiny):
         finals.append({n: p.detach().clone() for n, p in zm.trainable_parameters().items()})
     assert all(torch.equal(finals[0][n], finals[1][n]) for n in finals[0])
     assert not all(torch.equal(finals[0][n], initial[n]) for n in initial), "the steps moved the weights"
+
+
+def test_zo_trainer_takes_reward_funcs_as_grpo_trainer_does(tiny, tmp_path):
+    from transformers import TrainingArguments
+
+    zm, tokenizer, prompts, initial = tiny
+    model = _fresh(zm, initial).model
+    data = [{"prompt": p, "idx": i} for i, p in enumerate(prompts[:16])]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=0.05,
+                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=3,
+                             disable_tqdm=True)
+    seen = []
+
+    def great_with_columns(prompts, completions, idx, **kwargs):
+        seen.append(list(idx))
+        return [g + 0.01 * len(c) for g, c in zip(share_of_great(completions), completions)]
+
+    trainer = zo_fx.ZOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                              reward_funcs=great_with_columns, max_new_tokens=3, zo_method="fzoo",
+                              zo_kwargs={"n_directions": 3, "eps": 0.05})
+    trainer.train()
+    info = trainer.last_step_info
+    assert not info.skipped and len(info.objective["rewards"]) == 4
+    assert seen and all(len(s) == 4 for s in seen), "the dataset's other fields reach the reward as columns"
+    assert len([h for h in trainer.state.log_history if "reward" in h]) == 2
+    assert not all(torch.equal(p, initial[n]) for n, p in zm.trainable_parameters().items())
+    with pytest.raises(ValueError, match="processing_class"):
+        zo_fx.ZOTrainer(model=model, args=args, train_dataset=data, reward_funcs=share_of_great)
