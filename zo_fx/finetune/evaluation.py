@@ -42,7 +42,7 @@ def evaluate(model, task, tokenizer, loss, split: str, max_length: int, desc: st
 
 def unavailable(result: dict) -> str | None:
     """Why ``result`` has no accuracy or reward (its non-finite examples), or None when it has one."""
-    metric = "reward" if "reward" in result else "accuracy"
+    metric = next((k for k in ("reward", "exact_match") if k in result), "accuracy")
     if result.get(metric) is not None:
         return None
     return (f"{result['split']} {metric} not available: the model's outputs are non-finite (NaN or inf) on "
@@ -54,6 +54,8 @@ def describe(result: dict) -> str:
     reason = unavailable(result)
     if reason:
         return reason
+    if "exact_match" in result:
+        return f"exact match {result['exact_match']:.4f}, F1 {result['f1']:.4f}"
     if "reward" in result:
         failed = f" ({result['failed']} unscored)" if result.get("failed") else ""
         return f"mean reward {result['reward']:.4f}{failed}"

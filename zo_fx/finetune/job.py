@@ -130,7 +130,7 @@ class FinetuneJob:
     def task_record(self) -> dict:
         task = self.task
         return {"name": task.name, "description": task.description, "label_words": task.label_words,
-                "template": task.template, "metric": "accuracy",
+                "template": task.template, "metric": "accuracy", "metric_keys": ["accuracy", "loss"],
                 "sizes": {s: len(getattr(task, s)) for s in ("train", "validation", "test")}}
 
     def encode(self, examples) -> dict:
@@ -282,13 +282,11 @@ class FinetuneJob:
     def metrics(self, state: dict) -> dict:
         """What ``metrics.json`` holds: settings, task, model, step history, evaluations, final numbers."""
         opt, evals, history = self.optimizer, state["evals"], state["history"]
-        metric = self.task_record().get("metric", "accuracy")
-        keys = ("reward", "n", "non_finite", "failed") if metric == "reward" else ("accuracy", "loss", "n",
-                                                                                     "non_finite")
+        keys = (*self.task_record()["metric_keys"], "n", "non_finite", "failed")
 
         def last(split: str, zero_shot: bool) -> dict:
             picked = [e for e in evals if e["split"] == split and (e["phase"] == "zero_shot") == zero_shot]
-            return {k: picked[-1].get(k, 0) for k in keys} if picked else {}
+            return {k: picked[-1].get(k, 0) for k in keys if k in picked[-1] or k == "non_finite"} if picked else {}
 
         return {
             "settings": state["settings"],
@@ -330,6 +328,17 @@ def export_pretrained(model, tokenizer, out: Path) -> Path:
     return final
 
 
+def job_class(cfg: FinetuneConfig) -> type[FinetuneJob]:
+    """The job a task needs: rewards on generated text, answers (cross-entropy, then EM/F1), or labels."""
+    if cfg.is_reward_task:
+        from zo_fx.finetune.reward import RewardJob
+
+        return RewardJob
+    from zo_fx.finetune.answers import AnswerJob, is_answer_task
+
+    return AnswerJob if is_answer_task(cfg) else FinetuneJob
+
+
 def run(cfg: FinetuneConfig) -> dict:
     """Run the job of ``cfg`` end to end and return what ``metrics.json`` holds.
 
@@ -345,12 +354,7 @@ def run(cfg: FinetuneConfig) -> dict:
             quiet.enter_context(contextlib.redirect_stdout(sink))
             quiet.enter_context(contextlib.redirect_stderr(sink))
         stop = quiet.enter_context(StopSignal().installed(active=not distributed))
-        if cfg.is_reward_task:
-            from zo_fx.finetune.reward import RewardJob
-
-            job = RewardJob(cfg, stop)
-        else:
-            job = FinetuneJob(cfg, stop)
+        job = job_class(cfg)(cfg, stop)
         try:
             with job.lock:
                 state = job.start()

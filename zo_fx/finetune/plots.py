@@ -64,7 +64,7 @@ def summary_table(metrics: dict, out: Path) -> str:
     """Zero-shot vs fine-tuned accuracy and loss, the run's cost, and where its outputs are."""
     f = metrics["final"]
     rows = [("", "zero-shot", "fine-tuned")]
-    keys = ("reward",) if metrics["task"].get("metric") == "reward" else ("accuracy", "loss")
+    keys = tuple(metrics["task"].get("metric_keys", ("accuracy", "loss")))
     for split in ("validation", "test"):
         for key in keys:
             zs, ft = f["zero_shot"][split].get(key), f["fine_tuned"][split].get(key)

@@ -109,6 +109,10 @@ class RewardJob(FinetuneJob):
         return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"], "prompts": prompts,
                 **columns}
 
+    def encode_prompts(self, examples: list[dict]) -> dict:
+        """The prompts alone, left-padded, for decoding (a reward task trains on these too)."""
+        return self.encode(examples)
+
     def step(self, batch: dict):
         return self.optimizer.step(batch, objective=self.objective)
 
@@ -127,7 +131,7 @@ class RewardJob(FinetuneJob):
         rewards, non_finite = [], 0
         for lo in tqdm(range(0, len(examples), EVAL_BATCH), desc=desc, unit="batch", leave=False,
                        dynamic_ncols=True):
-            losses = self.greedy(self.zm, self.encode(examples[lo:lo + EVAL_BATCH]), table, 0)
+            losses = self.greedy(self.zm, self.encode_prompts(examples[lo:lo + EVAL_BATCH]), table, 0)
             rewards += (-losses[0]).tolist()
             non_finite += self.greedy.last["non_finite_outputs"]
         scored = [r for r in rewards if math.isfinite(r)]
@@ -139,6 +143,7 @@ class RewardJob(FinetuneJob):
 
     def task_record(self) -> dict:
         return {"name": self.task.name, "description": self.task.description, "metric": "reward",
+                "metric_keys": ["reward"],
                 "rewards": [getattr(f, "__name__", "reward") for f in self.task.rewards],
                 "weights": self.task.weights, "max_new_tokens": self.cfg.max_new_tokens,
                 "sizes": {s: len(getattr(self.task, s)) for s in ("train", "validation", "test")}}

@@ -1,0 +1,118 @@
+"""A fine-tuning job on an answer task (``zo-fx finetune --task qa.jsonl`` or ``--task SQuAD --data-dir ...``).
+
+As MeZO and FZOO run SQuAD and DROP: the training loss is the per-example cross-entropy of the
+first gold answer after the prompt (prompt and padding masked), so any method works, Adam
+included; the evaluations decode the validation and test prompts greedily with the unperturbed
+model and report exact match and token F1 against every accepted answer (SQuAD's normalisation).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from zo_fx.finetune.config import FinetuneConfig, FinetuneError
+from zo_fx.finetune.job import FinetuneJob
+from zo_fx.finetune.optimizer import build_optimizer
+from zo_fx.finetune.reward import EVAL_BATCH, RewardJob
+from zo_fx.losses import causal_lm_loss
+from zo_fx.optim.reward import RewardObjective
+from zo_fx.rewards import exact_match, token_f1
+from zo_fx.streams.table import GroupTable
+from zo_fx.tasks import load_generation_task
+from zo_fx.tasks.answers import answers_from_generation_task, answers_from_jsonl, encode_answers, is_answer_file
+from zo_fx.tasks.reward_task import RewardTask
+
+#: the answers' metrics, in the order the summary shows them
+METRICS = ("exact_match", "f1")
+
+
+def is_answer_task(cfg: FinetuneConfig) -> bool:
+    """A paper generation task (SQuAD, DROP, ReCoRD), or a jsonl of answer rows given without label words."""
+    from zo_fx.tasks.superglue import generation_task_names
+
+    if cfg.task.lower() in {n.lower() for n in generation_task_names()}:
+        return True
+    return cfg.label_words is None and Path(cfg.task).exists() and is_answer_file(cfg.task)
+
+
+def build_answer_task(cfg: FinetuneConfig) -> RewardTask:
+    try:
+        if Path(cfg.task).exists():
+            task = answers_from_jsonl(cfg.task)
+        else:
+            sizes = {k: v for k, v in (("n_train", cfg.n_train), ("n_val", cfg.n_val), ("n_test", cfg.n_test))
+                     if v is not None}
+            task = answers_from_generation_task(load_generation_task(cfg.task, data_dir=cfg.data_dir, seed=cfg.seed,
+                                                                     **sizes))
+        task = task.subsample({"train": cfg.n_train, "validation": cfg.n_val, "test": cfg.n_test})
+        for split in ("train", "validation", "test"):
+            task.split(split)
+    except (ValueError, OSError, KeyError, ImportError) as err:
+        raise FinetuneError(f"task {cfg.task!r}: {err}") from None
+    if len(task.train) < cfg.batch_size:
+        raise FinetuneError(f"task {task.name!r} has {len(task.train)} training examples, fewer than --batch-size "
+                            f"{cfg.batch_size}; lower --batch-size or give more data")
+    return task
+
+
+class AnswerJob(RewardJob):
+    """Cross-entropy of the gold answer to train, greedy decoding with exact match and F1 to evaluate."""
+
+    def build_task(self, cfg: FinetuneConfig) -> RewardTask:
+        return build_answer_task(cfg)
+
+    def build_optimizer(self, cfg: FinetuneConfig):
+        self.tokenizer.truncation_side = "left"
+        self.model.config.use_cache = True
+        self.loss = causal_lm_loss
+        self.greedy = RewardObjective(self.tokenizer, [exact_match, token_f1], [1.0, 0.0],
+                                      max_new_tokens=cfg.max_new_tokens)
+        example = self.encode(self.task.train[:cfg.batch_size])
+        optimizer = build_optimizer(cfg, self.model, self.loss, example, self.out)
+        self.zm = getattr(optimizer, "zm", None)
+        return optimizer
+
+    def encode(self, examples: list[dict]) -> dict:
+        return encode_answers(self.tokenizer, examples, self.cfg.max_length)
+
+    def encode_prompts(self, examples: list[dict]) -> dict:
+        side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
+        try:
+            return super().encode(examples)
+        finally:
+            self.tokenizer.padding_side = side
+
+    def step(self, batch: dict):
+        return self.optimizer.step(batch)
+
+    def compile_phase(self) -> None:
+        FinetuneJob.compile_phase(self)
+
+    @torch.no_grad()
+    def score(self, split: str, desc: str) -> dict:
+        examples = self.task.split(split)
+        if self.zm is None:  # the Adam baseline: a compiled module only to decode with
+            from zo_fx.compile import zo_compile
+
+            self.zm = zo_compile(self.model, {k: v for k, v in self.encode(examples[:2]).items() if k != "labels"})
+        table = GroupTable([0], [0.0], self.cfg.eps)
+        em, f1, non_finite = [], [], 0
+        for lo in range(0, len(examples), EVAL_BATCH):
+            chunk = examples[lo:lo + EVAL_BATCH]
+            texts, _ = self.greedy.completions(self.zm, self.encode_prompts(chunk), table, 0)
+            non_finite += int(self.zm.decoder().last_nonfinite.sum())
+            answers = [e["answers"] for e in chunk]
+            em += exact_match(texts[0], answers=answers)
+            f1 += token_f1(texts[0], answers=answers)
+        n = len(examples)
+        if non_finite:
+            return {"split": split, "exact_match": None, "f1": None, "n": n, "non_finite": non_finite}
+        return {"split": split, "exact_match": sum(em) / n, "f1": sum(f1) / n, "n": n, "non_finite": 0}
+
+    def task_record(self) -> dict:
+        return {"name": self.task.name, "description": self.task.description, "metric": "exact_match",
+                "metric_keys": list(METRICS), "max_new_tokens": self.cfg.max_new_tokens,
+                "sizes": {s: len(getattr(self.task, s)) for s in ("train", "validation", "test")}}
+
