@@ -9,6 +9,7 @@ import functools
 
 import pytest
 import torch
+from explicit import perturbed_in_place
 from model_zoo import VOCAB, tiny_gpt2, tiny_llama, tiny_lora_llama
 from zoo_more import tiny_mixtral, tiny_t5
 
@@ -47,17 +48,10 @@ def compiled(make, batch):
 
 def explicit_generate(model, zm, batch, table, max_new_tokens, **kwargs) -> list[torch.Tensor]:
     """Each group's ``model.generate`` with the weights perturbed in place, then restored."""
-    params = dict(model.named_parameters())
     outs = []
     for seed, coef in zip(table.seeds, table.coefs):
-        direction = zm.direction(seed, table.kind)
-        saved = {n: params[n].detach().clone() for n in direction}
-        with torch.no_grad():
-            for n, u in direction.items():
-                params[n].add_(table.eps * coef * u)
+        with perturbed_in_place(model, zm, seed, coef, table.eps, table.kind):
             outs.append(model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, **kwargs))
-            for n, v in saved.items():
-                params[n].copy_(v)
     return outs
 
 

@@ -161,7 +161,7 @@ class Decoder:
         self.zm = zm
         model = zm.model
         self.encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-        self.with_positions = not self.encoder_decoder and _hf_positions(model)
+        self.with_positions = not self.encoder_decoder and forward_takes(model, "position_ids")
         self._uncached = None
         self._graphs: dict = {}
         self.cache: KVCacheGraphs | None = None
@@ -256,18 +256,14 @@ def _compiled(zm, captured, table: GroupTable):
 
 def cache_kwarg(model) -> str | None:
     """The name the model's forward takes a cache under (``cache`` in newer transformers)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        params = inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return None
-    return next((k for k in ("cache", "past_key_values") if k in params), None)
+    return next((k for k in ("cache", "past_key_values") if forward_takes(model, k)), None)
 
 
-def _takes_logits_to_keep(model) -> bool:
+def forward_takes(model, name: str) -> bool:
+    """Whether the (base) model's forward takes ``name`` by name, as ``generate`` checks before passing it."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
+        return name in inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -294,7 +290,7 @@ class KVCacheGraphs:
 
         self.zm = zm
         model = zm.model
-        kwarg, keep = cache_kwarg(model), _takes_logits_to_keep(model)
+        kwarg, keep = cache_kwarg(model), forward_takes(model, "logits_to_keep")
         config = getattr(model, "config", None)
         config = model.get_base_model().config if hasattr(model, "get_base_model") else config
 
@@ -385,15 +381,6 @@ class KVCacheGraphs:
             logits, kv = self.step({"input_ids": token, "attention_mask": masks,
                                     "position_ids": position_ids_of(masks)[:, -1:]}, kv, table)
         return None
-
-
-def _hf_positions(model) -> bool:
-    """Whether ``generate`` would pass ``position_ids`` (the forward takes them by name)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        return "position_ids" in inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 _WARNED: set[int] = set()

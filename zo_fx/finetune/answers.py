@@ -15,7 +15,7 @@ import torch
 from zo_fx.finetune.config import FinetuneConfig, FinetuneError
 from zo_fx.finetune.job import FinetuneJob
 from zo_fx.finetune.optimizer import build_optimizer
-from zo_fx.finetune.reward import EVAL_BATCH, RewardJob
+from zo_fx.finetune.reward import EVAL_BATCH, RewardJob, checked_splits
 from zo_fx.losses import causal_lm_loss
 from zo_fx.optim.reward import RewardObjective
 from zo_fx.rewards import exact_match, token_f1
@@ -46,15 +46,10 @@ def build_answer_task(cfg: FinetuneConfig) -> RewardTask:
                      if v is not None}
             task = answers_from_generation_task(load_generation_task(cfg.task, data_dir=cfg.data_dir, seed=cfg.seed,
                                                                      **sizes))
-        task = task.subsample({"train": cfg.n_train, "validation": cfg.n_val, "test": cfg.n_test})
-        for split in ("train", "validation", "test"):
-            task.split(split)
+        return checked_splits(task.subsample({"train": cfg.n_train, "validation": cfg.n_val, "test": cfg.n_test}),
+                              cfg)
     except (ValueError, OSError, KeyError, ImportError) as err:
         raise FinetuneError(f"task {cfg.task!r}: {err}") from None
-    if len(task.train) < cfg.batch_size:
-        raise FinetuneError(f"task {task.name!r} has {len(task.train)} training examples, fewer than --batch-size "
-                            f"{cfg.batch_size}; lower --batch-size or give more data")
-    return task
 
 
 class AnswerJob(RewardJob):

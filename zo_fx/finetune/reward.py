@@ -52,15 +52,19 @@ def build_reward_task(cfg: FinetuneConfig) -> RewardTask:
                                     f"{', '.join(REWARD_TASKS)} or a jsonl of {{\"prompt\": ...}} lines with --reward")
             task = prompts_from_jsonl(cfg.task, [f for f, _ in extra], [w for _, w in extra])
         default_eval = DEFAULT_EVAL_PROMPTS if name in REWARD_TASKS else None
-        task = task.subsample({"train": cfg.n_train, "validation": cfg.n_val or default_eval,
-                               "test": cfg.n_test or default_eval})
-        for split in ("train", "validation", "test"):
-            task.split(split)
+        return checked_splits(task.subsample({"train": cfg.n_train, "validation": cfg.n_val or default_eval,
+                                              "test": cfg.n_test or default_eval}), cfg)
     except (ValueError, OSError) as err:
         raise FinetuneError(f"task {cfg.task!r}: {err}") from None
+
+
+def checked_splits(task: RewardTask, cfg: FinetuneConfig) -> RewardTask:
+    """``task`` with every split non-empty and enough training examples for one batch, or a FinetuneError."""
+    for split in ("train", "validation", "test"):
+        task.split(split)  # raises ValueError naming an empty split
     if len(task.train) < cfg.batch_size:
-        raise FinetuneError(f"task {task.name!r} has {len(task.train)} training prompts, fewer than --batch-size "
-                            f"{cfg.batch_size}; lower --batch-size or give more prompts")
+        raise FinetuneError(f"task {task.name!r} has {len(task.train)} training examples, fewer than --batch-size "
+                            f"{cfg.batch_size}; lower --batch-size or give more data")
     return task
 
 

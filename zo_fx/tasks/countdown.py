@@ -37,7 +37,7 @@ COUNTDOWN_TEMPLATE = (
     "number exactly once. Give the equation in <answer> </answer> tags, for example <answer> (1 + 2) / 3 "
     "</answer>.\nAnswer: <answer>"
 )
-ARITHMETIC_TEMPLATE = "What is {a} {op} {b}? Answer with the number only.\nAnswer:"
+ARITHMETIC_TEMPLATE = "What is {a} {op} {b}?\nAnswer: {a} {op} {b} ="
 
 
 class MalformedEquation(ValueError):
