@@ -347,6 +347,7 @@ def test_direction_scratch_is_one_weight_never_one_per_group(kind, monkeypatch):
     assert not per_group_copies, f"weights copied per group: {per_group_copies[:3]}"
 
 
+@pytest.mark.slow  # about 20 s of inductor compilation (./run.sh test -m slow)
 def test_inductor_backend_agrees_with_eager():
     model, batch = _model(tiny_llama, dtype=torch.float32), _batch()
     table = _group_table([1, 2, 3], [0.0, 1.0, -1.0], 1e-2)

@@ -296,6 +296,7 @@ def _toy_run(name, method, lr):
         return float(objective(model.theta[0], model.theta[1]))
 
 
+@pytest.mark.slow  # 15 s each: hundreds of steps (./run.sh test -m slow)
 @pytest.mark.parametrize("name", sorted(TOYS))
 def test_adamezo_and_fzoo_end_lower_than_mezo_on_toy_problems(name):
     mezo = min(v for v in (_toy_run(name, "mezo", lr) for lr in MEZO_LRS) if math.isfinite(v))

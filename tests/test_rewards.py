@@ -208,3 +208,18 @@ def test_zo_trainer_takes_reward_funcs_as_grpo_trainer_does(tiny, tmp_path):
     assert not all(torch.equal(p, initial[n]) for n, p in zm.trainable_parameters().items())
     with pytest.raises(ValueError, match="processing_class"):
         zo_fx.ZOTrainer(model=model, args=args, train_dataset=data, reward_funcs=share_of_great)
+
+
+def test_no_reward_is_computed_from_text_decoded_from_nan_logits(tiny):
+    zm, tokenizer, prompts, initial = tiny
+    zm = _fresh(zm, initial)
+    norm = next(p for n, p in zm.trainable_parameters().items() if n.endswith("norm.weight"))
+    objective = zo_fx.RewardObjective(tokenizer, share_of_great, max_new_tokens=3)
+    try:
+        with torch.no_grad():
+            norm.fill_(math.nan)
+        losses = objective(zm, _batch(tokenizer, prompts[:4]), zo_fx.GroupTable([0, 5], [0.0, 1.0], 1e-3), 0)
+    finally:
+        _fresh(zm, initial)
+    assert bool(losses.isnan().all()), "an argmax over NaN logits picks token 0: its text must earn nothing"
+    assert objective.last["non_finite_outputs"] == 8 and objective.last["failed_examples"] == 4

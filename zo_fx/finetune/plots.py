@@ -39,7 +39,9 @@ def plot_curves(metrics: dict, path: Path) -> None:
     window = max(1, len(y) // 8)
     ax_loss.plot(x, moving_average(y, window), color="tab:blue", lw=2,
                  label=f"moving average ({window} steps)")
-    ax_loss.set(xlabel="forward passes", ylabel="training loss", title="training loss")
+    reward = metrics["task"].get("metric") == "reward"
+    ax_loss.set(xlabel="forward passes", ylabel="-reward (training loss)" if reward else "training loss",
+                title="training loss")
     ax_loss.legend()
     metric = metrics["task"].get("metric", "accuracy")
     val = [e for e in evals if e["split"] == "validation"]
