@@ -61,6 +61,7 @@ def _smoke(tmp_path, methods):
     return result
 
 
+@pytest.mark.slow  # a benchmark end to end, 8-10 s (./run.sh test -m slow)
 def test_smoke_every_method(tmp_path):
     """Needs zo_fx.zo_compile / FZOO / MeZO / AdaMeZO: fails (loudly) until they exist."""
     result = _smoke(tmp_path, None)
@@ -253,6 +254,7 @@ def test_adam_step_updates_and_frees_gradients():
     assert any(not torch.equal(p, theta[n]) for n, p in model.named_parameters())
 
 
+@pytest.mark.slow  # a benchmark end to end, 8-10 s (./run.sh test -m slow)
 def test_sweep_runs_every_model_shape_and_method_side_by_side(tmp_path):
     out = tmp_path / "sweep.json"
     argv = ["--sweep", "--sweep-models", "tiny-llama", "--sweep-shapes", "2x8", "1x16", "--methods",

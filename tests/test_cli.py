@@ -326,6 +326,7 @@ def test_python_m_zo_fx_finetune_help():
         assert flag in done.stdout
 
 
+@pytest.mark.slow  # a benchmark end to end, 8-10 s (./run.sh test -m slow)
 def test_convergence_benchmark_smoke_run_writes_json_and_plot(model_dir, tmp_path):
     out_json, out_png = tmp_path / "convergence.json", tmp_path / "convergence.png"
     done = subprocess.run(
