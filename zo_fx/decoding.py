@@ -168,6 +168,8 @@ class Decoder:
         self.reason = self._try_cache()
         #: [G, B] after each generate: which sequences met a non-finite logit (their tokens mean nothing)
         self.last_nonfinite: torch.Tensor | None = None
+        #: the "decoding without a cache" warning is given once per compiled module
+        self.warned = False
 
     @property
     def cached(self) -> bool:
@@ -383,9 +385,6 @@ class KVCacheGraphs:
         return None
 
 
-_WARNED: set[int] = set()
-
-
 def generate(zm, batch: dict, table: GroupTable, max_new_tokens: int, *, generator: torch.Generator | None = None,
              seed: int | None = None, **generation_args) -> torch.Tensor:
     """Decode the G perturbed models of ``table`` on the B prompts of ``batch`` together.
@@ -400,8 +399,8 @@ def generate(zm, batch: dict, table: GroupTable, max_new_tokens: int, *, generat
     if generator is None and seed is not None:
         generator = torch.Generator(device=batch["input_ids"].device).manual_seed(int(seed))
     decoder = zm.decoder()
-    if not decoder.cached and id(zm) not in _WARNED:
-        _WARNED.add(id(zm))
+    if not decoder.cached and not decoder.warned:
+        decoder.warned = True
         warnings.warn(f"zm.{decoder.describe()}", stacklevel=2)
     ids = batch["input_ids"]
     mask = batch.get("attention_mask")

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from zo_fx.finetune.config import FinetuneConfig, FinetuneError
 from zo_fx.finetune.job import FinetuneJob
 from zo_fx.finetune.optimizer import build_optimizer
-from zo_fx.finetune.reward import EVAL_BATCH, RewardJob, checked_splits
+from zo_fx.finetune.reward import RewardJob, checked_splits
 from zo_fx.losses import causal_lm_loss
 from zo_fx.optim.reward import RewardObjective
 from zo_fx.rewards import exact_match, token_f1
-from zo_fx.streams.table import GroupTable
 from zo_fx.tasks import load_generation_task
 from zo_fx.tasks.answers import answers_from_generation_task, answers_from_jsonl, encode_answers, is_answer_file
 from zo_fx.tasks.reward_task import RewardTask
@@ -62,8 +59,7 @@ class AnswerJob(RewardJob):
         self.tokenizer.truncation_side = "left"
         self.model.config.use_cache = True
         self.loss = causal_lm_loss
-        self.greedy = RewardObjective(self.tokenizer, [exact_match, token_f1], [1.0, 0.0],
-                                      max_new_tokens=cfg.max_new_tokens)
+        self.greedy = RewardObjective(self.tokenizer, exact_match, max_new_tokens=cfg.max_new_tokens)
         example = self.encode(self.task.train[:cfg.batch_size])
         optimizer = build_optimizer(cfg, self.model, self.loss, example, self.out)
         self.zm = getattr(optimizer, "zm", None)
@@ -85,23 +81,18 @@ class AnswerJob(RewardJob):
     def compile_phase(self) -> None:
         FinetuneJob.compile_phase(self)
 
-    @torch.no_grad()
     def score(self, split: str, desc: str) -> dict:
-        examples = self.task.split(split)
         if self.zm is None:  # the Adam baseline: a compiled module only to decode with
             from zo_fx.compile import zo_compile
 
-            self.zm = zo_compile(self.model, {k: v for k, v in self.encode(examples[:2]).items() if k != "labels"})
-        table = GroupTable([0], [0.0], self.cfg.eps)
+            example = self.encode(self.task.split(split)[:2])
+            self.zm = zo_compile(self.model, {k: v for k, v in example.items() if k != "labels"})
         em, f1, non_finite = [], [], 0
-        for lo in range(0, len(examples), EVAL_BATCH):
-            chunk = examples[lo:lo + EVAL_BATCH]
-            texts, _ = self.greedy.completions(self.zm, self.encode_prompts(chunk), table, 0)
-            non_finite += int(self.zm.decoder().last_nonfinite.sum())
-            answers = [e["answers"] for e in chunk]
-            em += exact_match(texts[0], answers=answers)
-            f1 += token_f1(texts[0], answers=answers)
-        n = len(examples)
+        for chunk, losses, seen in self.greedy_batches(split, desc):
+            em += (-losses).tolist()  # the greedy objective's one reward is exact match
+            f1 += token_f1(seen["completions"][0], answers=[e["answers"] for e in chunk])
+            non_finite += seen["non_finite_outputs"]
+        n = len(em)
         if non_finite:
             return {"split": split, "exact_match": None, "f1": None, "n": n, "non_finite": non_finite}
         return {"split": split, "exact_match": sum(em) / n, "f1": sum(f1) / n, "n": n, "non_finite": 0}

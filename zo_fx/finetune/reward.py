@@ -128,18 +128,25 @@ class RewardJob(FinetuneJob):
             bar.update(1)
 
     @torch.no_grad()
-    def score(self, split: str, desc: str) -> dict:
-        """Mean reward of greedy completions of ``split`` by the unperturbed model; None where outputs were NaN."""
+    def greedy_batches(self, split: str, desc: str):
+        """(examples, ``-`` their rewards, what the objective saw) per batch of ``split``: greedy completions of
+        the unperturbed model, scored by ``self.greedy``."""
         examples = self.task.split(split)
-        table = GroupTable([0], [0.0], self.cfg.eps, self.optimizer.kind)
-        rewards, non_finite = [], 0
+        table = GroupTable([0], [0.0], self.cfg.eps)  # coefficient 0: the direction kind plays no part
         for lo in tqdm(range(0, len(examples), EVAL_BATCH), desc=desc, unit="batch", leave=False,
                        dynamic_ncols=True):
-            losses = self.greedy(self.zm, self.encode_prompts(examples[lo:lo + EVAL_BATCH]), table, 0)
-            rewards += (-losses[0]).tolist()
-            non_finite += self.greedy.last["non_finite_outputs"]
+            chunk = examples[lo:lo + EVAL_BATCH]
+            losses = self.greedy(self.zm, self.encode_prompts(chunk), table, 0)
+            yield chunk, losses[0], self.greedy.last
+
+    def score(self, split: str, desc: str) -> dict:
+        """Mean reward of greedy completions of ``split`` by the unperturbed model; None where outputs were NaN."""
+        rewards, non_finite = [], 0
+        for _, losses, seen in self.greedy_batches(split, desc):
+            rewards += (-losses).tolist()
+            non_finite += seen["non_finite_outputs"]
         scored = [r for r in rewards if math.isfinite(r)]
-        n = len(examples)
+        n = len(rewards)
         if non_finite:
             return {"split": split, "reward": None, "n": n, "non_finite": non_finite, "failed": n - len(scored)}
         return {"split": split, "reward": sum(scored) / len(scored) if scored else None, "n": n, "non_finite": 0,
