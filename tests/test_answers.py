@@ -68,3 +68,24 @@ def test_finetune_on_an_answer_task_reports_exact_match_and_f1(model_dir, tmp_pa
         final = metrics["final"][phase]["test"]
         assert 0.0 <= final["exact_match"] <= final["f1"] <= 1.0 and final["n"] > 0
     assert "test exact_match" in capsys.readouterr().out
+
+
+def test_answer_demonstrations_show_solved_training_prompts_before_every_prompt(tmp_path):
+    from zo_fx.tasks.answers import with_answer_demonstrations
+
+    task = answers_from_jsonl(_jsonl(tmp_path, [{"prompt": p, "answers": [a]} for p, a in QUESTIONS]))
+    shown = with_answer_demonstrations(task, 2, seed=3)
+    prefix = shown.test[0]["prompt"][: -len(task.test[0]["prompt"])]
+    shots = prefix.split("\n\n")[:-1]
+    solved = {e["prompt"] + " " + e["answers"][0] for e in task.train}
+    assert len(shots) == 2 and set(shots) <= solved
+    for split in ("train", "validation", "test"):
+        assert [e["prompt"] for e in getattr(shown, split)] == [prefix + e["prompt"] for e in getattr(task, split)]
+        assert [e["answers"] for e in getattr(shown, split)] == [e["answers"] for e in getattr(task, split)]
+    assert with_answer_demonstrations(task, 0, seed=3) is task
+
+
+def test_a_reward_task_refuses_demonstrations(model_dir, tmp_path):  # noqa: F811
+    with pytest.raises(SystemExit, match="--demonstrations needs solved examples"):
+        main(["finetune", "--model", str(model_dir), "--task", "arithmetic", "--demonstrations", "2",
+              "--output-dir", str(tmp_path), "--steps", "1"])

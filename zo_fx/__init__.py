@@ -2,7 +2,7 @@
 
 from . import rewards
 from .compile import ZOModule, zo_compile
-from .losses import CandidateClassificationLoss, causal_lm_loss
+from .losses import CandidateClassificationLoss, MaskedCandidateLoss, causal_lm_loss
 from .optim import (
     FZOO,
     METHODS,
@@ -36,7 +36,7 @@ def __getattr__(name):
 __version__ = "0.1.0"
 
 __all__ = [
-    "zo_compile", "ZOModule", "GroupTable", "CandidateClassificationLoss", "causal_lm_loss",
+    "zo_compile", "ZOModule", "GroupTable", "CandidateClassificationLoss", "MaskedCandidateLoss", "causal_lm_loss",
     "MeZO", "FZOO", "AdaMeZO", "ZOOptimizer", "StepInfo", "Trajectory", "replay", "ZOTrainer",
     "ZOConfig", "MeZOConfig", "FZOOConfig", "AdaMeZOConfig", "METHODS", "build_optimizer",
     "ExportFailedError", "UncoveredParameterUseError", "UnsupportedGraphError", "TrajectoryError",

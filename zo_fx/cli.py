@@ -67,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
             Fine-tune a causal LM on a prompt-based classification task with FZOO, MeZO or AdaMeZO (forward
             passes only, memory at inference level), or with AdamW and backprop for comparison. Each example
             is a prompt that ends right before a label word; the loss is cross-entropy over the label words'
-            logits at that position (MeZO's train_as_classification). Zero-shot and fine-tuned accuracy on
-            validation and test are reported."""),
+            logits at that position (MeZO's train_as_classification). A masked LM (a folder whose config names
+            a *ForMaskedLM, e.g. RoBERTa) reads the label word at a mask token put there instead. Zero-shot
+            and fine-tuned accuracy on validation and test are reported. Answer tasks and reward tasks
+            (below) train on generated text."""),
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="smollm2", help=(
@@ -89,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--template", help=(
         "the prompt, with {text} where each example's text goes, ending right before the label word, e.g. "
         "'{text} It was' (needed for a .jsonl task; \\n means a newline)"))
+    g.add_argument("--demonstrations", type=int, default=0, help=(
+        "in-context learning: this many solved training examples (drawn with --seed) before every prompt, in "
+        "training and evaluation; the run's zero-shot numbers are then the ICL baseline, as are those of "
+        "'zo-fx eval --model smollm2 --demonstrations 16' (default: %(default)s)"))
     g.add_argument("--data-dir", help=(
         "for a paper task: a folder with train.jsonl and validation.jsonl (optionally test.jsonl) instead of "
         "Hugging Face datasets"))
@@ -178,6 +184,7 @@ def _add_tools(commands) -> None:
     ev.add_argument("--label-words")
     ev.add_argument("--template")
     ev.add_argument("--data-dir")
+    ev.add_argument("--demonstrations", type=int, default=0, help="solved training examples before every prompt")
     ev.add_argument("--max-length", type=int, default=128)
     ev.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     rp = commands.add_parser("replay", help="rebuild a run's model from its trajectory",

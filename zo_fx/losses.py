@@ -122,6 +122,33 @@ class CandidateClassificationLoss:
         return self.candidate_logits(logits, batch).argmax(-1)
 
 
+class MaskedCandidateLoss(CandidateClassificationLoss):
+    """Prompt-based classification for a masked LM: the label words scored at the mask token.
+
+    FZOO's and MeZO's RoBERTa setting (LM-BFF's prompts): the prompt holds one mask token where
+    the label word goes; the logits at that position, restricted to the candidate words, are
+    scored with cross-entropy against ``batch[label_key]``.
+    """
+
+    def __init__(self, label_token_ids: Sequence[int], mask_token_id: int, label_key: str = "class_labels"):
+        super().__init__(label_token_ids, label_key)
+        self.mask_token_id = int(mask_token_id)
+
+    def readout_positions(self, batch: dict) -> torch.Tensor:
+        is_mask = batch["input_ids"] == self.mask_token_id
+        counts = is_mask.sum(1)
+        if bool((counts != 1).any()):
+            row = int((counts != 1).nonzero()[0])
+            raise ValueError(f"example {row} of the batch has {int(counts[row])} mask tokens (id "
+                             f"{self.mask_token_id}); prompt-based classification reads exactly one")
+        return is_mask.int().argmax(1)
+
+    def candidate_logits(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        pos = self.readout_positions(batch)
+        at_mask = logits[torch.arange(logits.shape[0], device=logits.device), pos]
+        return _float(at_mask[:, self.label_token_ids])
+
+
 # Encoder-decoder LM heads whose class name does not end in "ForConditionalGeneration". All of them
 # (like every *ForConditionalGeneration with config.is_encoder_decoder) score the decoder logits
 # against unshifted labels; the bare encoder-decoders (T5Model, BartModel) have no LM head and are not here.

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib.metadata
+import json
 from pathlib import Path
 
 import torch
@@ -277,6 +278,22 @@ def random_model(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0) 
     return _prepare(model)
 
 
+def is_masked_lm_folder(folder: str | Path) -> bool:
+    """Whether the ``config.json`` of ``folder`` names a masked-LM architecture (BERT, RoBERTa, ... ``ForMaskedLM``)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return any(str(a).endswith("ForMaskedLM") for a in config.get("architectures") or ())
+
+
+def model_class_of(folder: str | Path):
+    """The Auto class a folder's model loads with: a masked LM as one, anything else as a causal LM."""
+    from transformers import AutoModelForMaskedLM
+
+    return AutoModelForMaskedLM if is_masked_lm_folder(folder) else AutoModelForCausalLM
+
+
 def load_model(
     name_or_path: str | Path, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
@@ -298,7 +315,7 @@ def load_model(
         return random_model(name, dtype), None
     folder = Path(name).expanduser()
     if folder.is_dir() and (folder / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        model = model_class_of(folder).from_pretrained(folder, dtype=dtype, local_files_only=True)
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError):  # a weights-only folder: benchmarks run on synthetic ids anyway

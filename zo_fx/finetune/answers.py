@@ -18,7 +18,8 @@ from zo_fx.losses import causal_lm_loss
 from zo_fx.optim.reward import RewardObjective
 from zo_fx.rewards import exact_match, token_f1
 from zo_fx.tasks import load_generation_task
-from zo_fx.tasks.answers import answers_from_generation_task, answers_from_jsonl, encode_answers, is_answer_file
+from zo_fx.tasks.answers import (answers_from_generation_task, answers_from_jsonl, encode_answers, is_answer_file,
+                                 with_answer_demonstrations)
 from zo_fx.tasks.reward_task import RewardTask
 
 #: the answers' metrics, in the order the summary shows them
@@ -53,7 +54,11 @@ class AnswerJob(RewardJob):
     """Cross-entropy of the gold answer to train, greedy decoding with exact match and F1 to evaluate."""
 
     def build_task(self, cfg: FinetuneConfig) -> RewardTask:
-        return build_answer_task(cfg)
+        task = build_answer_task(cfg)
+        try:
+            return with_answer_demonstrations(task, cfg.demonstrations, cfg.seed)
+        except ValueError as err:
+            raise FinetuneError(f"--demonstrations {cfg.demonstrations}: {err}") from None
 
     def build_optimizer(self, cfg: FinetuneConfig):
         self.tokenizer.truncation_side = "left"

@@ -96,6 +96,7 @@ class FinetuneConfig:
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
+    demonstrations: int = 0
 
     def __post_init__(self) -> None:
         for name, allowed in (("method", METHODS), ("peft", PEFTS), ("dtype", tuple(DTYPES)),
@@ -109,6 +110,8 @@ class FinetuneConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1; got {value}")
+        if self.demonstrations < 0:
+            raise FinetuneError(f"--demonstrations must be 0 or more; got {self.demonstrations}")
         if self.max_length < MIN_MAX_LENGTH:
             raise FinetuneError(
                 f"--max-length {self.max_length} leaves no room for a prompt: each example needs its text and the "

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from zo_fx.files import WriteError, atomic_path, atomic_write_json, replace_dir, writing
 from zo_fx.finetune.config import DEFAULT_EVALS, DTYPES, FinetuneConfig, FinetuneError
 from zo_fx.finetune.evaluation import describe, evaluate
-from zo_fx.finetune.loss import build_loss, check_label_words
+from zo_fx.finetune.loss import build_loss, check_label_words, fit_task
 from zo_fx.finetune.model import apply_peft, load_model_and_tokenizer, load_tokenizer, preflight
 from zo_fx.finetune.optimizer import build_optimizer
 from zo_fx.finetune.plots import plot_curves, summary_table
@@ -88,6 +88,7 @@ class FinetuneJob:
         print(f"loading {cfg.model} ...", flush=True)
         model, self.tokenizer = load_model_and_tokenizer(cfg.model, DTYPES[cfg.dtype])
         self.model = apply_peft(model, cfg.peft, cfg.seed)
+        self.task = self.fit_task(self.task)
         self.cursor = self.task.cursor(cfg.batch_size, seed=cfg.seed)
         self.optimizer = self.build_optimizer(cfg)
         self.trainable_bytes = sum(p.numel() * p.element_size() for p in self.optimizer.params.values())
@@ -110,6 +111,10 @@ class FinetuneJob:
     def build_task(self, cfg: FinetuneConfig):
         return build_task(cfg)
 
+    def fit_task(self, task):
+        """The task as the loaded model reads it (a mask token for a masked LM)."""
+        return fit_task(task, self.tokenizer, self.model)
+
     def check_before_load(self, cfg: FinetuneConfig) -> None:
         early = load_tokenizer(cfg.model)
         if early is not None:  # label words by token id, before the model load
@@ -130,7 +135,8 @@ class FinetuneJob:
     def task_record(self) -> dict:
         task = self.task
         return {"name": task.name, "description": task.description, "label_words": task.label_words,
-                "template": task.template, "metric": "accuracy", "metric_keys": ["accuracy", "loss"],
+                "template": task.template, "demonstrations": task.demonstrations,
+                "masked_lm": task.mask_token_id is not None, "metric": "accuracy", "metric_keys": ["accuracy", "loss"],
                 "sizes": {s: len(getattr(task, s)) for s in ("train", "validation", "test")}}
 
     def encode(self, examples) -> dict:

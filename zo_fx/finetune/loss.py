@@ -1,4 +1,5 @@
-"""The loss a job scores examples with: cross-entropy over the label words at the last prompt token.
+"""The loss a job scores examples with: cross-entropy over the label words at the last prompt token
+(at the mask token, for a masked LM).
 
 This is MeZO's ``train_as_classification`` (:class:`zo_fx.losses.CandidateClassificationLoss`).
 Prompt tuning prepends virtual tokens to the model's outputs, so for it the loss reads its
@@ -10,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from zo_fx.finetune.config import FinetuneError
-from zo_fx.finetune.model import PROMPT_TOKENS
-from zo_fx.losses import CandidateClassificationLoss
+from zo_fx.finetune.model import PROMPT_TOKENS, is_masked_lm
+from zo_fx.losses import CandidateClassificationLoss, MaskedCandidateLoss
 
 
 class ShiftedCandidateLoss:
@@ -47,8 +48,21 @@ def check_label_words(task, tokenizer) -> list[int]:
         raise FinetuneError(str(err)) from None
 
 
+def fit_task(task, tokenizer, model):
+    """``task`` as ``model`` reads it: with a mask token where the label word goes for a masked LM."""
+    if not is_masked_lm(model):
+        return task
+    try:
+        return task.for_masked_lm(tokenizer)
+    except ValueError as err:
+        raise FinetuneError(str(err)) from None
+
+
 def build_loss(task, tokenizer, model, peft: str):
-    """The candidate loss over ``task``'s label words, shifted past the virtual tokens of prompt tuning."""
+    """The candidate loss over ``task``'s label words (read at the mask token of a masked LM), shifted past
+    the virtual tokens of prompt tuning."""
     ids = check_label_words(task, tokenizer)
+    if task.mask_token_id is not None:
+        return MaskedCandidateLoss(ids, task.mask_token_id)
     loss = CandidateClassificationLoss(ids)
     return ShiftedCandidateLoss(loss, PROMPT_TOKENS) if peft == "prompt" else loss

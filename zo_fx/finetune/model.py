@@ -129,7 +129,7 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype):
             detail = " ".join(str(err).split())[:300]
             raise FinetuneError(
                 f"--model folder {folder} could not be loaded ({type(err).__name__}: {detail}). "
-                "Check that config.json is valid JSON for a causal LM and that the weight files are complete "
+                "Check that config.json is valid JSON for a causal or masked LM and that the weight files are complete "
                 "(save them again with model.save_pretrained(folder))"
             ) from None
         if tokenizer is None:
@@ -153,10 +153,20 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype):
     return model, tokenizer
 
 
+def is_masked_lm(model) -> bool:
+    """A masked LM (``*ForMaskedLM``, under any PEFT wrapper): it fills a mask token in, it does not continue."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(base).__name__.endswith("ForMaskedLM")
+
+
 def apply_peft(model, kind: str, seed: int):
     """Wrap ``model`` in a PEFT adapter; only the adapter's parameters stay trainable."""
     if kind == "none":
         return model
+    masked = is_masked_lm(model)
+    if masked and kind != "lora":
+        raise FinetuneError(f"--peft {kind} puts virtual tokens before the prompt of a causal LM; "
+                            f"{type(model).__name__} is a masked LM: use --peft lora, or no adapter")
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
     if kind == "lora":
@@ -166,7 +176,7 @@ def apply_peft(model, kind: str, seed: int):
             raise FinetuneError(f"--peft lora: found no attention projections named like {LORA_TARGETS} in "
                                 f"{type(model).__name__}; use --peft prompt, or no adapter")
         config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=targets,
-                            task_type="CAUSAL_LM")
+                            task_type=None if masked else "CAUSAL_LM")
     elif kind == "prefix":
         config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PREFIX_TOKENS)
     else:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from zo_fx.compile import zo_compile
 from zo_fx.finetune.config import FinetuneConfig, FinetuneError
 from zo_fx.finetune.job import FinetuneJob
+from zo_fx.finetune.model import is_masked_lm
 from zo_fx.finetune.optimizer import zo_optimizer
 from zo_fx.optim.reward import RewardObjective
 from zo_fx.passes.capture import ExportFailedError
@@ -75,10 +76,20 @@ class RewardJob(FinetuneJob):
         if cfg.method == "adam":
             raise FinetuneError("--method adam needs a differentiable loss; a reward on generated text is not one. "
                                 "Use --method fzoo, mezo or adamezo")
+        if cfg.demonstrations:
+            raise FinetuneError(f"--demonstrations needs solved examples; the prompts of reward task {cfg.task!r} "
+                                "have no answers to show. Use it with a classification or answer task")
         return build_reward_task(cfg)
 
     def check_before_load(self, cfg: FinetuneConfig) -> None:
         pass
+
+    def fit_task(self, task):
+        if is_masked_lm(self.model):
+            raise FinetuneError(f"{type(self.model).__name__} is a masked LM: it fills in a mask token and does not "
+                                "generate text. Train it on a classification task (--label-words, --template), or "
+                                "use a causal LM for rewards and answers")
+        return task
 
     def build_optimizer(self, cfg: FinetuneConfig):
         self.tokenizer.padding_side = "left"  # completions are appended at the end

@@ -43,6 +43,7 @@ def build_task(cfg: FinetuneConfig):
             task = dataclasses.replace(task, label_words=list(spaced))
         for split in ("train", "validation", "test"):
             task.split(split)
+        task = task.with_demonstrations(cfg.demonstrations, cfg.seed)
     except (ValueError, TypeError, KeyError, OSError, ImportError, NotImplementedError) as err:
         raise FinetuneError(f"task {cfg.task!r}: {_as_flags(str(err))}") from None
     if len(task.train) < cfg.batch_size:

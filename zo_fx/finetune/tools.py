@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from zo_fx.finetune.config import DTYPES, FinetuneConfig, FinetuneError
 from zo_fx.finetune.evaluation import evaluate
 from zo_fx.finetune.job import export_pretrained
-from zo_fx.finetune.loss import build_loss
+from zo_fx.finetune.loss import build_loss, fit_task
 from zo_fx.finetune.model import apply_peft, load_model_and_tokenizer
 from zo_fx.finetune.task import build_task
 from zo_fx.locks import RunLock, RunLockedError
@@ -44,6 +44,7 @@ def evaluate_model(cfg: FinetuneConfig, base_model: str = "smollm2") -> dict:
     """Validation and test accuracy and loss of the model folder ``cfg.model`` on ``cfg``'s task."""
     task = build_task(cfg)
     model, tokenizer, kind = _load_for_eval(cfg.model, base_model, DTYPES[cfg.dtype])
+    task = fit_task(task, tokenizer, model)
     loss = build_loss(task, tokenizer, model, kind)
     return {"model": cfg.model, "task": task.name,
             "results": [evaluate(model, task, tokenizer, loss, s, cfg.max_length) for s in ("validation", "test")]}

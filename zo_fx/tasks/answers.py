@@ -15,7 +15,7 @@ from pathlib import Path
 from zo_fx.rewards import exact_match, token_f1
 from zo_fx.tasks.jsonl import read_jsonl
 from zo_fx.tasks.reward_task import SPLITS, RewardTask
-from zo_fx.tasks.splits import hash_split
+from zo_fx.tasks.splits import demonstration_indices, hash_split
 
 #: the prompt of a row with a context and a question (MeZO's SQuAD prompt without the title)
 CONTEXT_TEMPLATE = "{context}\nQuestion: {question}\nAnswer:"
@@ -102,3 +102,18 @@ def answers_from_generation_task(task) -> RewardTask:
     """A :class:`~zo_fx.tasks.generation.GenerationTask` (SQuAD, DROP, ReCoRD) as an answer task."""
     splits = {s: [{"prompt": task.prompt(e), "answers": list(e.answers)} for e in getattr(task, s)] for s in SPLITS}
     return answer_task(task.name, task.description, splits)
+
+
+def with_answer_demonstrations(task: RewardTask, k: int, seed: int, separator: str = "\n\n") -> RewardTask:
+    """``task`` with ``k`` solved training examples (prompt, space, first answer) before every prompt.
+
+    Drawn once by ``seed`` from the train split and shown before every prompt of every split, as
+    :meth:`zo_fx.tasks.base.ClassificationTask.with_demonstrations` does for classification.
+    """
+    if k == 0:
+        return task
+    train = task.split("train")
+    chosen = demonstration_indices(len(train), k, seed, task.name)
+    shown = separator.join(train[i]["prompt"] + " " + train[i]["answers"][0].strip() for i in chosen) + separator
+    splits = {s: [{**e, "prompt": shown + e["prompt"]} for e in getattr(task, s)] for s in SPLITS}
+    return RewardTask(task.name, f"{task.description}, {k} demonstrations", task.rewards, task.weights, **splits)

@@ -11,6 +11,7 @@ is the one that predicts the label word; ``label_token_ids`` gives the candidate
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import string
@@ -21,6 +22,7 @@ from typing import Any, Literal
 import torch
 
 from zo_fx.tasks.batching import BatchCursor, iter_batches
+from zo_fx.tasks.splits import demonstration_indices
 
 SPLITS = ("train", "validation", "test")
 
@@ -65,6 +67,8 @@ class ClassificationTask:
     validation: list[Example] = field(default_factory=list)
     test: list[Example] = field(default_factory=list)
     description: str = ""
+    demonstrations: str = ""
+    mask_token_id: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.label_words) < 2:
@@ -105,7 +109,7 @@ class ClassificationTask:
 
     def fingerprint(self) -> str:
         """sha256 of every example of every split (fields and label): what a resumed run must train on."""
-        digest = hashlib.sha256()
+        digest = hashlib.sha256(self.demonstrations.encode())
         for split in SPLITS:
             for e in getattr(self, split):
                 digest.update(json.dumps([split, e.fields, e.label], sort_keys=True).encode())
@@ -137,7 +141,29 @@ class ClassificationTask:
 
     def prompt(self, example: Example) -> str:
         """The text the model reads; the label word would follow it directly."""
-        return self.template.format_map(example.fields)
+        return self.demonstrations + self.template.format_map(example.fields)
+
+    def with_demonstrations(self, k: int, seed: int, separator: str = "\n\n") -> ClassificationTask:
+        """This task with ``k`` solved training examples before every prompt (in-context learning).
+
+        The same ``k`` examples, drawn from the train split by ``seed``, precede every prompt of
+        every split (MeZO's ICL baseline draws them once per run the same way); each is its
+        prompt followed by its label word. ``k = 0`` is the task itself.
+        """
+        if k == 0:
+            return self
+        train = self.split("train")
+        chosen = demonstration_indices(len(train), k, seed, self.name)
+        shots = [self.template.format_map(train[i].fields) + self.label_words[train[i].label] for i in chosen]
+        return dataclasses.replace(self, demonstrations=separator.join(shots) + separator)
+
+    def for_masked_lm(self, tokenizer: Any) -> ClassificationTask:
+        """This task encoded for a masked LM: a mask token where the label word goes, read at that position."""
+        mask = getattr(tokenizer, "mask_token_id", None)
+        if mask is None:
+            raise ValueError(f"the tokenizer of this masked LM has no mask token, so task {self.name!r} has "
+                             "no position for the label word; use a tokenizer with a mask token")
+        return dataclasses.replace(self, mask_token_id=int(mask))
 
     def label_token_ids(self, tokenizer: Any) -> list[int]:
         """The token id of each label word, in class order.
@@ -196,6 +222,9 @@ class ClassificationTask:
     ) -> dict[str, torch.Tensor]:
         """A right-padded batch whose last real position predicts each example's label word.
 
+        For a masked LM (``mask_token_id`` set) the prompt is followed by the mask token, which
+        the label word replaces, and then by the special tokens the tokenizer appends (SEP/EOS).
+
         Returns ``input_ids`` and ``attention_mask`` (int64 ``[B, T]``) and ``class_labels``
         (int64 ``[B]``, an index into ``label_words``). Special tokens the tokenizer puts
         before a text (BOS) are kept; ones it appends (EOS, SEP) are dropped, since the label
@@ -214,13 +243,14 @@ class ClassificationTask:
         rows = []
         for body, full in zip(bodies, fulls):
             prefix = _special_prefix(full, body)
-            room = max_length - len(prefix)
+            tail = [] if self.mask_token_id is None else [self.mask_token_id] + full[len(prefix) + len(body):]
+            room = max_length - len(prefix) - len(tail)
             if room < 1:
                 raise ValueError(
-                    f"max_length={max_length} leaves no room for the prompt after {len(prefix)} "
+                    f"max_length={max_length} leaves no room for the prompt after {len(prefix) + len(tail)} "
                     "special tokens"
                 )
-            rows.append(prefix + body[-room:])
+            rows.append(prefix + body[-room:] + tail)
         width = max_length if padding == "max_length" else max(len(r) for r in rows)
         pad_id = _pad_id(tokenizer)
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)

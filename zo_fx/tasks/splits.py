@@ -98,3 +98,13 @@ def mezo_sample(
         n_val = len(drawn) * n_val // max(n_train + n_val, 1)
     n_kept_train = len(drawn) - n_val
     return drawn[:n_kept_train], drawn[n_kept_train:], subsample(eval_pool, n_test, seed)
+
+
+def demonstration_indices(n_train: int, k: int, seed: int, task_name: str) -> list[int]:
+    """Which ``k`` of ``n_train`` training examples a run shows as in-context demonstrations (fixed by ``seed``)."""
+    import torch
+
+    if k >= n_train:
+        raise ValueError(f"{k} demonstrations need more than {n_train} training examples (task {task_name!r}); "
+                         "lower the number of demonstrations")
+    return torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))[:k].tolist()
