@@ -18,8 +18,13 @@ from zo_fx.losses import causal_lm_loss
 from zo_fx.optim.reward import RewardObjective
 from zo_fx.rewards import exact_match, token_f1
 from zo_fx.tasks import load_generation_task
-from zo_fx.tasks.answers import (answers_from_generation_task, answers_from_jsonl, encode_answers, is_answer_file,
-                                 with_answer_demonstrations)
+from zo_fx.tasks.answers import (
+    answers_from_generation_task,
+    answers_from_jsonl,
+    encode_answers,
+    is_answer_file,
+    with_answer_demonstrations,
+)
 from zo_fx.tasks.reward_task import RewardTask
 
 #: the answers' metrics, in the order the summary shows them
