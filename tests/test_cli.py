@@ -139,9 +139,11 @@ def test_forward_budget_stops_before_overspending(model_dir, tmp_path):
 # resume
 
 
-@pytest.mark.parametrize("method", ["fzoo", "adamezo", "adam"])
+@pytest.mark.parametrize("method", ["fzoo", "adamezo", "adam", "fzoo-lowrank"])
 def test_resume_continues_exactly_as_an_uninterrupted_run(model_dir, tmp_path, method):
-    flags = ("--method", method, "--directions", "3", "--horizon", "2", "--eval-every", "2")
+    kind = ("--direction-kind", "lowrank", "--rank", "2") if method.endswith("-lowrank") else ()
+    method = method.removesuffix("-lowrank")
+    flags = ("--method", method, "--directions", "3", "--horizon", "2", "--eval-every", "2", *kind)
     straight = finetune(model_dir, tmp_path / "straight", "--steps", "6", *flags)
     finetune(model_dir, tmp_path / "split", "--steps", "3", *flags)
     resumed = finetune(model_dir, tmp_path / "split", "--steps", "6", "--resume", *flags)
@@ -158,6 +160,8 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(model_dir, tmp_path, m
     if method != "adam":
         assert (tmp_path / "straight" / "trajectory.json").read_text() == (
             tmp_path / "split" / "trajectory.json").read_text()
+        kind = json.loads((tmp_path / "split" / "trajectory.json").read_text())["kind"]
+        assert (kind == "lowrank:2") == ("--rank" in flags)
 
 
 @pytest.mark.parametrize("method", ["fzoo", "adam"])

@@ -89,7 +89,7 @@ def _assert_weights_unchanged(model, before: dict, what: str) -> None:
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian", "lowrank:1", "lowrank:3"])
 def test_group_losses_equal_explicitly_perturbed_model(family, kind):
     make_model, make_batch = FAMILIES[family]
     print(f"model: {family} from model_zoo (initialisation seed {MODEL_SEED}, its default)")

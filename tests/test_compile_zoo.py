@@ -53,8 +53,15 @@ def _table(groups, kind, rng: random.Random) -> GroupTable:
     return GroupTable(seeds, COEFS[:groups], 1e-3, kind)
 
 
-@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
-@pytest.mark.parametrize("name", CASES)
+#: low-rank directions on every entry take two minutes; the default suite runs these (an MoE, encoder-decoders,
+#: Conv1D weights, a conv net, adapters whose factors are matrices used inside other products), the rest is slow
+LOWRANK_DEFAULT = {"qwen2_moe_batched_mm", "t5", "bart", "whisper", "lora_gpt2", "dora_llama", "loha_llama",
+                   "vera_llama", "convnext", "trainable_tokens_llama", "falcon", "mamba"}
+KIND_CASES = [(name, kind) for name in CASES for kind in ("rademacher", "gaussian")] + [
+    pytest.param(name, "lowrank:2", marks=() if name in LOWRANK_DEFAULT else pytest.mark.slow) for name in CASES]
+
+
+@pytest.mark.parametrize(("name", "kind"), KIND_CASES)
 def test_group_losses_equal_explicitly_perturbed_model(name, kind):
     model, batch, loss, zm = _compile(name)
     before = {n: p.detach().clone() for n, p in model.state_dict().items()}

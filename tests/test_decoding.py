@@ -81,6 +81,16 @@ def test_each_groups_greedy_tokens_equal_explicitly_perturbed_generate(family):
     assert not torch.equal(ours[1], ours[2]), "the perturbation reaches the tokens"
 
 
+@pytest.mark.parametrize("family", ["llama", "mixtral-moe", "gpt2-learned-positions"])
+def test_low_rank_groups_decode_as_explicitly_perturbed_generate(family):
+    batch = left_padded(seed=3)
+    model, zm = compiled_family(family)
+    table = GroupTable([0, 11, 12], [0.0, 1.0, 1.0], 0.5, "lowrank", rank=2)
+    ours = zm.generate(batch, table, 8)
+    assert_same_tokens(ours, explicit_generate(model, zm, batch, table, 8))
+    assert not torch.equal(ours[1], ours[2]), "the perturbation reaches the tokens"
+
+
 @pytest.mark.parametrize("family", ["llama", "llama-lora"])
 def test_cached_decoding_equals_uncached(family):
     batch = left_padded(seed=5)

@@ -23,7 +23,7 @@ BAD_SETTINGS = [
     ("mezo", dict(lr=1e-3, eps=0.0), ValueError, "eps must be > 0"),
     ("mezo", dict(lr=1e-3, eps=float("nan")), ValueError, "eps must be finite"),
     ("fzoo", dict(lr=1e-3, weight_decay=float("nan")), ValueError, "weight_decay must be finite"),
-    ("fzoo", dict(lr=1e-3, kind="uniform"), ValueError, "kind must be one of"),
+    ("fzoo", dict(lr=1e-3, kind="uniform"), ValueError, "kind: unknown direction kind .uniform.; use one of"),
     ("fzoo", dict(lr=1e-3, seed=1.7), TypeError, "seed must be an integer"),
     ("fzoo", dict(lr=1e-3, seed=-1), ValueError, "seed must be an integer in"),
     ("fzoo", dict(lr=1e-3, n_directions=1), ValueError, "n_directions"),

@@ -16,6 +16,7 @@ from zo_fx.finetune import (
     DEFAULT_LR,
     DEFAULT_PEFT_LR,
     DEFAULT_STEPS,
+    DIRECTION_KINDS,
     DTYPES,
     LR_SCHEDULES,
     METHODS,
@@ -142,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--horizon", type=int, default=10, help=(
         "AdaMeZO's window K of past directions (default: %(default)s, with betas 0.7/0.9 and step scale 100, "
         "the AdaMeZO reference's)"))
+    g.add_argument("--direction-kind", choices=DIRECTION_KINDS, help=(
+        "the directions' distribution: 'rademacher' signs (FZOO, AdaMeZO default), 'gaussian' (MeZO default), or "
+        "'lowrank': each weight matrix moves along a rank --rank product A B^T (EGGROLL, LOZO), whose forward "
+        "pass shares one GEMM across all directions; vectors keep Rademacher signs"))
+    g.add_argument("--rank", type=int, help="the rank of --direction-kind lowrank (default 1)")
     g.add_argument("--weight-decay", type=float, default=0.0, help=(
         "decoupled weight decay, never on biases and norms (default: %(default)s)"))
 

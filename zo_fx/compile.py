@@ -20,7 +20,7 @@ from .passes.capture import DEFAULT_LOSS_KEYS, CapturedModel, capture, live_inpu
 from .passes.readout import Head, cut_head
 from .passes.report import ZOReport, build_report
 from .passes.rewrite import Rewritten, rewrite
-from .streams.layout import check_kind
+from .streams.layout import check_direction_kind
 from .streams.table import GroupTable
 
 BACKENDS = ("eager", "inductor")
@@ -81,9 +81,13 @@ class ZOModule:
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {name: self.captured.params[name] for name in self.captured.pids}
 
-    def direction(self, seed: int, kind: str = "rademacher") -> dict[str, torch.Tensor]:
-        """Direction ``seed`` materialised per trainable parameter, exactly as the forward uses it."""
-        kind = check_kind(kind)
+    def direction(self, seed: int, kind: str = "rademacher", rank: int | None = None) -> dict[str, torch.Tensor]:
+        """Direction ``seed`` materialised per trainable parameter, exactly as the forward uses it.
+
+        ``kind="lowrank", rank=r`` (or ``kind="lowrank:r"``): each matrix's dense ``A B^T / sqrt(r)``, which
+        a step never forms; for tests and inspection.
+        """
+        kind = check_direction_kind(kind, rank)
         with torch.no_grad():
             return {
                 name: perturbed(torch.zeros_like(p), seed, self.pids[name], 1.0, kind)

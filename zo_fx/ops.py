@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from . import kernels
-from .kernels import blocked
+from .kernels import blocked, lowrank
 from .kernels.dispatch import pick
 from .kernels.linear import perturbed_linear
 from .kernels.perturb import perturbed_groups, perturbed_or_base
-from .streams.layout import sample_at
+from .streams.layout import element_kind, is_lowrank, rank_of, sample_at
 from .streams.table import seeds_from_tensor
 
 # leaf codes of map_groups (a non-negative code is the batch dim of a grouped tensor)
@@ -125,11 +125,14 @@ def grouped_linear(
     parameter is used through a reshape (a view in its own element order: the direction
     of element k is still the parameter's element k).
     """
-    if weight_shape is not None:
-        weight = weight.view(weight_shape)
     seed_list, scale_list = _table(seeds, scales)
     shared = x_bdim == PASS
     out_dim = 0 if shared else x_bdim
+    if is_lowrank(kind):
+        return _lowrank_linear(x, weight, bias, w_pid, b_pid, seed_list, scale_list, kind, groups, x_bdim,
+                               weight_layout, weight_shape)
+    if weight_shape is not None:
+        weight = weight.view(weight_shape)
     kernel = _kernel(impl, "grouped_linear", x, weight, bias)
     if kernel is not None and x.dim() >= 2 and out_dim == 0:
         xs = x.reshape(-1, x.shape[-1]) if shared else x.reshape(groups, -1, x.shape[-1])
@@ -167,6 +170,33 @@ def grouped_linear(
     return torch.cat(outs, dim=out_dim)
 
 
+def _lowrank_linear(x, weight, bias, w_pid, b_pid, seeds: list[int], scales: list[float], kind: str, groups: int,
+                    x_bdim: int, layout: str, weight_shape) -> torch.Tensor:
+    """:func:`grouped_linear` under low-rank directions: the shared GEMM once, two skinny GEMMs per group.
+
+    A weight used through a reshape is perturbed densely in its stored shape (its direction is
+    defined there) and then viewed, group by group.
+    """
+    shared = x_bdim == PASS
+    if weight_shape is not None:
+        outs = []
+        xs = [x] * groups if shared else _split(x, groups, x_bdim)
+        for g in range(groups):
+            w = perturbed_or_base(weight, seeds[g], w_pid, scales[g], kind).view(weight_shape)
+            b = perturbed_or_base(bias, seeds[g], b_pid, scales[g], kind)
+            y = F.linear(xs[g], w) if layout == "out_in" else xs[g] @ w
+            outs.append(y if b is None else y + b)
+        return torch.cat(outs, dim=0 if shared else x_bdim)
+    y = lowrank.grouped_linear(x, weight, seeds, scales, w_pid, rank_of(kind), groups, shared, x_bdim, layout)
+    _add_group_bias(y, bias, b_pid, seeds, scales, element_kind(kind))
+    if shared:
+        lead = list(x.shape[:-1])
+        lead[0] *= groups
+        return y.reshape(*lead, y.shape[-1])
+    moved = x.movedim(x_bdim, 0).shape
+    return y.reshape(*moved[:-1], y.shape[-1]).movedim(0, x_bdim)
+
+
 def _add_group_bias(y: torch.Tensor, bias, b_pid, seeds: list[int], scales: list[float], kind: str) -> None:
     """``y[g] += b_g`` for a ``[G, rows, N]`` product: the perturbed biases from one generator call."""
     if bias is None:
@@ -184,6 +214,13 @@ def head_logits(x: torch.Tensor, weight, bias, w_pid, b_pid, seed: int, scale: f
 
     A large vocabulary's head is walked in cache-sized tiles of its rows, never copied whole.
     """
+    if is_lowrank(kind):
+        if w_pid is not None and x.dim() >= 2:
+            rows = x.reshape(-1, x.shape[-1])
+            y = lowrank.grouped_linear(rows, weight, [seed], [scale], w_pid, rank_of(kind), 1, True, PASS, layout)
+            _add_group_bias(y, bias, b_pid, [seed], [scale], element_kind(kind))
+            return y[0].view(*x.shape[:-1], y.shape[-1])
+        kind = element_kind(kind) if w_pid is None else kind
     if x.dim() < 2 or not blocked.supports(weight, layout, x, bias):
         return perturbed_linear(x, weight, bias, w_pid, b_pid, seed, scale, kind, layout)
     rows = x.reshape(-1, x.shape[-1])
@@ -205,7 +242,9 @@ def head_readout(x_rows: torch.Tensor, weight, bias, w_pid, b_pid, seed: int, sc
         index = token_ids.unsqueeze(-1) + torch.arange(weight.shape[0], device=weight.device) * vocab
     if w_pid is not None and scale != 0.0:
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        rows = (rows.to(acc) + scale * sample_at(seed, w_pid, index, kind, dtype=acc)).to(weight.dtype)
+        u = (lowrank.readout_rows(weight, token_ids, layout, w_pid, seed, rank_of(kind), acc) if is_lowrank(kind)
+             else sample_at(seed, w_pid, index, kind, dtype=acc))
+        rows = (rows.to(acc) + scale * u).to(weight.dtype)
     logits = x_rows @ rows.t()
     if bias is not None:
         logits = logits + perturbed_or_base(bias, seed, b_pid, scale, kind)[token_ids]
@@ -234,6 +273,10 @@ def grouped_embedding(
     when the result carries the batch, and keeps it per group otherwise.
     """
     seed_list, scale_list = _table(seeds, scales)
+    if is_lowrank(kind):
+        id_groups = _split(ids, groups, ids_bdim) if ids_bdim >= 0 else [ids] * groups
+        return PerGroup(lowrank.embedding_rows(weight, id_groups[g], pid, seed_list[g], scale_list[g], rank_of(kind),
+                                               padding_idx) for g in range(groups))
     kernel = _kernel(impl, "grouped_embedding", weight) if ids_bdim == PASS and padding_idx == -1 else None
     if kernel is not None:
         return PerGroup(kernel(weight, ids, pid, seed_list, scale_list, kind, impl="triton").unbind(0))

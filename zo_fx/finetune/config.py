@@ -15,6 +15,8 @@ import torch
 METHODS = ("fzoo", "mezo", "adamezo", "adam")
 PEFTS = ("none", "lora", "prefix", "prompt")
 LR_SCHEDULES = ("constant", "linear")
+#: --direction-kind: element-wise signs or normals, or rank-r products A B^T on every matrix (--rank)
+DIRECTION_KINDS = ("rademacher", "gaussian", "lowrank")
 #: built-in tasks whose objective is a reward on generated text (zo_fx.tasks.countdown)
 REWARD_TASK_NAMES = ("countdown", "arithmetic")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -97,6 +99,8 @@ class FinetuneConfig:
     top_k: int | None = None
     top_p: float | None = None
     demonstrations: int = 0
+    direction_kind: str | None = None
+    rank: int | None = None
 
     def __post_init__(self) -> None:
         for name, allowed in (("method", METHODS), ("peft", PEFTS), ("dtype", tuple(DTYPES)),
@@ -110,6 +114,14 @@ class FinetuneConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1; got {value}")
+        if self.direction_kind is not None and self.direction_kind not in DIRECTION_KINDS:
+            raise FinetuneError(f"--direction-kind {self.direction_kind!r} is not one of {', '.join(DIRECTION_KINDS)}")
+        if self.rank is not None and self.direction_kind != "lowrank":
+            raise FinetuneError(f"--rank {self.rank} is the rank of low-rank directions; add --direction-kind lowrank")
+        if self.rank is not None and not 1 <= self.rank <= 256:
+            raise FinetuneError(f"--rank must be between 1 and 256; got {self.rank}")
+        if self.method == "adam" and self.direction_kind is not None:
+            raise FinetuneError("--direction-kind is for the zeroth-order methods; --method adam takes gradients")
         if self.demonstrations < 0:
             raise FinetuneError(f"--demonstrations must be 0 or more; got {self.demonstrations}")
         if self.max_length < MIN_MAX_LENGTH:
@@ -141,6 +153,12 @@ class FinetuneConfig:
     def is_reward_task(self) -> bool:
         """A task scored by rewards on generated text: a built-in reward task, or any task with --reward."""
         return self.reward is not None or self.task.lower() in REWARD_TASK_NAMES
+
+    def direction_settings(self) -> dict:
+        """The direction kind given on the command line, as the optimizers take it (empty: the method's own)."""
+        if self.direction_kind is None:
+            return {}
+        return {"kind": self.direction_kind, **({"rank": self.rank} if self.direction_kind == "lowrank" else {})}
 
     def generation_args(self) -> dict:
         """The generation settings given on the command line (the model's generation config fills the rest)."""

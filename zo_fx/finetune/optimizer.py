@@ -29,10 +29,16 @@ def build_optimizer(cfg: FinetuneConfig, model, loss, example: dict, output_dir:
                 "take; try --peft lora." if cfg.peft == "prefix" else "")
         raise FinetuneError(f"zo_compile could not prepare {type(model).__name__} for zeroth-order training: "
                             f"{err}.{hint} Or train with --method adam (backprop).") from None
+    return optimizer_of(cfg, zm)
+
+
+def optimizer_of(cfg: FinetuneConfig, zm):
+    """The zeroth-order optimizer of ``cfg``'s flags over a compiled model."""
     schedule = cfg.lr_at if cfg.lr_schedule != "constant" else None
     try:
         return zo_optimizer(cfg.method, zm, lr=cfg.learning_rate, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                            seed=cfg.seed, directions=cfg.directions, horizon=cfg.horizon, lr_schedule=schedule)
+                            seed=cfg.seed, directions=cfg.directions, horizon=cfg.horizon, lr_schedule=schedule,
+                            **cfg.direction_settings())
     except ValueError as err:  # a setting the model's weights cannot take (their dtype's range)
         raise FinetuneError(f"--{cfg.method}: {err}") from None
 

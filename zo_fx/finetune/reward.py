@@ -20,7 +20,7 @@ from zo_fx.compile import zo_compile
 from zo_fx.finetune.config import FinetuneConfig, FinetuneError
 from zo_fx.finetune.job import FinetuneJob
 from zo_fx.finetune.model import is_masked_lm
-from zo_fx.finetune.optimizer import zo_optimizer
+from zo_fx.finetune.optimizer import optimizer_of
 from zo_fx.optim.reward import RewardObjective
 from zo_fx.passes.capture import ExportFailedError
 from zo_fx.rewards import resolve
@@ -105,12 +105,7 @@ class RewardJob(FinetuneJob):
         except ExportFailedError as err:
             raise FinetuneError(f"zo_compile could not prepare {type(self.model).__name__}: {err}") from None
         self.zm = zm
-        schedule = cfg.lr_at if cfg.lr_schedule != "constant" else None
-        try:
-            return zo_optimizer(cfg.method, zm, lr=cfg.learning_rate, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                seed=cfg.seed, directions=cfg.directions, horizon=cfg.horizon, lr_schedule=schedule)
-        except ValueError as err:
-            raise FinetuneError(f"--{cfg.method}: {err}") from None
+        return optimizer_of(cfg, zm)
 
     @staticmethod
     def inputs(batch: dict) -> dict:

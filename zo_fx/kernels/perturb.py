@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from zo_fx.streams.layout import check_kind, key_tensors, per_block
+from zo_fx.streams.layout import check_kind, element_kind, is_lowrank, key_tensors, per_block, rank_of
 
 from ._chunks import CHUNK, accumulation_dtype, batched_values, chunk_starts, chunk_values, runner
+from .lowrank import is_matrix, perturbed_matrix
 
 #: parameters up to this size get all their per-group copies from one batched generator call
 SMALL_NUMEL = 1 << 16
@@ -26,9 +27,19 @@ def _perturbed_chunk(base, scale, block0, seed_lo, seed_hi, pid, tag, kind: str)
 def perturbed(base: torch.Tensor, seed: int, pid: int, scale: float, kind: str, *, start: int = 0) -> torch.Tensor:
     """``base + scale * u(seed, pid)`` as a new tensor shaped like ``base``.
 
+    Under a low-rank kind ``base`` must be the parameter in its stored shape: a matrix takes
+    ``A B^T / sqrt(r)``, anything else the Rademacher stream.
+
     ``start`` is the flat index of ``base``'s first element inside its parameter; it must
     be a multiple of 128 (use :func:`zo_fx.streams.sample` for other offsets).
     """
+    if is_lowrank(kind):
+        if is_matrix(base):
+            if start:
+                raise ValueError("a low-rank direction is defined on the whole matrix; perturbed() got a piece of "
+                                 f"one (start={start})")
+            return perturbed_matrix(base, seed, pid, scale, rank_of(kind))
+        kind = element_kind(kind)
     kind = check_kind(kind)
     if start % 128:
         raise ValueError(f"perturbed() needs a block-aligned start (multiple of 128); got {start}")
@@ -65,8 +76,9 @@ def perturbed_groups(base: torch.Tensor, seeds, pid: int, scales, kind: str) -> 
     replaces G. Values are the same as G calls of :func:`perturbed`. A scale of 0 gives
     ``base`` itself.
     """
-    kind = check_kind(kind)
-    if base.numel() > SMALL_NUMEL or base.numel() == 0:
+    if is_lowrank(kind) and not is_matrix(base):
+        kind = element_kind(kind)
+    if is_lowrank(kind) or base.numel() > SMALL_NUMEL or base.numel() == 0:
         return [base if s == 0.0 else perturbed(base, seed, pid, s, kind) for seed, s in zip(seeds, scales)]
     lo, hi, pid_t, tag = key_tensors(seeds, pid, kind, base.device)
     acc = accumulation_dtype(base.dtype)

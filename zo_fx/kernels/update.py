@@ -27,8 +27,9 @@ from collections.abc import Sequence
 
 import torch
 
-from zo_fx.streams.layout import check_kind, key_tensors, per_block
+from zo_fx.streams.layout import check_kind, element_kind, is_lowrank, key_tensors, per_block, rank_of
 
+from . import lowrank
 from ._chunks import CHUNK, accumulation_dtype, check_chunk, chunk_starts, chunk_values, runner
 from ._support import interpreting, key_words, tl, triton
 from .dispatch import pick
@@ -231,6 +232,14 @@ def _check(param: torch.Tensor, seeds, coefs) -> None:
         )
 
 
+def _lowrank_or_element(param: torch.Tensor, kind: str, start: int, total: int | None) -> str:
+    """A low-rank kind for a whole matrix; the element kind for any other parameter; an error for a shard."""
+    if start != 0 or (total is not None and total != param.numel()):
+        raise ValueError("low-rank directions update whole parameters: a shard (start/total) cannot tell a matrix's "
+                         "rows from its columns. Update the whole parameter, or use kind='rademacher'")
+    return kind if lowrank.is_matrix(param) else element_kind(kind)
+
+
 def _shard_pick(impl: str, param: torch.Tensor, start: int, total: int | None) -> str:
     """:func:`pick`, except that a shard (an element offset or a larger whole) needs the torch reference."""
     sharded = start != 0 or (total is not None and total != param.numel())
@@ -276,8 +285,12 @@ def fused_update_(
         >>> fused_update_(p, [7], [2.0], 1, "rademacher", lr=0.5).abs().tolist()
         [1.0, 1.0, 1.0, 1.0]
     """
-    kind = check_kind(kind)
     _check(param, seeds, coefs)
+    if is_lowrank(kind):
+        kind = _lowrank_or_element(param, kind, start, total)
+        if is_lowrank(kind):
+            return lowrank.update_(param, seeds, coefs, pid, rank_of(kind), lr, weight_decay)
+    kind = check_kind(kind)
     if _shard_pick(impl, param, start, total) == "torch":
         return fused_update_reference_(param, seeds, coefs, pid, kind, lr, weight_decay, start=start, total=total)
     if param.numel() and (len(seeds) or weight_decay != 0.0):
@@ -316,10 +329,15 @@ def adamezo_update_(
         impl: ``"auto"``, ``"torch"`` (:func:`adamezo_update_reference_`) or ``"triton"``.
         start, total: a shard of the parameter, as in :func:`fused_update_`.
     """
-    kind = check_kind(kind)
     _check(param, seeds, coefs)
     if len(betas) != 2:
         raise ValueError(f"betas must be (b1, b2); got {betas!r}")
+    if is_lowrank(kind):
+        kind = _lowrank_or_element(param, kind, start, total)
+        if is_lowrank(kind):
+            return lowrank.adamezo_update_(param, seeds, coefs, pid, rank_of(kind), lr, betas, weight_decay, scale,
+                                           adam_eps)
+    kind = check_kind(kind)
     if _shard_pick(impl, param, start, total) == "torch":
         return adamezo_update_reference_(param, seeds, coefs, pid, kind, lr, betas, weight_decay, scale, adam_eps,
                                          start=start, total=total)

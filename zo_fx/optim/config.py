@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from zo_fx.checks import check_int, check_real
-from zo_fx.streams.layout import KINDS, RADEMACHER
+from zo_fx.streams.layout import RADEMACHER, check_direction_kind, is_lowrank, rank_of
 
 #: direction seeds derive from the optimizer seed; it is hashed, so any non-negative 63-bit int works
 MAX_RUN_SEED = 2**63 - 1
@@ -25,7 +25,9 @@ class ZOConfig:
         lr: learning rate, finite and >= 0 (0 evaluates without moving the weights).
         eps: perturbation scale, finite and > 0.
         weight_decay: decoupled weight decay, finite and >= 0 (never on biases and norms).
-        kind: direction distribution, "rademacher" or "gaussian".
+        kind: direction distribution, "rademacher", "gaussian", or "lowrank" (rank-``rank`` products
+            ``A B^T / sqrt(rank)`` on matrices, Rademacher elsewhere; kept as ``"lowrank:<rank>"``).
+        rank: the rank of low-rank directions (default 1); only with ``kind="lowrank"``.
         seed: run seed (non-negative integer): direction seeds are a hash of (seed, step, index).
     """
 
@@ -34,13 +36,17 @@ class ZOConfig:
     weight_decay: float = 0.0
     kind: str = RADEMACHER
     seed: int = 0
+    rank: int | None = None
 
     def __post_init__(self) -> None:
         self._set("lr", check_real(self.lr, "lr", low=0.0))
         self._set("eps", check_real(self.eps, "eps", low=0.0, low_open=True))
         self._set("weight_decay", check_real(self.weight_decay, "weight_decay", low=0.0))
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}; got {self.kind!r}")
+        try:
+            self._set("kind", check_direction_kind(self.kind, self.rank))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"kind: {err}") from None
+        self._set("rank", rank_of(self.kind) if is_lowrank(self.kind) else None)
         self._set("seed", check_int(self.seed, "seed", low=0, high=MAX_RUN_SEED))
 
     def _set(self, name: str, value) -> None:

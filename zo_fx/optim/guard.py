@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from zo_fx.streams.layout import GAUSSIAN
+from zo_fx.streams.layout import GAUSSIAN, is_lowrank, rank_of
 
 #: the largest |z| of a Gaussian direction element: sqrt(-2 ln 2**-24) = 5.77 (u1 >= 2**-24), with margin
 GAUSSIAN_MAX = 6.0
@@ -34,6 +34,8 @@ SAFE_SHARE = 0.5
 
 def direction_max(kind: str) -> float:
     """The largest magnitude one element of a direction of ``kind`` can have."""
+    if is_lowrank(kind):  # a sum of r signs, over sqrt(r)
+        return math.sqrt(rank_of(kind))
     return GAUSSIAN_MAX if kind == GAUSSIAN else 1.0
 
 

@@ -22,7 +22,7 @@ import torch
 from zo_fx import kernels
 from zo_fx.checks import check_int, check_real
 from zo_fx.files import atomic_write_json
-from zo_fx.streams.layout import KINDS
+from zo_fx.streams.layout import KINDS, check_direction_kind
 
 #: 2: parameter shapes, dtypes and tied names, and a checksum of the content
 FORMAT_VERSION = 2
@@ -246,8 +246,10 @@ def _parse(d) -> Trajectory:
     method, kind = d["method"], d["kind"]
     if method not in ("mezo", "fzoo", "adamezo"):
         raise TrajectoryError(f"method {method!r} is not one of mezo, fzoo, adamezo")
-    if kind not in KINDS:
-        raise TrajectoryError(f"kind {kind!r} is not one of {KINDS}")
+    try:
+        kind = check_direction_kind(kind)
+    except (ValueError, TypeError):
+        raise TrajectoryError(f"kind {kind!r} is not one of {KINDS} or 'lowrank:<rank>'") from None
     params = [_param(p, fmt) for p in d["params"]]
     if not params:
         raise TrajectoryError("it lists no parameters: replaying it would change nothing")

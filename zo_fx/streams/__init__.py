@@ -8,8 +8,10 @@ from .ids import ParamIdCollisionError, assign_param_ids, stable_param_id
 from .layout import (
     GAUSSIAN,
     KINDS,
+    LOWRANK,
     MAX_SEED,
     RADEMACHER,
+    check_direction_kind,
     check_kind,
     check_seed,
     direction,
@@ -22,7 +24,7 @@ from .philox import philox4x32_10
 from .table import GroupTable
 
 __all__ = [
-    "GAUSSIAN", "KINDS", "MAX_SEED", "RADEMACHER", "GroupTable", "ParamIdCollisionError",
-    "assign_param_ids", "check_kind", "check_seed", "direction", "gaussian",
+    "GAUSSIAN", "KINDS", "LOWRANK", "MAX_SEED", "RADEMACHER", "GroupTable", "ParamIdCollisionError",
+    "assign_param_ids", "check_direction_kind", "check_kind", "check_seed", "direction", "gaussian",
     "philox4x32_10", "rademacher", "sample", "sample_at", "stable_param_id",
 ]

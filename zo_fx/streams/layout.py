@@ -35,8 +35,14 @@ from .philox import MASK32, philox_words
 
 RADEMACHER = "rademacher"
 GAUSSIAN = "gaussian"
+#: the element-wise kinds: every element of a parameter drawn from one stream
 KINDS = (RADEMACHER, GAUSSIAN)
 STREAM_TAG = {RADEMACHER: 0, GAUSSIAN: 1}
+#: low-rank directions (``"lowrank:r"``): a matrix parameter's direction is ``A B^T / sqrt(r)``, the factors'
+#: signs drawn from the streams of these tags (zo_fx.kernels.lowrank); other parameters use Rademacher
+LOWRANK = "lowrank"
+LOWRANK_FACTOR_TAGS = (2, 3)
+MAX_RANK = 256
 ELEMENTS_PER_BLOCK = {RADEMACHER: 128, GAUSSIAN: 4}
 TWO_PI_F32 = torch.tensor(2 * math.pi, dtype=torch.float32).item()
 INV_2_24 = 2.0**-24
@@ -47,9 +53,62 @@ MAX_SEED = 2**64 - 1
 
 
 def check_kind(kind: str) -> str:
+    """An element-wise kind (``"rademacher"``, ``"gaussian"``): what the stream generators take.
+
+    A low-rank kind never reaches them: the entry points that take a whole parameter resolve it
+    first (:func:`element_kind`, :mod:`zo_fx.kernels.lowrank`), so a path that would treat a
+    low-rank matrix element by element fails here instead of using another direction.
+    """
     if kind not in KINDS:
-        raise ValueError(f"unknown direction kind {kind!r}; use one of {KINDS}")
+        if is_lowrank(kind):
+            raise ValueError(f"direction kind {kind!r} reached an element-wise generator; low-rank directions "
+                             "of a matrix are made from their factors (zo_fx.kernels.lowrank)")
+        raise ValueError(f"unknown direction kind {kind!r}; use one of {KINDS}, or 'lowrank:<rank>'")
     return kind
+
+
+def lowrank_kind(rank: int) -> str:
+    """The kind string of rank-``rank`` low-rank directions: ``"lowrank:<rank>"``."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= int(rank) <= MAX_RANK:
+        raise ValueError(f"a low-rank direction's rank must be an integer in [1, {MAX_RANK}]; got {rank!r}")
+    return f"{LOWRANK}:{int(rank)}"
+
+
+def is_lowrank(kind) -> bool:
+    return isinstance(kind, str) and kind.startswith(LOWRANK + ":")
+
+
+def rank_of(kind: str) -> int:
+    """The rank of a low-rank kind (``"lowrank:4"`` -> 4)."""
+    if not is_lowrank(kind):
+        raise ValueError(f"{kind!r} is not a low-rank kind ('lowrank:<rank>')")
+    text = kind.split(":", 1)[1]
+    if not text.isdigit():
+        raise ValueError(f"direction kind {kind!r}: the rank after 'lowrank:' must be an integer")
+    return int(lowrank_kind(int(text)).split(":")[1])
+
+
+def check_direction_kind(kind: str, rank: int | None = None) -> str:
+    """Any direction kind, canonical: ``"rademacher"``, ``"gaussian"`` or ``"lowrank:<rank>"``.
+
+    ``kind="lowrank"`` takes its rank from ``rank`` (default 1); ``"lowrank:r"`` must agree with ``rank``
+    when both are given.
+    """
+    if kind == LOWRANK:
+        return lowrank_kind(1 if rank is None else rank)
+    if is_lowrank(kind):
+        r = rank_of(kind)
+        if rank is not None and rank != r:
+            raise ValueError(f"direction kind {kind!r} has rank {r}, but rank={rank} was given")
+        return kind
+    if rank is not None:
+        raise ValueError(f"rank={rank} is for low-rank directions; kind {kind!r} has none (use kind='lowrank')")
+    return check_kind(kind)
+
+
+def element_kind(kind: str) -> str:
+    """The element-wise kind a parameter that is not a matrix uses under ``kind`` (Rademacher for low-rank)."""
+    return RADEMACHER if is_lowrank(check_direction_kind(kind)) else kind
 
 
 def check_seed(seed) -> int:
@@ -238,7 +297,49 @@ def sample_at(seed, pid, index: torch.Tensor, kind, *, dtype=torch.float32) -> t
     return out.view(index.shape)
 
 
+def factor_signs(seeds, pid, count: int, factor: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
+    """``[G, count]`` signs of low-rank factor ``factor`` (0: A, 1: B) of parameter ``pid``, one row per seed.
+
+    Element ``i * r + t`` is entry ``(i, t)`` of the factor (row-major ``[rows, r]``); the signs are the
+    Rademacher expansion of the Philox stream whose tag is ``LOWRANK_FACTOR_TAGS[factor]``.
+    """
+    words = [seed_words(s) for s in seeds]
+    lo = torch.tensor([w[0] for w in words], dtype=torch.int64, device=device).unsqueeze(1)
+    hi = torch.tensor([w[1] for w in words], dtype=torch.int64, device=device).unsqueeze(1)
+    pid_t = torch.tensor(check_pid(pid), dtype=torch.int64, device=device)
+    tag = torch.tensor(LOWRANK_FACTOR_TAGS[factor], dtype=torch.int64, device=device)
+    blocks = torch.arange((count + 127) // 128, dtype=torch.int64, device=device)
+    values = block_values(RADEMACHER, blocks, lo, hi, pid_t, tag)
+    return values.reshape(len(words), -1)[:, :count].to(dtype)
+
+
 def direction(seed, pid, shape, kind, *, dtype=torch.float32, device=None) -> torch.Tensor:
-    """A whole parameter's direction, shaped like the parameter (row-major element order)."""
+    """A whole parameter's direction, shaped like the parameter (row-major element order).
+
+    Under a low-rank kind a matrix (2-D) parameter's direction is ``A B^T / sqrt(r)``
+    (:func:`lowrank_direction`) and any other parameter's is the Rademacher stream.
+    """
     shape = torch.Size(shape)
-    return sample(seed, pid, 0, shape.numel(), kind, dtype=dtype, device=device).view(shape)
+    if is_lowrank(kind) and len(shape) == 2:
+        return lowrank_direction(seed, pid, shape, rank_of(kind), dtype=dtype, device=device)
+    return sample(seed, pid, 0, shape.numel(), element_kind(kind), dtype=dtype, device=device).view(shape)
+
+
+def lowrank_factors(seeds, pid, shape, rank: int, *, dtype=torch.float32, device=None):
+    """``(A [G, m, r], B [G, n, r])``: the sign factors of the low-rank directions of an ``[m, n]`` matrix."""
+    m, n = shape
+    a = factor_signs(seeds, pid, m * rank, 0, dtype=dtype, device=device).view(len(seeds), m, rank)
+    b = factor_signs(seeds, pid, n * rank, 1, dtype=dtype, device=device).view(len(seeds), n, rank)
+    return a, b
+
+
+def inv_sqrt_rank(rank: int) -> float:
+    """``1 / sqrt(r)``, the factor that gives every element of ``A B^T / sqrt(r)`` unit variance."""
+    return 1.0 / math.sqrt(rank)
+
+
+def lowrank_direction(seed, pid, shape, rank: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The dense ``A B^T / sqrt(r)`` of one seed: for tests and inspection; a step never forms it whole."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    a, b = lowrank_factors([seed], pid, shape, rank, dtype=acc, device=device)
+    return ((a[0] @ b[0].t()) * inv_sqrt_rank(rank)).to(dtype)

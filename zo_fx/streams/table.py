@@ -9,7 +9,7 @@ import torch
 
 from zo_fx.checks import check_real
 
-from .layout import MAX_SEED, RADEMACHER, check_kind, check_seed
+from .layout import MAX_SEED, RADEMACHER, check_direction_kind, check_seed, is_lowrank, rank_of
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,9 @@ class GroupTable:
     A coefficient of 0 is the unperturbed model. MeZO uses ``GroupTable([s, s], [1, -1], eps)``,
     FZOO ``GroupTable([0, s1..sN], [0, 1..1], eps)``. Seeds must be integers in ``[0, 2**64)``,
     coefficients and eps finite (eps >= 0): anything else is refused, never rounded.
+    ``kind``: ``"rademacher"``, ``"gaussian"``, or ``"lowrank"`` with ``rank=r`` (stored as
+    ``"lowrank:r"``): each matrix moves along ``A B^T / sqrt(r)``, every other parameter along
+    Rademacher signs.
     """
 
     seeds: tuple
@@ -26,7 +29,8 @@ class GroupTable:
     eps: float
     kind: str = RADEMACHER
 
-    def __init__(self, seeds: Sequence[int], coefs: Sequence[float], eps: float, kind: str = RADEMACHER):
+    def __init__(self, seeds: Sequence[int], coefs: Sequence[float], eps: float, kind: str = RADEMACHER,
+                 rank: int | None = None):
         seeds = tuple(check_seed(s) for s in seeds)
         coefs = tuple(check_real(c, f"coefficient {i}", allow_tensor=True) for i, c in enumerate(coefs))
         if len(seeds) != len(coefs) or not seeds:
@@ -37,7 +41,12 @@ class GroupTable:
         object.__setattr__(self, "seeds", seeds)
         object.__setattr__(self, "coefs", coefs)
         object.__setattr__(self, "eps", eps)
-        object.__setattr__(self, "kind", check_kind(kind))
+        object.__setattr__(self, "kind", check_direction_kind(kind, rank))
+
+    @property
+    def rank(self) -> int | None:
+        """The rank of low-rank directions, None for element-wise ones."""
+        return rank_of(self.kind) if is_lowrank(self.kind) else None
 
     @property
     def groups(self) -> int:

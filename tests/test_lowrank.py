@@ -1,0 +1,182 @@
+"""Low-rank directions: each matrix moves along ``A B^T / sqrt(r)``, formed by no forward pass.
+
+Exactness of the forward against explicitly perturbed models is in ``test_compile.py`` and
+``test_compile_zoo.py`` (the ``lowrank:*`` kinds); here: the frozen factor layout, the update
+against the naive dense formula, the optimizers, replay, and that no forward forms a
+weight-sized direction.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from close import assert_bitwise_equal, assert_rel_close
+from model_zoo import causal_batch, tiny_llama
+
+import zo_fx
+from zo_fx import kernels
+from zo_fx.streams import GroupTable
+from zo_fx.streams.layout import factor_signs, lowrank_direction, rademacher
+from zo_fx.streams.philox import philox_words
+
+
+def test_factor_signs_follow_the_frozen_layout():
+    """Entry (i, t) of factor f is element i*r + t of the Rademacher expansion of Philox with stream tag 2 + f."""
+    seed, pid, count = (7 << 32) + 123, 99, 300
+    for factor in (0, 1):
+        got = factor_signs([seed], pid, count, factor, dtype=torch.int64)[0]
+        k = torch.arange(count, dtype=torch.int64)
+        blocks = k // 128
+        words = philox_words(blocks, torch.zeros_like(blocks), torch.tensor(7), torch.tensor(2 + factor),
+                             torch.tensor(123), torch.tensor(pid))
+        word = torch.stack(words, -1).gather(1, ((k % 128) // 32).unsqueeze(1)).squeeze(1)
+        expected = 1 - 2 * ((word >> (k % 32)) & 1)
+        assert torch.equal(got, expected)
+    a, b = factor_signs([seed], pid, 40, 0)[0], factor_signs([seed], pid, 40, 1)[0]
+    assert not torch.equal(a, b) and not torch.equal(a, rademacher(seed, pid, 0, 40)), "A, B, and u are apart"
+
+
+def test_the_dense_direction_has_rank_r_and_unit_elements_on_average():
+    for rank in (1, 2, 4):
+        u = lowrank_direction(5, 11, (64, 48), rank, dtype=torch.float64)
+        assert torch.linalg.matrix_rank(u) == rank
+        assert abs(float((u * u).mean()) - 1.0) < 0.15
+        assert float(u.abs().max()) <= rank ** 0.5 + 1e-12
+
+
+def test_kind_and_rank_are_checked_and_kept_canonical():
+    assert GroupTable([1], [1.0], 1e-3, "lowrank", rank=4).kind == "lowrank:4"
+    assert GroupTable([1], [1.0], 1e-3, "lowrank").rank == 1
+    assert GroupTable([1], [1.0], 1e-3).rank is None
+    for kind, rank, message in (("lowrank", 0, "rank must be an integer in"), ("rademacher", 2, "rank=2 is for low"),
+                                ("lowrank:2", 3, "has rank 2, but rank=3"), ("lowrank:x", None, "must be an integer"),
+                                ("sparse", None, "unknown direction kind")):
+        with pytest.raises(ValueError, match=message):
+            GroupTable([1], [1.0], 1e-3, kind, rank=rank)
+    config = zo_fx.FZOOConfig(lr=1e-3, kind="lowrank", rank=2)
+    assert (config.kind, config.rank) == ("lowrank:2", 2)
+    assert zo_fx.FZOOConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_update_equals_the_naive_dense_formula(dtype):
+    g = torch.Generator().manual_seed(3)
+    param = torch.randn(70, 33, generator=g, dtype=torch.float64).to(dtype)
+    seeds, coefs, lr, wd = [4, 2**63 + 5, 17], [0.5, -1.25, 2.0], 0.01, 0.1
+    dense = sum(c * lowrank_direction(s, 8, param.shape, 3, dtype=torch.float64) for s, c in zip(seeds, coefs))
+    expected = param.double() - lr * (dense + wd * param.double())
+    got = kernels.fused_update_(param.clone(), seeds, coefs, 8, "lowrank:3", lr, wd)
+    if dtype == torch.float64:
+        assert_rel_close(got, expected, 1e-12)
+    else:  # accumulated in float32 and rounded once: within a few float32 ulps of the weights' scale
+        torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+    vector = torch.randn(33, generator=g, dtype=dtype)
+    assert_bitwise_equal(kernels.fused_update_(vector.clone(), seeds, coefs, 8, "lowrank:3", lr, wd),
+                         kernels.fused_update_(vector.clone(), seeds, coefs, 8, "rademacher", lr, wd),
+                         what="a vector under low-rank directions takes the Rademacher update")
+
+
+def test_the_adamezo_update_equals_its_formula_on_dense_directions():
+    g = torch.Generator().manual_seed(4)
+    param = torch.randn(20, 12, generator=g, dtype=torch.float64)
+    seeds, coefs, lr, betas, wd, scale, adam_eps = [3, 9, 27], [0.3, -0.7, 1.1], 1e-3, (0.7, 0.9), 0.05, 100.0, 1e-5
+    m = torch.zeros_like(param)
+    v = torch.zeros_like(param)
+    for j, (s, c) in enumerate(zip(seeds, coefs)):
+        gj = c * lowrank_direction(s, 2, param.shape, 2, dtype=torch.float64)
+        m += betas[0] ** j * gj
+        v += betas[1] ** j * gj * gj
+    expected = param - lr * (scale * m / (v.sqrt() + adam_eps) + wd * param)
+    got = kernels.adamezo_update_(param.clone(), seeds, coefs, 2, "lowrank:2", lr, betas, wd, scale, adam_eps)
+    assert_rel_close(got, expected, 1e-12)
+
+
+def test_a_sharded_update_is_refused_under_low_rank_directions():
+    with pytest.raises(ValueError, match="low-rank directions update whole parameters"):
+        kernels.fused_update_(torch.zeros(64), [1], [1.0], 3, "lowrank:2", 0.1, start=64, total=256)
+
+
+def _shapes_allocated(fn, params) -> list[tuple]:
+    """Shapes of the tensors the ops make while ``fn`` runs, views of the parameters (``W.t()``) left out."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes = []
+    storages = {p.untyped_storage().data_ptr() for p in params}
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in storages:
+                    shapes.append(tuple(t.shape))
+            return out
+
+    with Record():
+        fn()
+    return shapes
+
+
+def test_no_forward_forms_a_weight_sized_direction():
+    model = tiny_llama(tied=False)
+    batch = causal_batch(batch_size=5, seq_len=9)
+    zm = zo_fx.zo_compile(model, batch)
+    params = list(zm.trainable_parameters().values())
+    matrices = {tuple(p.shape) for p in params if p.dim() == 2}
+    weight_like = matrices | {s[::-1] for s in matrices}
+    table = GroupTable([0, 11, 11, 12], [0.0, 1.0, -1.0, 1.0], 1e-3, "lowrank", rank=2)
+    zm.group_losses(batch, table)  # compile outside the recorder
+    formed = [s for s in _shapes_allocated(lambda: zm.group_losses(batch, table), params) if s[-2:] in weight_like]
+    assert not formed, f"weight-sized tensors formed in a low-rank forward: {formed}"
+    dense = [s for s in _shapes_allocated(lambda: zm.direction(11, "lowrank", rank=2), params) if s[-2:] in weight_like]
+    assert dense, "the recorder sees a dense direction when one is formed"
+
+
+@pytest.mark.parametrize("method", ["mezo", "fzoo", "adamezo"])
+def test_every_method_steps_and_replays_bit_exactly_under_low_rank_directions(method):
+    torch.manual_seed(0)
+    model = tiny_llama()
+    batch = causal_batch()
+    zm = zo_fx.zo_compile(model, batch)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = {"n_directions": 3} if method == "fzoo" else {}
+    opt = zo_fx.build_optimizer(method, zm, lr=1e-3, kind="lowrank", rank=2, **settings)
+    for _ in range(3):
+        opt.step(batch)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, start[n])}
+    assert moved, "three steps moved the weights"
+    trajectory = opt.trajectory
+    assert trajectory.kind == "lowrank:2"
+    fresh = tiny_llama()
+    zo_fx.replay(fresh, zo_fx.Trajectory.from_dict(trajectory.to_dict()))
+    for n, p in fresh.named_parameters():
+        assert_bitwise_equal(p, dict(model.named_parameters())[n], what=f"replayed {n}")
+
+
+@pytest.mark.parametrize("method", ["mezo", "fzoo", "adamezo"])
+def test_lr_zero_leaves_the_weights_bit_identical(method):
+    model = tiny_llama()
+    batch = causal_batch()
+    zm = zo_fx.zo_compile(model, batch)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = {"n_directions": 3} if method == "fzoo" else {}
+    opt = zo_fx.build_optimizer(method, zm, lr=0.0, kind="lowrank", rank=4, **settings)
+    for _ in range(2):
+        opt.step(batch)
+    for n, p in model.named_parameters():
+        assert_bitwise_equal(p, start[n], what=n)
+
+
+def test_a_classification_readout_perturbs_only_the_label_rows_exactly():
+    from explicit import explicit_group_losses
+
+    for tied in (True, False):
+        model = tiny_llama(tied=tied)
+        batch = {k: v for k, v in causal_batch().items() if k != "labels"}
+        batch["class_labels"] = torch.tensor([1, 0, 2])
+        loss = zo_fx.CandidateClassificationLoss([7, 30, 55])
+        zm = zo_fx.zo_compile(model, batch, loss=loss)
+        table = GroupTable([0, 4, 4, 9], [0.0, 1.0, -1.0, 0.25], 1e-2, "lowrank", rank=3)
+        got = zm.group_losses(batch, table)
+        assert_rel_close(got, explicit_group_losses(model, zm, batch, table, loss), 1e-10)
+        full = zo_fx.zo_compile(model, batch, loss=loss, fuse_head=False).group_losses(batch, table)
+        assert_rel_close(got, full, 1e-10)
