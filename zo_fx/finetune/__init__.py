@@ -56,8 +56,8 @@ from zo_fx.finetune.plots import moving_average
 from zo_fx.finetune.task import build_task
 
 __all__ = [
-    "DEFAULT_EVALS", "DEFAULT_LR", "DEFAULT_PEFT_LR", "DEFAULT_STEPS", "DIRECTION_KINDS", "DTYPES", "LR_SCHEDULES", "METHODS",
-    "PEFTS", "AdamBaseline", "FinetuneConfig", "FinetuneError", "FinetuneJob", "apply_peft", "build_loss",
+    "DEFAULT_EVALS", "DEFAULT_LR", "DEFAULT_PEFT_LR", "DEFAULT_STEPS", "DIRECTION_KINDS", "DTYPES", "LR_SCHEDULES",
+    "METHODS", "PEFTS", "AdamBaseline", "FinetuneConfig", "FinetuneError", "FinetuneJob", "apply_peft", "build_loss",
     "build_task", "evaluate", "forward_passes_per_step", "linear_decay", "load_model_and_tokenizer",
     "moving_average", "run", "zo_optimizer",
 ]
