@@ -5,6 +5,8 @@ Side by side in one run, on SmolLM2-135M-Instruct (float32) and Countdown prompt
 * **zo_fx**: ``zm.generate`` of G perturbed models (FZOO's table: the unperturbed model and
   N = G - 1 directions, full-rank Rademacher) on B prompts, one batched decode with a KV cache
   per group;
+* **zo_fx_lowrank{r}**: the same with low-rank directions of rank r (``--ranks``): each decode
+  step shares one GEMM per linear across the groups and adds two rank-r GEMMs per group;
 * **floor**: plain ``model.generate`` of the unperturbed model on the same G x B prompts in one
   batch (what the same tokens cost with no perturbation at all);
 * **peers**: the ES-at-scale / eggroll-es way in PyTorch: for each member, add Gaussian noise to
@@ -84,6 +86,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--ranks", type=int, nargs="*", default=[1, 4], help="low-rank directions to time beside")
     parser.add_argument("--out", default=str(HERE / "results" / "generate_smollm2"))
     args = parser.parse_args()
     if args.threads:
@@ -101,8 +104,13 @@ def main() -> None:
     table = zo_fx.GroupTable([0] + [direction_seed(0, 0, i) for i in range(args.groups - 1)],
                              [0.0] + [1.0] * (args.groups - 1), eps)
 
+    def lowrank(rank: int):
+        low = zo_fx.GroupTable(table.seeds, table.coefs, eps, "lowrank", rank=rank)
+        return lambda: zm.generate(batch, low, n, min_new_tokens=n)
+
     runs = {
         "zo_fx": lambda: zm.generate(batch, table, n, min_new_tokens=n),
+        **{f"zo_fx_lowrank{r}": lowrank(r) for r in args.ranks},
         "floor": lambda: model.generate(**many, max_new_tokens=n, min_new_tokens=n, do_sample=False),
         "peers": lambda: peers_generate(model, batch, args.groups, eps, n),
     }
@@ -126,11 +134,15 @@ def main() -> None:
         "zo_fx_vs_floor_tokens_per_s": ours["tokens_per_s"] / floor["tokens_per_s"],
         "zo_fx_vs_peers_tokens_per_s": ours["tokens_per_s"] / peers["tokens_per_s"],
         "zo_fx_vs_floor_peak_mem": ours["peak_mem_bytes"] / floor["peak_mem_bytes"],
+        **{f"{k}_vs_floor_tokens_per_s": results[k]["tokens_per_s"] / floor["tokens_per_s"]
+           for k in results if k.startswith("zo_fx_lowrank")},
+        **{f"{k}_vs_floor_peak_mem": results[k]["peak_mem_bytes"] / floor["peak_mem_bytes"]
+           for k in results if k.startswith("zo_fx_lowrank")},
         "peers_vs_floor_peak_mem": peers["peak_mem_bytes"] / floor["peak_mem_bytes"],
     }
     meta = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "model": "SmolLM2-135M-Instruct float32", "groups": args.groups, "prompts": args.prompts,
-            "new_tokens": n, "directions": "full-rank Rademacher", "kv_cache": zm.decoder().cached,
+            "new_tokens": n, "directions": "full-rank Rademacher; low-rank ranks " + ", ".join(map(str, args.ranks)), "kv_cache": zm.decoder().cached,
             "command": "python benchmarks/generate.py " + " ".join(sys.argv[1:])}
     out = {"meta": meta, "results": results, "summary": summary}
     Path(args.out + ".json").parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,8 @@ copy of the weights, so the ratios (the DESIGN targets, section 7) are like for 
 Methods (``--methods``, comma separated; default all), with their forward passes over B examples:
 
 * ``zo_fx_fzoo`` (N+1): ``zo_fx.FZOO(zm, n_directions=N).step(batch)``, ``zm = zo_fx.zo_compile(...)``
+* ``zo_fx_fzoo_lowrank1``, ``zo_fx_fzoo_lowrank4`` (N+1): the same FZOO step with low-rank directions
+  (``kind="lowrank", rank=r``): one shared GEMM per linear for all groups plus two rank-r GEMMs each
 * ``zo_fx_mezo`` (2): ``zo_fx.MeZO(zm, kind="gaussian").step(batch)``
 * ``zo_fx_adamezo`` (2): ``zo_fx.AdaMeZO(zm, horizon=K).step(batch)``, timed after K un-timed steps
   have filled its window (before that it runs plain MeZO steps)
@@ -84,7 +86,7 @@ from reference import adam_step, floor_forward, reference_fzoo_step, reference_m
 from zo_fx.finetune.model import LORA_ALPHA, LORA_RANK  # noqa: E402
 from zo_fx.models import load_model, synthetic_batch  # noqa: E402
 
-ZO_FX_METHODS = ("zo_fx_fzoo", "zo_fx_mezo", "zo_fx_adamezo")
+ZO_FX_METHODS = ("zo_fx_fzoo", "zo_fx_fzoo_lowrank1", "zo_fx_fzoo_lowrank4", "zo_fx_mezo", "zo_fx_adamezo")
 METHODS = (*ZO_FX_METHODS, "reference_fzoo", "reference_mezo", "adam", "floor", "floor_per_copy")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FLOORS = ("floor", "floor_per_copy")
@@ -205,7 +207,7 @@ def _zo_fx_api() -> dict[str, Callable]:
 
 def forward_passes(name: str, n_directions: int) -> int:
     """Forward passes over B examples per step (adam: forward+backward counted as one)."""
-    if name in ("zo_fx_fzoo", "reference_fzoo", "floor", "floor_per_copy"):
+    if name.startswith("zo_fx_fzoo") or name in ("reference_fzoo", "floor", "floor_per_copy"):
         return n_directions + 1
     return 1 if name == "adam" else 2
 
@@ -220,9 +222,11 @@ def _build_step(
         t = time.perf_counter()
         zm = api["zo_compile"](model, batch)
         compile_s = time.perf_counter() - t
-        method = name.removeprefix("zo_fx_")
+        method, _, rank = name.removeprefix("zo_fx_").partition("_lowrank")
         extra = {"fzoo": {"n_directions": n}, "mezo": {"kind": "gaussian"},
                  "adamezo": {"horizon": args.adamezo_horizon}}[method]
+        if rank:
+            extra = {**extra, "kind": "lowrank", "rank": int(rank)}
         opt = api["build_optimizer"](method, zm, lr=lr, eps=eps, seed=0, **extra)
         extra_warmup = args.adamezo_horizon if name == "zo_fx_adamezo" else 0
         return (lambda: opt.step(batch)), {"compile_s": compile_s, "extra_warmup": extra_warmup, "zm": zm}

@@ -131,14 +131,14 @@ def test_no_forward_forms_a_weight_sized_direction():
     assert dense, "the recorder sees a dense direction when one is formed"
 
 
-@pytest.mark.parametrize("method", ["mezo", "fzoo", "adamezo"])
+@pytest.mark.parametrize("method", ["mezo", "fzoo", "adamezo", "es"])
 def test_every_method_steps_and_replays_bit_exactly_under_low_rank_directions(method):
     torch.manual_seed(0)
     model = tiny_llama()
     batch = causal_batch()
     zm = zo_fx.zo_compile(model, batch)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    settings = {"n_directions": 3} if method == "fzoo" else {}
+    settings = {"n_directions": 3} if method in ("fzoo", "es") else {}
     opt = zo_fx.build_optimizer(method, zm, lr=1e-3, kind="lowrank", rank=2, **settings)
     for _ in range(3):
         opt.step(batch)
@@ -152,13 +152,13 @@ def test_every_method_steps_and_replays_bit_exactly_under_low_rank_directions(me
         assert_bitwise_equal(p, dict(model.named_parameters())[n], what=f"replayed {n}")
 
 
-@pytest.mark.parametrize("method", ["mezo", "fzoo", "adamezo"])
+@pytest.mark.parametrize("method", ["mezo", "fzoo", "adamezo", "es"])
 def test_lr_zero_leaves_the_weights_bit_identical(method):
     model = tiny_llama()
     batch = causal_batch()
     zm = zo_fx.zo_compile(model, batch)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    settings = {"n_directions": 3} if method == "fzoo" else {}
+    settings = {"n_directions": 3} if method in ("fzoo", "es") else {}
     opt = zo_fx.build_optimizer(method, zm, lr=0.0, kind="lowrank", rank=4, **settings)
     for _ in range(2):
         opt.step(batch)

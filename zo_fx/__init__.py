@@ -4,10 +4,12 @@ from . import rewards
 from .compile import ZOModule, zo_compile
 from .losses import CandidateClassificationLoss, MaskedCandidateLoss, causal_lm_loss
 from .optim import (
+    ES,
     FZOO,
     METHODS,
     AdaMeZO,
     AdaMeZOConfig,
+    ESConfig,
     FZOOConfig,
     MeZO,
     MeZOConfig,
@@ -37,7 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "zo_compile", "ZOModule", "GroupTable", "CandidateClassificationLoss", "MaskedCandidateLoss", "causal_lm_loss",
-    "MeZO", "FZOO", "AdaMeZO", "ZOOptimizer", "StepInfo", "Trajectory", "replay", "ZOTrainer",
+    "MeZO", "FZOO", "AdaMeZO", "ES", "ESConfig", "ZOOptimizer", "StepInfo", "Trajectory", "replay", "ZOTrainer",
     "ZOConfig", "MeZOConfig", "FZOOConfig", "AdaMeZOConfig", "METHODS", "build_optimizer",
     "ExportFailedError", "UncoveredParameterUseError", "UnsupportedGraphError", "TrajectoryError",
     "RewardObjective", "rewards",

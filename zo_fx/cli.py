@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", default="fzoo", choices=METHODS, help=(
         "fzoo: N one-sided Rademacher directions, step normalised by the loss spread (the default); mezo: "
         "one two-sided Gaussian direction; adamezo: MeZO with Adam moments over the last K directions; "
+        "es: evolution strategies, N antithetic pairs with centered-rank fitness shaping (for rewards); "
         "adam: AdamW with backprop (a baseline)"))
     g.add_argument("--peft", default="none", choices=PEFTS, help=(
         "none: full fine-tuning (default); lora: rank 8, alpha 16 on the attention q/v projections (MeZO's "
@@ -139,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eps", type=float, default=1e-3, help=(
         "perturbation scale of the ZO methods (default: %(default)g, as MeZO, FZOO and AdaMeZO)"))
     g.add_argument("--directions", type=int, default=8, help=(
-        "FZOO's directions per step, N (default: %(default)s, the FZOO paper's)"))
+        "FZOO's directions per step, N, and ES's antithetic pairs (2N forward passes) (default: %(default)s, "
+        "the FZOO paper's)"))
     g.add_argument("--horizon", type=int, default=10, help=(
         "AdaMeZO's window K of past directions (default: %(default)s, with betas 0.7/0.9 and step scale 100, "
         "the AdaMeZO reference's)"))

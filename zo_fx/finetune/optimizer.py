@@ -49,5 +49,6 @@ def zo_optimizer(method: str, zm, *, directions: int, horizon: int, lr_schedule=
     ``directions`` goes only to FZOO (``n_directions``) and ``horizon`` only to AdaMeZO: a method's
     config refuses a setting it does not have. ``lr_schedule`` (step -> lr, or None) is the optimizer's.
     """
-    own = {"fzoo": {"n_directions": directions}, "adamezo": {"horizon": horizon}}.get(method, {})
+    own = {"fzoo": {"n_directions": directions}, "es": {"n_directions": directions},
+           "adamezo": {"horizon": horizon}}.get(method, {})
     return build_zo_optimizer(method, zm, lr_schedule=lr_schedule, **common, **own)

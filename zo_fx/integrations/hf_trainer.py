@@ -67,7 +67,7 @@ class ZOTrainer(Trainer):
     """A ``Trainer`` whose step is a zeroth-order step.
 
     Args:
-        zo_method: "fzoo", "mezo" or "adamezo".
+        zo_method: "fzoo", "mezo", "adamezo" or "es" (any name of ``zo_fx.METHODS``).
         zo_kwargs: extra arguments of the optimizer (eps, n_directions, horizon, kind, ...);
             the learning rate, weight decay and seed come from ``TrainingArguments``.
         zo_loss: per-example loss ``(outputs, batch) -> Tensor[N]`` (default: from the model class).

@@ -5,6 +5,7 @@ from .base import StepInfo, ZOOptimizer, decays, direction_seed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ZOConfig
 from .distributed import STRATEGIES, Distributed, DistributedStepError, local_shards
+from .es import ES, ESConfig
 from .fzoo import FZOO, FZOOConfig
 from .mezo import MeZO, MeZOConfig
 from .registry import METHODS, Method, build_optimizer, get_method
@@ -13,7 +14,7 @@ from .trajectory import ParamSpec, Trajectory, TrajectoryError, replay
 
 __all__ = [
     "METHODS", "STRATEGIES", "Distributed", "DistributedStepError", "local_shards",
-    "FZOO", "AdaMeZO", "AdaMeZOConfig", "FZOOConfig", "MeZO", "MeZOConfig", "Method", "ParamSpec",
+    "ES", "ESConfig", "FZOO", "AdaMeZO", "AdaMeZOConfig", "FZOOConfig", "MeZO", "MeZOConfig", "Method", "ParamSpec",
     "RewardObjective", "StepInfo", "Trajectory", "TrajectoryError", "ZOConfig", "ZOOptimizer", "build_optimizer",
     "decays",
     "direction_seed",

@@ -11,6 +11,7 @@ from typing import NamedTuple
 from .adamezo import AdaMeZO, AdaMeZOConfig
 from .base import ZOOptimizer
 from .config import ZOConfig
+from .es import ES, ESConfig
 from .fzoo import FZOO, FZOOConfig
 from .mezo import MeZO, MeZOConfig
 
@@ -24,6 +25,7 @@ METHODS: dict[str, Method] = {
     "fzoo": Method(FZOOConfig, FZOO),
     "mezo": Method(MeZOConfig, MeZO),
     "adamezo": Method(AdaMeZOConfig, AdaMeZO),
+    "es": Method(ESConfig, ES),
 }
 
 

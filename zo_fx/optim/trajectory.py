@@ -89,6 +89,10 @@ def model_fingerprint(model: torch.nn.Module) -> dict:
             "sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
+#: the methods whose steps a trajectory records (each step's update from its seeds and coefficients)
+TRAJECTORY_METHODS = ("mezo", "fzoo", "adamezo", "es")
+
+
 def content_checksum(d: dict) -> str:
     """sha256 of a trajectory dict's content (every field but the checksum), canonical JSON."""
     body = {k: v for k, v in d.items() if k != "checksum"}
@@ -244,8 +248,8 @@ def _parse(d) -> Trajectory:
         if d.get("checksum") != content_checksum(d):
             raise TrajectoryError("its content does not match its checksum: the file was changed after it was written")
     method, kind = d["method"], d["kind"]
-    if method not in ("mezo", "fzoo", "adamezo"):
-        raise TrajectoryError(f"method {method!r} is not one of mezo, fzoo, adamezo")
+    if method not in TRAJECTORY_METHODS:
+        raise TrajectoryError(f"method {method!r} is not one of {', '.join(TRAJECTORY_METHODS)}")
     try:
         kind = check_direction_kind(kind)
     except (ValueError, TypeError):
