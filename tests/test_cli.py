@@ -81,13 +81,13 @@ def error_of(capsys_or_none, argv: list[str]) -> str:
 # outputs
 
 
-@pytest.mark.parametrize("method", ["fzoo", "mezo", "adamezo", "es", "adam"])
+@pytest.mark.parametrize("method", ["fzoo", "mezo", "adamezo", "es", "zoadam", "adam"])
 def test_a_run_writes_metrics_trajectory_weights_and_curves(model_dir, tmp_path, method):
     metrics = finetune(model_dir, tmp_path, "--method", method, "--steps", "3", "--eval-every", "2",
                        "--directions", "3", "--horizon", "2")
     assert METRICS_KEYS <= metrics.keys()
     assert len(metrics["history"]) == 3 and all(STEP_KEYS <= h.keys() for h in metrics["history"])
-    per_step = {"fzoo": 4, "mezo": 2, "adamezo": 2, "es": 6, "adam": 1}[method]
+    per_step = {"fzoo": 4, "mezo": 2, "adamezo": 2, "es": 6, "zoadam": 2, "adam": 1}[method]
     assert [h["forward_passes"] for h in metrics["history"]] == [per_step, 2 * per_step, 3 * per_step]
     final = metrics["final"]
     assert final["steps"] == 3 and final["forward_passes"] == 3 * per_step
@@ -139,7 +139,7 @@ def test_forward_budget_stops_before_overspending(model_dir, tmp_path):
 # resume
 
 
-@pytest.mark.parametrize("method", ["fzoo", "adamezo", "adam", "fzoo-lowrank"])
+@pytest.mark.parametrize("method", ["fzoo", "adamezo", "adam", "fzoo-lowrank", "zosgd_momentum"])
 def test_resume_continues_exactly_as_an_uninterrupted_run(model_dir, tmp_path, method):
     kind = ("--direction-kind", "lowrank", "--rank", "2") if method.endswith("-lowrank") else ()
     method = method.removesuffix("-lowrank")

@@ -131,7 +131,7 @@ def test_no_forward_forms_a_weight_sized_direction():
     assert dense, "the recorder sees a dense direction when one is formed"
 
 
-@pytest.mark.parametrize("method", ["mezo", "fzoo", "adamezo", "es"])
+@pytest.mark.parametrize("method", ["mezo", "fzoo", "adamezo", "es", "zosgd_momentum", "zoadam"])
 def test_every_method_steps_and_replays_bit_exactly_under_low_rank_directions(method):
     torch.manual_seed(0)
     model = tiny_llama()

@@ -51,14 +51,15 @@ def test_trainer_runs_zo_steps_with_the_trainers_schedule(method, tmp_path):
     assert all(torch.equal(p, dict(replayed.named_parameters())[n]) for n, p in model.named_parameters())
 
 
-def test_trainer_checkpoint_resume_restores_the_zo_state(tmp_path):
+@pytest.mark.parametrize("method", ["mezo", "zoadam"])
+def test_trainer_checkpoint_resume_restores_the_zo_state(tmp_path, method):
     model = tiny_llama(torch.float32)
     args = _args(tmp_path, save_strategy="steps", save_steps=2, max_steps=4)
-    zo_fx.ZOTrainer(model=model, args=args, train_dataset=_ListDataset(8), zo_method="mezo").train()
+    zo_fx.ZOTrainer(model=model, args=args, train_dataset=_ListDataset(8), zo_method=method).train()
     straight = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     resumed_model = tiny_llama(torch.float32)
-    trainer = zo_fx.ZOTrainer(model=resumed_model, args=args, train_dataset=_ListDataset(8), zo_method="mezo")
+    trainer = zo_fx.ZOTrainer(model=resumed_model, args=args, train_dataset=_ListDataset(8), zo_method=method)
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert trainer.zo_optimizer.step_count == 4
     assert all(torch.equal(straight[n], p) for n, p in resumed_model.named_parameters())

@@ -17,8 +17,12 @@ from .optim import (
     StepInfo,
     Trajectory,
     TrajectoryError,
+    ZOAdam,
+    ZOAdamConfig,
     ZOConfig,
     ZOOptimizer,
+    ZOSGDMomentum,
+    ZOSGDMomentumConfig,
     build_optimizer,
     replay,
 )
@@ -39,7 +43,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "zo_compile", "ZOModule", "GroupTable", "CandidateClassificationLoss", "MaskedCandidateLoss", "causal_lm_loss",
-    "MeZO", "FZOO", "AdaMeZO", "ES", "ESConfig", "ZOOptimizer", "StepInfo", "Trajectory", "replay", "ZOTrainer",
+    "MeZO", "FZOO", "AdaMeZO", "ES", "ESConfig", "ZOAdam", "ZOAdamConfig", "ZOSGDMomentum",
+    "ZOSGDMomentumConfig", "ZOOptimizer", "StepInfo", "Trajectory", "replay", "ZOTrainer",
     "ZOConfig", "MeZOConfig", "FZOOConfig", "AdaMeZOConfig", "METHODS", "build_optimizer",
     "ExportFailedError", "UncoveredParameterUseError", "UnsupportedGraphError", "TrajectoryError",
     "RewardObjective", "rewards",

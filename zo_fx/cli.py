@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         "fzoo: N one-sided Rademacher directions, step normalised by the loss spread (the default); mezo: "
         "one two-sided Gaussian direction; adamezo: MeZO with Adam moments over the last K directions; "
         "es: evolution strategies, N antithetic pairs with centered-rank fitness shaping (for rewards); "
+        "zosgd_momentum, zoadam: MeZO's estimate through stored momentum / Adam moments (1x / 2x the weights' "
+        "memory in float32); "
         "adam: AdamW with backprop (a baseline)"))
     g.add_argument("--peft", default="none", choices=PEFTS, help=(
         "none: full fine-tuning (default); lora: rank 8, alpha 16 on the attention q/v projections (MeZO's "

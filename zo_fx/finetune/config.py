@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-METHODS = ("fzoo", "mezo", "adamezo", "es", "adam")
+METHODS = ("fzoo", "mezo", "adamezo", "es", "zosgd_momentum", "zoadam", "adam")
 PEFTS = ("none", "lora", "prefix", "prompt")
 LR_SCHEDULES = ("constant", "linear")
 #: --direction-kind: element-wise signs or normals, or rank-r products A B^T on every matrix (--rank)
@@ -33,7 +33,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 MIN_MAX_LENGTH = 8
 # ES's coefficients are shaped ranks over (population * eps), about 1/eps times FZOO's, so its lr is FZOO's
 # times eps (not swept).
-DEFAULT_LR = {"fzoo": 3e-3, "mezo": 1e-4, "adamezo": 1e-6, "es": 3e-6, "adam": 1e-5}
+# ZO-SGD with momentum sums about 1 / (1 - beta) = 10 past estimates, so its lr is MeZO's over 10; ZO-Adam's
+# step is normalised like Adam's and takes Adam's lr (neither swept).
+DEFAULT_LR = {"fzoo": 3e-3, "mezo": 1e-4, "adamezo": 1e-6, "es": 3e-6, "zosgd_momentum": 1e-5, "zoadam": 1e-5,
+              "adam": 1e-5}
 # Adapters (--peft), swept with LoRA r=8 over 270 forward passes, final moving-average training loss:
 #   FZOO 3e-3: 0.435, 1e-2: 0.367, 3e-2: 0.303, 1e-1: 1.17 (diverged);
 #   MeZO 1e-4: 0.500, 3e-4: 0.493, 1e-3: 0.470, 3e-3: 0.572, 1e-2: 0.826;
@@ -43,7 +46,8 @@ DEFAULT_LR = {"fzoo": 3e-3, "mezo": 1e-4, "adamezo": 1e-6, "es": 3e-6, "adam": 1
 # then turn unstable (probe loss 0.28 at 270 forward passes, 0.48 at the end; seeds 0 and 1), while 1e-2
 # ends at 0.29. 3e-2 decayed linearly to 0 ends at 0.22 (benchmarks/convergence.py; here: --lr 3e-2
 # --lr-schedule linear). Prefix and prompt tuning use these values too (not swept).
-DEFAULT_PEFT_LR = {"fzoo": 1e-2, "mezo": 1e-3, "adamezo": 1e-5, "es": 1e-5, "adam": 1e-3}
+DEFAULT_PEFT_LR = {"fzoo": 1e-2, "mezo": 1e-3, "adamezo": 1e-5, "es": 1e-5, "zosgd_momentum": 1e-4, "zoadam": 1e-3,
+                   "adam": 1e-3}
 # The default run (no flags) must finish in about 10 minutes on a 2-core CPU, load and evaluations included.
 # Measured (`zo-fx finetune --threads 2`, quiet machine): 4 min 33 s wall, of which 142 s are the 30 FZOO
 # steps (9 forward passes of 16 examples each) and the rest model load, compile and evaluations; test
@@ -206,7 +210,7 @@ class FinetuneConfig:
 
 def forward_passes_per_step(method: str, directions: int) -> int:
     """Forward passes over the batch per step of ``method`` (Adam's backward pass is not counted)."""
-    return {"fzoo": directions + 1, "mezo": 2, "adamezo": 2, "es": 2 * directions, "adam": 1}[method]
+    return {"fzoo": directions + 1, "es": 2 * directions, "adam": 1}.get(method, 2)
 
 
 def linear_decay(lr: float, step: int, total: int) -> float:

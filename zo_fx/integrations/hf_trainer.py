@@ -30,6 +30,7 @@ import json
 import os
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
 from zo_fx.compile import zo_compile
@@ -38,6 +39,8 @@ from zo_fx.optim.registry import build_optimizer, get_method
 from zo_fx.optim.reward import RewardObjective
 
 ZO_STATE = "zo_optimizer.json"
+#: the buffers of a stateful method (ZO-SGD momentum, ZO-Adam) beside its JSON state
+ZO_BUFFERS = "zo_optimizer_buffers.safetensors"
 
 
 class PromptCollator:
@@ -107,7 +110,7 @@ class ZOTrainer(Trainer):
         self.zo_module = None
         self.zo_optimizer = None
         self.last_step_info = None
-        self._pending_zo_state = None
+        self._pending_zo_state = self._pending_zo_buffers = None
 
     def _build_zo(self, batch: dict) -> None:
         if self.reward_objective is not None:  # the model sees the tensors; prompts and columns go to the rewards
@@ -126,7 +129,8 @@ class ZOTrainer(Trainer):
         if self._pending_zo_state is not None:
             state = {**self._pending_zo_state, "torch_optimizer": self.optimizer.state_dict()}
             self.zo_optimizer.load_state_dict(state)
-            self._pending_zo_state = None
+            self.zo_optimizer.load_state_tensors(self._pending_zo_buffers or {})
+            self._pending_zo_state = self._pending_zo_buffers = None
 
     def create_optimizer(self):
         if self.optimizer is None:
@@ -152,9 +156,14 @@ class ZOTrainer(Trainer):
         if self.zo_optimizer is not None and self.args.should_save:  # rank 0 only under torchrun
             with open(os.path.join(output_dir, ZO_STATE), "w") as f:
                 json.dump(self.zo_optimizer.state_dict(), f)
+            buffers = self.zo_optimizer.state_tensors()
+            if buffers:  # ZO-SGD momentum / ZO-Adam buffers
+                save_file({k: v.contiguous() for k, v in buffers.items()}, os.path.join(output_dir, ZO_BUFFERS))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and os.path.exists(os.path.join(checkpoint, ZO_STATE)):
             with open(os.path.join(checkpoint, ZO_STATE)) as f:
                 self._pending_zo_state = json.load(f)
+            buffers = os.path.join(checkpoint, ZO_BUFFERS)
+            self._pending_zo_buffers = load_file(buffers) if os.path.exists(buffers) else None

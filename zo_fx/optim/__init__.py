@@ -8,13 +8,16 @@ from .distributed import STRATEGIES, Distributed, DistributedStepError, local_sh
 from .es import ES, ESConfig
 from .fzoo import FZOO, FZOOConfig
 from .mezo import MeZO, MeZOConfig
+from .momentum import ZOSGDMomentum, ZOSGDMomentumConfig
 from .registry import METHODS, Method, build_optimizer, get_method
 from .reward import RewardObjective
 from .trajectory import ParamSpec, Trajectory, TrajectoryError, replay
+from .zoadam import ZOAdam, ZOAdamConfig
 
 __all__ = [
     "METHODS", "STRATEGIES", "Distributed", "DistributedStepError", "local_shards",
-    "ES", "ESConfig", "FZOO", "AdaMeZO", "AdaMeZOConfig", "FZOOConfig", "MeZO", "MeZOConfig", "Method", "ParamSpec",
+    "ES", "ESConfig", "ZOAdam", "ZOAdamConfig", "ZOSGDMomentum", "ZOSGDMomentumConfig",
+    "FZOO", "AdaMeZO", "AdaMeZOConfig", "FZOOConfig", "MeZO", "MeZOConfig", "Method", "ParamSpec",
     "RewardObjective", "StepInfo", "Trajectory", "TrajectoryError", "ZOConfig", "ZOOptimizer", "build_optimizer",
     "decays",
     "direction_seed",

@@ -97,6 +97,8 @@ class ZOOptimizer:
 
     method: ClassVar[str] = "zo"
     Config: ClassVar[type[ZOConfig]] = ZOConfig
+    #: whether updates read and advance per-parameter buffers (zo_fx.optim.stateful)
+    stateful: ClassVar[bool] = False
 
     def __init__(self, zm: ZOModule, lr: float | None = None, *, config: ZOConfig | None = None,
                  lr_schedule: Callable[[int], float] | None = None, process_group=None,
@@ -121,6 +123,9 @@ class ZOOptimizer:
         # a torch optimizer over one dummy tensor: lets torch LR schedulers and the HF Trainer drive our lr
         self.torch_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
         self.trajectory = self._new_trajectory()
+        #: per-parameter buffers of a stateful method (momentum, ZO-Adam): {} before the first update;
+        #: None for the others, and for a stateful one whose saved buffers have not been loaded yet
+        self.state: dict | None = {} if self.stateful else None
 
     # ---- settings (read from the config, the one place they live) -----------------------------------------
     lr = property(lambda self: self.config.lr, doc="the base learning rate (a schedule may change the current one)")
@@ -166,6 +171,9 @@ class ZOOptimizer:
         ``objective(zm, batch, table, step) -> [G, B]`` replaces the model's per-example loss, e.g. a
         :class:`~zo_fx.optim.reward.RewardObjective` (loss = -reward of each group's generated text).
         """
+        if self.stateful and self.state is None:
+            raise RuntimeError(f"this {self.method} optimizer was restored with load_state_dict but its buffers were "
+                               "not: call load_state_tensors (load_checkpoint does both) before stepping")
         t0 = time.perf_counter()
         table = self.table()
         if objective is not None:
@@ -191,7 +199,8 @@ class ZOOptimizer:
             reason = reason or self._lr_problem(lr)
         if reason is None:
             self.trajectory.records.append(self._record(seeds, coefs, lr))
-            refused = apply_checked(self.trajectory, self.params, len(self.trajectory.records) - 1, self.zm.impl)
+            refused = apply_checked(self.trajectory, self.params, len(self.trajectory.records) - 1, self.zm.impl,
+                                    self.state)
             if refused is not None:
                 self.trajectory.records.pop()
                 reason, nonfinite = f"{refused}: step skipped, weights untouched", True
@@ -214,6 +223,28 @@ class ZOOptimizer:
         return info
 
     # ---- state ----------------------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The buffers of a stateful method as flat ``"<param>::<buffer>"`` tensors (a checkpoint's
+        ``state.safetensors``); empty for methods whose state is the trajectory alone."""
+        return {f"{name}::{key}": t for name, buffers in (self.state or {}).items() for key, t in buffers.items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_tensors` gave (call after :meth:`load_state_dict`)."""
+        if not self.stateful:
+            if tensors:
+                raise ValueError(f"{self.method} keeps no buffers, but the checkpoint holds {len(tensors)}")
+            return
+        unknown = sorted({k.split("::", 1)[0] for k in tensors} - set(self.params))
+        if unknown:
+            raise ValueError(f"the checkpoint's buffers name parameters this model does not train: {unknown[:3]}")
+        if self.trajectory.records and not tensors:
+            raise ValueError(f"the checkpoint has {len(self.trajectory.records)} {self.method} updates but no "
+                             "buffers (state.safetensors): the run cannot continue exactly")
+        self.state = {}
+        for key, t in tensors.items():
+            name, buffer = key.split("::", 1)
+            self.state.setdefault(name, {})[buffer] = t.clone()
+
     def state_dict(self) -> dict:
         state = {
             "method": self.method, "config": self.config.to_dict(), "step_count": self.step_count,
@@ -246,6 +277,8 @@ class ZOOptimizer:
         self.skipped_steps = state["skipped_steps"]
         self.torch_optimizer.load_state_dict(state["torch_optimizer"])
         self.trajectory = trajectory
+        if self.stateful:  # the buffers come separately (load_state_tensors); until then no step can run
+            self.state = None if trajectory.records else {}
         if "lr_schedule" in state and isinstance(self.lr_schedule, torch.optim.lr_scheduler.LRScheduler):
             self.lr_schedule.load_state_dict(state["lr_schedule"])
 

@@ -85,6 +85,9 @@ def save_checkpoint(output_dir, model: torch.nn.Module, optimizer, extra: dict |
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             save_file(tensors, str(tmp / "weights.safetensors"))
+            buffers = optimizer.state_tensors() if hasattr(optimizer, "state_tensors") else {}
+            if buffers:  # a stateful method's momentum buffers
+                save_file({k: v.contiguous() for k, v in buffers.items()}, str(tmp / "state.safetensors"))
             (tmp / "optimizer.json").write_text(json.dumps(optimizer.state_dict()))
             (tmp / "extra.json").write_text(json.dumps(extra or {}))
             write_manifest(tmp)
@@ -143,4 +146,7 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer, log: Callable[[str]
                 raise KeyError(f"checkpoint has weight {name!r} that the model does not; is it the same model?")
             params[name].copy_(value)
     optimizer.load_state_dict(json.loads((path / "optimizer.json").read_text()))
+    if hasattr(optimizer, "load_state_tensors"):
+        buffers = path / "state.safetensors"
+        optimizer.load_state_tensors(load_file(str(buffers)) if buffers.is_file() else {})
     return json.loads((path / "extra.json").read_text())

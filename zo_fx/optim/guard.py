@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from zo_fx.optim.stateful import STATEFUL_MODES, step_bound
 from zo_fx.streams.layout import GAUSSIAN, is_lowrank, rank_of
 
 #: the largest |z| of a Gaussian direction element: sqrt(-2 ln 2**-24) = 5.77 (u1 >= 2**-24), with margin
@@ -72,14 +73,17 @@ def check_settings_fit(config, params: dict[str, torch.Tensor]) -> None:
                              "use a smaller eps")
 
 
-def apply_checked(trajectory, params: dict[str, torch.Tensor], index: int, impl: str) -> str | None:
+def apply_checked(trajectory, params: dict[str, torch.Tensor], index: int, impl: str,
+                  state: dict | None = None) -> str | None:
     """Apply record ``index`` to ``params`` unless it would make a weight non-finite; then return why not.
 
-    Returns None when the update was applied. Otherwise nothing was written and the string names
-    the parameters and the bound, for the step's skip reason.
+    Returns None when the update was applied. Otherwise nothing was written (weights and ``state``,
+    the buffers of a stateful method) and the string names the parameters and the bound, for the
+    step's skip reason.
     """
     record = trajectory.records[index]
     lr, step = float(record["lr"]), step_max(trajectory, record)
+    stateful = record.get("mode") in STATEFUL_MODES
     risky, bad = [], []
     for spec in trajectory.params:
         p = params[spec.name]
@@ -88,6 +92,9 @@ def apply_checked(trajectory, params: dict[str, torch.Tensor], index: int, impl:
             bad.append(f"{spec.name} (already non-finite)")
             continue
         wd = trajectory.weight_decay if spec.decay else 0.0
+        if stateful:
+            step = step_bound(record["mode"], state.get(spec.name, {}), sum(abs(float(c)) for c in record["coefs"]),
+                              direction_max(trajectory.kind), trajectory.betas, index + 1)
         bound = now * (1.0 + lr * wd) + lr * step
         if not bound <= SAFE_SHARE * torch.finfo(p.dtype).max:
             risky.append(spec.name)
@@ -95,11 +102,12 @@ def apply_checked(trajectory, params: dict[str, torch.Tensor], index: int, impl:
         return f"the weights are already non-finite: {_names(bad)}"
     for name in risky:  # a trial on a scratch copy of this one parameter
         trial = {name: params[name].detach().clone()}
-        trajectory.apply(trial, index, impl=impl, only=[name])
+        scratch = {name: {k: v.clone() for k, v in state.get(name, {}).items()}} if stateful else None
+        trajectory.apply(trial, index, impl=impl, only=[name], state=scratch)
         if not bool(torch.isfinite(trial[name]).all()):
             return (f"the update (lr {lr:g}, largest step element {lr * step:.3g}) would make {name} non-finite "
                     f"in {params[name].dtype}")
-    trajectory.apply(params, index, impl=impl)
+    trajectory.apply(params, index, impl=impl, state=state)
     return None
 
 

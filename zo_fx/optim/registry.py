@@ -14,6 +14,8 @@ from .config import ZOConfig
 from .es import ES, ESConfig
 from .fzoo import FZOO, FZOOConfig
 from .mezo import MeZO, MeZOConfig
+from .momentum import ZOSGDMomentum, ZOSGDMomentumConfig
+from .zoadam import ZOAdam, ZOAdamConfig
 
 
 class Method(NamedTuple):
@@ -26,6 +28,8 @@ METHODS: dict[str, Method] = {
     "mezo": Method(MeZOConfig, MeZO),
     "adamezo": Method(AdaMeZOConfig, AdaMeZO),
     "es": Method(ESConfig, ES),
+    "zosgd_momentum": Method(ZOSGDMomentumConfig, ZOSGDMomentum),
+    "zoadam": Method(ZOAdamConfig, ZOAdam),
 }
 
 

@@ -22,12 +22,13 @@ import torch
 from zo_fx import kernels
 from zo_fx.checks import check_int, check_real
 from zo_fx.files import atomic_write_json
+from zo_fx.optim.stateful import STATEFUL_MODES, apply_stateful, estimate
 from zo_fx.streams.layout import KINDS, check_direction_kind
 
 #: 2: parameter shapes, dtypes and tied names, and a checksum of the content
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
-MODES = ("linear", "adamezo")
+MODES = ("linear", "adamezo", *STATEFUL_MODES)
 
 
 class TrajectoryError(ValueError):
@@ -90,7 +91,7 @@ def model_fingerprint(model: torch.nn.Module) -> dict:
 
 
 #: the methods whose steps a trajectory records (each step's update from its seeds and coefficients)
-TRAJECTORY_METHODS = ("mezo", "fzoo", "adamezo", "es")
+TRAJECTORY_METHODS = ("mezo", "fzoo", "adamezo", "es", "zosgd_momentum", "zoadam")
 
 
 def content_checksum(d: dict) -> str:
@@ -136,7 +137,8 @@ class Trajectory:
                 "adam_eps": self.adam_eps}
 
     def apply(self, tensors: dict[str, torch.Tensor], index: int, *, impl: str = "auto",
-              shards: dict[str, tuple[int, int]] | None = None, only: list[str] | None = None) -> None:
+              shards: dict[str, tuple[int, int]] | None = None, only: list[str] | None = None,
+              state: dict | None = None) -> None:
         """Apply record ``index`` to ``tensors`` (name -> parameter), in place, through ``impl``.
 
         ``shards`` (name -> (start, total)): ``tensors[name]`` is only the flat elements
@@ -144,8 +146,15 @@ class Trajectory:
         elements are updated exactly as the whole parameter's would be, bit for bit. A name
         listed in ``shards`` but absent from ``tensors`` is skipped (this rank holds none of it).
         ``only``: apply to these parameters alone (the others need not be in ``tensors``).
+        ``state`` (name -> buffers): what a stateful record (momentum, ZO-Adam; see
+        :mod:`zo_fx.optim.stateful`) reads and advances; it must hold the buffers as record
+        ``index - 1`` left them (empty before record 0).
         """
         rec = self.records[index]
+        mode = rec.get("mode", "linear")
+        if mode in STATEFUL_MODES:
+            self._apply_stateful(tensors, index, impl, shards, only, state)
+            return
         shards = shards or {}
         placed = {name: dict(zip(("start", "total"), shards[name])) if name in shards else {} for name in
                   (spec.name for spec in self.params)}
@@ -166,6 +175,27 @@ class Trajectory:
                         tensors[spec.name].data, rec["seeds"], rec["coefs"], spec.pid, self.kind, rec["lr"],
                         self.weight_decay if spec.decay else 0.0, impl=impl, **placed[spec.name],
                     )
+
+    def _apply_stateful(self, tensors, index: int, impl: str, shards, only, state) -> None:
+        rec = self.records[index]
+        if state is None:
+            raise TrajectoryError(f"record {index} is a {rec['mode']} update: it needs the optimizer's state "
+                                  "(state=...); replay() rebuilds it from record 0")
+        if shards:
+            raise TrajectoryError(f"{rec['mode']} updates keep buffers per whole parameter; they do not take shards")
+        with torch.no_grad():
+            for spec in self.params:
+                if only is not None and spec.name not in only:
+                    continue
+                p = tensors[spec.name].data
+                g = estimate(p, rec["seeds"], rec["coefs"], spec.pid, self.kind, impl)
+                apply_stateful(rec["mode"], p, state.setdefault(spec.name, {}), g, rec["lr"],
+                               self.weight_decay if spec.decay else 0.0, self.betas, self.adam_eps, index + 1)
+
+    @property
+    def stateful(self) -> bool:
+        """Whether any record reads per-parameter buffers (replay must then start at record 0)."""
+        return any(rec.get("mode") in STATEFUL_MODES for rec in self.records)
 
     # ---- persistence ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -233,8 +263,12 @@ def replay(model: torch.nn.Module, trajectory: Trajectory, start: int = 0, stop:
             "the run started from, with the same parameter names, shapes, dtypes and tied weights"
         )
     tensors = dict(model.named_parameters())
+    if trajectory.stateful and start != 0:
+        raise TrajectoryError(f"this {trajectory.method} trajectory keeps momentum buffers, rebuilt from its first "
+                              f"record: replay it from start=0, not {start}")
+    state = {} if trajectory.stateful else None
     for i in range(start, len(trajectory) if stop is None else stop):
-        trajectory.apply(tensors, i, impl=impl)
+        trajectory.apply(tensors, i, impl=impl, state=state)
     return model
 
 
