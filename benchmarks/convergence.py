@@ -89,9 +89,22 @@ from zo_fx.finetune import (  # noqa: E402
     zo_optimizer,
 )
 
-ZO_METHODS = ("fzoo", "mezo", "adamezo")
+ZO_METHODS = ("fzoo", "mezo", "adamezo", "es", "zosgd_momentum", "zoadam")
 # Chosen by sweeps on SmolLM2-135M-Instruct / VADER with LoRA (B=16, 270 forward passes); see the docstring.
-DEFAULT_LRS = {"fzoo": ["3e-2:linear"], "mezo": ["1e-3"], "adamezo": ["1e-5"], "adam": ["1e-3"]}
+# ES, ZO-SGD with momentum and ZO-Adam start from their job defaults (zo_fx/finetune/config.py, by analogy).
+DEFAULT_LRS = {"fzoo": ["3e-2:linear"], "mezo": ["1e-3"], "adamezo": ["1e-5"], "es": ["1e-5"],
+               "zosgd_momentum": ["1e-4"], "zoadam": ["1e-3"], "adam": ["1e-3"]}
+#: a method entry ``name`` or ``name:lowrankR`` (low-rank directions of rank R); lrs are the method's
+KIND_SUFFIX = ":lowrank"
+
+
+def split_entry(entry: str) -> tuple[str, dict]:
+    """``"fzoo:lowrank2"`` -> ``("fzoo", {"kind": "lowrank", "rank": 2})``; ``"mezo"`` -> ``("mezo", {})``."""
+    method, _, rank = entry.partition(KIND_SUFFIX)
+    if rank and not rank.isdigit() or method not in (*ZO_METHODS, "adam") or (rank and method == "adam"):
+        raise SystemExit(f"--methods {entry!r}: write a method ({', '.join(ZO_METHODS)}, adam), optionally "
+                         f"followed by {KIND_SUFFIX}R for low-rank directions of rank R (ZO methods)")
+    return method, ({"kind": "lowrank", "rank": int(rank)} if rank else {})
 
 
 def parse_lrs(items: list[str]) -> dict[str, list[tuple[float, str]]]:
@@ -150,9 +163,10 @@ class Probe:
         return float(self.loss(logits, self.batch).double().mean())
 
 
-def train_once(method: str, lr: float, schedule: str, seed: int, steps: int, per_probe: int, args,
+def train_once(entry: str, lr: float, schedule: str, seed: int, steps: int, per_probe: int, args,
                setup) -> dict:
     """One run from the initial weights: the loss of every step, probe losses, seconds (probes excluded)."""
+    method, kind = split_entry(entry)
     model, zm, loss, task, tokenizer, initial, probe = setup
     live = dict(model.named_parameters())
     with torch.no_grad():
@@ -163,10 +177,10 @@ def train_once(method: str, lr: float, schedule: str, seed: int, steps: int, per
     else:
         decay = (lambda step: linear_decay(lr, step, steps)) if schedule == "linear" else None
         opt = zo_optimizer(method, zm, lr=lr, eps=args.eps, seed=seed, directions=args.directions,
-                           horizon=args.horizon, lr_schedule=decay)
+                           horizon=args.horizon, lr_schedule=decay, **kind)
     cursor = task.cursor(args.batch_size, seed=seed)
     fwd, losses, step_lrs, probes, seconds = [], [], [], [(0, probe(model))], 0.0
-    bar = tqdm(range(steps), desc=f"{method} lr={label(lr, schedule)} seed={seed}", unit="step", leave=False,
+    bar = tqdm(range(steps), desc=f"{entry} lr={label(lr, schedule)} seed={seed}", unit="step", leave=False,
                dynamic_ncols=True)
     for _ in bar:
         t0 = time.perf_counter()
@@ -200,7 +214,8 @@ def run(args) -> dict:
     per_step = {m: forward_passes_per_step(m, args.directions) for m in (*ZO_METHODS, "adam")}
     smooth_fwd = max(1, round(args.smooth * args.budget))
     runs = []
-    for method in args.methods:
+    for entry in args.methods:
+        method, _ = split_entry(entry)
         steps = args.adam_steps if method == "adam" else args.budget // per_step[method]
         span = steps * per_step[method]
         per_probe = max(1, span // args.probes)
@@ -208,7 +223,7 @@ def run(args) -> dict:
         for lr, schedule in lrs[method]:
             done, tests = [], []
             for seed in args.seeds:
-                done.append(train_once(method, lr, schedule, seed, steps, per_probe, args, setup))
+                done.append(train_once(entry, lr, schedule, seed, steps, per_probe, args, setup))
                 tests.append(evaluate(model, task, tokenizer, loss, "test", args.max_length,
                                       desc=f"{method} test"))
             broken = [t for t in tests if t["accuracy"] is None]
@@ -221,7 +236,7 @@ def run(args) -> dict:
             smoothed = moving_average(mean_loss, window)
             fwd = done[0]["fwd"]
             runs.append({
-                "method": method, "lr": lr, "schedule": schedule, "seeds": list(args.seeds), "steps": steps,
+                "method": entry, "lr": lr, "schedule": schedule, "seeds": list(args.seeds), "steps": steps,
                 "window_steps": window,
                 "forward_passes": fwd[-1] if fwd else 0,
                 "final_smoothed_loss": smoothed[-1] if smoothed else None, "final_probe_loss": probes[-1][1],
@@ -234,7 +249,7 @@ def run(args) -> dict:
                 "probe": {"forward_passes": [p[0] for p in probes], "loss": [p[1] for p in probes]},
             })
             r = runs[-1]
-            print(f"{method} lr={label(lr, schedule)}: final smoothed loss {r['final_smoothed_loss']}, "
+            print(f"{entry} lr={label(lr, schedule)}: final smoothed loss {r['final_smoothed_loss']}, "
                   f"probe loss {r['final_probe_loss']:.4f}, test accuracy {r['test_accuracy']:.4f}, "
                   f"{r['seconds']:.0f} s", flush=True)
     return {
@@ -316,12 +331,15 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_s, ax_p) = plt.subplots(1, 2, figsize=(13, 5))
-    colors = {"fzoo": "tab:blue", "mezo": "tab:red", "adamezo": "tab:green", "adam": "tab:gray"}
+    colors = {"fzoo": "tab:blue", "mezo": "tab:red", "adamezo": "tab:green", "es": "tab:orange",
+              "zosgd_momentum": "tab:purple", "zoadam": "tab:brown", "adam": "tab:gray"}
     for r in result["runs"]:
         style, lw = ("-", 2) if r.get("chosen") else (":", 1)
+        if KIND_SUFFIX in r["method"]:  # low-rank directions: dashed, in the method's colour
+            style = "--" if r.get("chosen") else ":"
         name = f"{r['method']} lr={label(r['lr'], r.get('schedule', 'constant'))}"
         name += " (steps; backward not counted)" if r["method"] == "adam" else ""
-        color = colors[r["method"]]
+        color = colors[split_entry(r["method"])[0]]
         ax_s.plot(r["curve"]["forward_passes"], r["curve"]["smoothed"], style, color=color, lw=lw, label=name)
         ax_p.plot(r["probe"]["forward_passes"], r["probe"]["loss"], style, marker=".", color=color, lw=lw,
                   label=name)
@@ -351,9 +369,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--template", help="as zo-fx finetune --template")
     p.add_argument("--peft", default="lora", choices=["none", "lora", "prompt"], help="what trains (default: "
                    "%(default)s; 'none' is full fine-tuning, several times slower per step on a CPU)")
-    p.add_argument("--methods", nargs="+", default=[*ZO_METHODS, "adam"], choices=[*ZO_METHODS, "adam"],
-                   help="methods to run (default: all; MeZO is the yardstick of the 'fwd to MeZO's loss' "
-                   "column)")
+    p.add_argument("--methods", nargs="+", default=[*ZO_METHODS, "adam"],
+                   help="methods to run, each optionally with :lowrankR for low-rank directions of rank R, e.g. "
+                   "'fzoo fzoo:lowrank2 mezo' (default: every method, full rank; MeZO is the yardstick of the "
+                   "'fwd to MeZO's loss' column)")
     p.add_argument("--budget", type=int, default=450, help="forward passes per ZO run (default: %(default)s)")
     p.add_argument("--adam-steps", type=int, help="Adam's steps (default: as many as FZOO takes)")
     p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
