@@ -1,4 +1,5 @@
-"""MeZO, FZOO and AdaMeZO: formulas, exactness, skipping, replay and resume."""
+"""Every registered method (MeZO, FZOO, AdaMeZO, ES, ZO-SGD momentum, ZO-Adam): formulas, exactness,
+skipping, replay and resume. The newer methods' formulas are in test_es.py and test_stateful_methods.py."""
 
 import copy
 import json
@@ -24,6 +25,9 @@ SETTINGS = {
     "mezo": dict(eps=1e-3, weight_decay=0.01, seed=3),
     "fzoo": dict(eps=1e-3, n_directions=4, weight_decay=0.01, seed=3),
     "adamezo": dict(eps=1e-3, horizon=3, weight_decay=0.01, seed=3),
+    "es": dict(eps=1e-3, n_directions=2, weight_decay=0.01, seed=3),
+    "zosgd_momentum": dict(eps=1e-3, momentum=0.8, weight_decay=0.01, seed=3),
+    "zoadam": dict(eps=1e-3, betas=(0.8, 0.99), weight_decay=0.01, seed=3),
 }
 assert set(SETTINGS) == set(zo_fx.METHODS), "every registered method is tested"
 

@@ -148,6 +148,10 @@ class ZOOptimizer:
         return float(self.lr_schedule(self.step_count))
 
     # ---- the step -----------------------------------------------------------------------------------------
+    def step_seeds(self, count: int) -> list[int]:
+        """The seeds of this step's ``count`` directions (a pure function of run seed, step and index)."""
+        return [direction_seed(self.seed, self.step_count, i) for i in range(count)]
+
     def table(self) -> GroupTable:
         raise NotImplementedError
 
@@ -295,6 +299,17 @@ class ZOOptimizer:
             diffs += _spec_diffs(trajectory, fresh)
         if diffs:
             raise ValueError(f"the saved trajectory does not belong to this optimizer ({'; '.join(diffs)})")
+
+
+class SeveralDirections:
+    """For a method that evaluates ``config.n_directions`` directions a step (FZOO, ES)."""
+
+    @property
+    def n_directions(self) -> int:
+        return self.config.n_directions
+
+    def _seeds(self) -> list[int]:
+        return self.step_seeds(self.n_directions)
 
 
 def _refuse_fsdp(model: torch.nn.Module, params: dict) -> None:

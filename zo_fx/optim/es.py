@@ -21,7 +21,7 @@ from zo_fx.checks import check_int
 from zo_fx.streams.layout import GAUSSIAN
 from zo_fx.streams.table import GroupTable
 
-from .base import ZOOptimizer, direction_seed
+from .base import SeveralDirections, ZOOptimizer
 from .config import ZOConfig
 
 SHAPINGS = ("centered_ranks", "zscore")
@@ -68,18 +68,11 @@ class ESConfig(ZOConfig):
             raise ValueError(f"shaping must be one of {SHAPINGS}; got {self.shaping!r}")
 
 
-class ES(ZOOptimizer):
+class ES(SeveralDirections, ZOOptimizer):
     """Antithetic evolution strategies with fitness shaping (see the module docstring for the formula)."""
 
     method = "es"
     Config = ESConfig
-
-    @property
-    def n_directions(self) -> int:
-        return self.config.n_directions
-
-    def _seeds(self) -> list[int]:
-        return [direction_seed(self.seed, self.step_count, i) for i in range(self.n_directions)]
 
     def table(self) -> GroupTable:
         seeds = [s for s in self._seeds() for _ in (0, 1)]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from zo_fx.checks import check_int
 from zo_fx.streams.table import GroupTable
 
-from .base import ZOOptimizer, direction_seed
+from .base import SeveralDirections, ZOOptimizer
 from .config import ZOConfig
 
 
@@ -23,7 +23,7 @@ class FZOOConfig(ZOConfig):
         self._set("n_directions", check_int(self.n_directions, "n_directions", low=2))
 
 
-class FZOO(ZOOptimizer):
+class FZOO(SeveralDirections, ZOOptimizer):
     """FZOO as its reference code runs it.
 
     ``sigma = std(l_1..l_N)`` (population), ``coef_i = (l_i - l_0) / (N * sigma)``,
@@ -33,13 +33,6 @@ class FZOO(ZOOptimizer):
 
     method = "fzoo"
     Config = FZOOConfig
-
-    @property
-    def n_directions(self) -> int:
-        return self.config.n_directions
-
-    def _seeds(self) -> list[int]:
-        return [direction_seed(self.seed, self.step_count, i) for i in range(self.n_directions)]
 
     def table(self) -> GroupTable:
         return GroupTable([0] + self._seeds(), [0.0] + [1.0] * self.n_directions, self.eps, self.kind)
