@@ -142,7 +142,8 @@ def main() -> None:
     }
     meta = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "model": "SmolLM2-135M-Instruct float32", "groups": args.groups, "prompts": args.prompts,
-            "new_tokens": n, "directions": "full-rank Rademacher; low-rank ranks " + ", ".join(map(str, args.ranks)), "kv_cache": zm.decoder().cached,
+            "new_tokens": n, "directions": "full-rank Rademacher; low-rank ranks " + ", ".join(map(str, args.ranks)),
+            "kv_cache": zm.decoder().cached,
             "command": "python benchmarks/generate.py " + " ".join(sys.argv[1:])}
     out = {"meta": meta, "results": results, "summary": summary}
     Path(args.out + ".json").parent.mkdir(parents=True, exist_ok=True)
