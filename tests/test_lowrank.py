@@ -180,3 +180,18 @@ def test_a_classification_readout_perturbs_only_the_label_rows_exactly():
         assert_rel_close(got, explicit_group_losses(model, zm, batch, table, loss), 1e-10)
         full = zo_fx.zo_compile(model, batch, loss=loss, fuse_head=False).group_losses(batch, table)
         assert_rel_close(got, full, 1e-10)
+
+
+def test_the_factor_cache_returns_the_generated_factors_and_stays_bounded(monkeypatch):
+    from zo_fx.kernels import lowrank
+    from zo_fx.streams.layout import lowrank_factors
+
+    monkeypatch.setattr(lowrank, "FACTOR_CACHE_ENTRIES", 3)
+    monkeypatch.setattr(lowrank, "_factor_cache", type(lowrank._factor_cache)())
+    for pid in range(5):
+        a, b = lowrank.factors([7, 9], pid, (6, 4), 2, torch.float32, "cpu")
+        fresh = lowrank_factors([7, 9], pid, (6, 4), 2)
+        assert torch.equal(a, fresh[0]) and torch.equal(b, fresh[1])
+    assert len(lowrank._factor_cache) == 3
+    again = lowrank.factors([7, 9], 4, (6, 4), 2, torch.float32, "cpu")
+    assert again[0] is lowrank.factors([7, 9], 4, (6, 4), 2, torch.float32, "cpu")[0]

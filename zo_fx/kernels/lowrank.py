@@ -20,6 +20,8 @@ parameter used through a reshape is perturbed densely in its stored shape by
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +31,27 @@ from ._chunks import accumulation_dtype
 
 #: elements of one update tile (rows x columns): the scratch a low-rank update holds
 TILE_NUMEL = 1 << 20
+#: factor sets kept for reuse (one per matrix and group table): every decoding step of a ``generate``
+#: call, and every forward of a step, asks for the same factors; (m + n) * r * G values each, small
+FACTOR_CACHE_ENTRIES = 4096
+_factor_cache: OrderedDict = OrderedDict()
+
+
+def factors(seeds, pid: int, shape, rank: int, dtype, device):
+    """``lowrank_factors`` of these seeds, kept in a bounded LRU cache (a pure function of its key).
+
+    The returned tensors are shared between callers: never write into them.
+    """
+    key = (tuple(int(s) for s in seeds), int(pid), tuple(shape), int(rank), dtype, str(device))
+    hit = _factor_cache.get(key)
+    if hit is not None:
+        _factor_cache.move_to_end(key)
+        return hit
+    made = lowrank_factors(list(key[0]), pid, shape, rank, dtype=dtype, device=device)
+    _factor_cache[key] = made
+    if len(_factor_cache) > FACTOR_CACHE_ENTRIES:
+        _factor_cache.popitem(last=False)
+    return made
 
 
 def is_matrix(param: torch.Tensor) -> bool:
@@ -50,7 +73,7 @@ def perturbed_matrix(base: torch.Tensor, seed: int, pid: int, scale: float, rank
 
 def _scaled_factors(weight: torch.Tensor, pid: int, seeds, scales, rank: int, dtype, layout: str):
     """``(P [G, k, r] * scale_g / sqrt(r), Q [G, out, r])``: the input-side and output-side factors."""
-    a, b = lowrank_factors(seeds, pid, weight.shape, rank, dtype=dtype, device=weight.device)
+    a, b = factors(seeds, pid, weight.shape, rank, dtype, weight.device)
     # out_in (nn.Linear): W [out, in] = A B^T, so x W^T = (x B) A^T; in_out (Conv1D, mm): x W = (x A) B^T
     p, q = (b, a) if layout == "out_in" else (a, b)
     s = torch.tensor(list(scales), dtype=torch.float64, device=weight.device).to(dtype) * inv_sqrt_rank(rank)
@@ -85,7 +108,7 @@ def embedding_rows(weight: torch.Tensor, ids: torch.Tensor, pid: int, seed: int,
     if scale == 0.0:
         return rows
     acc = accumulation_dtype(weight.dtype)
-    a, b = lowrank_factors([seed], pid, weight.shape, rank, dtype=acc, device=weight.device)
+    a, b = factors([seed], pid, weight.shape, rank, acc, weight.device)
     u = F.embedding(ids, a[0]) @ b[0].t()
     return (rows.to(acc) + (scale * inv_sqrt_rank(rank)) * u).to(weight.dtype)
 
@@ -93,7 +116,7 @@ def embedding_rows(weight: torch.Tensor, ids: torch.Tensor, pid: int, seed: int,
 def readout_rows(weight: torch.Tensor, token_ids: torch.Tensor, layout: str, pid: int, seed: int,
                  rank: int, dtype) -> torch.Tensor:
     """``[T, D]``: the direction of the head's weights for ``token_ids`` (rows of ``out_in``, columns of ``in_out``)."""
-    a, b = lowrank_factors([seed], pid, weight.shape, rank, dtype=dtype, device=weight.device)
+    a, b = factors([seed], pid, weight.shape, rank, dtype, weight.device)
     if layout == "out_in":  # W [V, D]: row t is A[t] B^T
         return (a[0][token_ids] @ b[0].t()) * inv_sqrt_rank(rank)
     return (b[0][token_ids] @ a[0].t()) * inv_sqrt_rank(rank)  # W [D, V]: column t is A B[t]^T
