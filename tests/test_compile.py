@@ -89,7 +89,8 @@ def _assert_weights_unchanged(model, before: dict, what: str) -> None:
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("kind", ["rademacher", "gaussian", "lowrank:1", "lowrank:3"])
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian", "lowrank:1",
+                                  pytest.param("lowrank:3", marks=pytest.mark.slow)])
 def test_group_losses_equal_explicitly_perturbed_model(family, kind):
     make_model, make_batch = FAMILIES[family]
     print(f"model: {family} from model_zoo (initialisation seed {MODEL_SEED}, its default)")

@@ -81,7 +81,8 @@ def test_each_groups_greedy_tokens_equal_explicitly_perturbed_generate(family):
     assert not torch.equal(ours[1], ours[2]), "the perturbation reaches the tokens"
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral-moe", "gpt2-learned-positions"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("mixtral-moe", marks=pytest.mark.slow),
+                                    pytest.param("gpt2-learned-positions", marks=pytest.mark.slow)])
 def test_low_rank_groups_decode_as_explicitly_perturbed_generate(family):
     batch = left_padded(seed=3)
     model, zm = compiled_family(family)

@@ -187,7 +187,8 @@ RESUME_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("method", sorted(SETTINGS))
+@pytest.mark.parametrize("method", [m if m in ("mezo", "fzoo", "adamezo", "zoadam") else
+                                    pytest.param(m, marks=pytest.mark.slow) for m in sorted(SETTINGS)])
 def test_resume_in_a_new_process_equals_running_straight(method, tmp_path):
     from zo_fx.optim.checkpoint import save_checkpoint
 
