@@ -81,7 +81,8 @@ def error_of(capsys_or_none, argv: list[str]) -> str:
 # outputs
 
 
-@pytest.mark.parametrize("method", ["fzoo", "mezo", "adamezo", "es", "zoadam", "adam"])
+@pytest.mark.parametrize("method", ["fzoo", "mezo", "adamezo", pytest.param("es", marks=pytest.mark.slow),
+                                    "zoadam", "adam"])
 def test_a_run_writes_metrics_trajectory_weights_and_curves(model_dir, tmp_path, method):
     metrics = finetune(model_dir, tmp_path, "--method", method, "--steps", "3", "--eval-every", "2",
                        "--directions", "3", "--horizon", "2")

@@ -145,7 +145,13 @@ def test_adamezo_warms_up_with_mezo_steps_then_uses_moments():
 # ---- exactness ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", sorted(SETTINGS))
+#: the methods whose lr=0 and replay checks the default suite runs here (the others: test_lowrank.py runs both
+#: for every method, and -m slow here)
+CORE = ("mezo", "fzoo", "adamezo", "zoadam")
+CORE_PARAMS = [m if m in CORE else pytest.param(m, marks=pytest.mark.slow) for m in sorted(SETTINGS)]
+
+
+@pytest.mark.parametrize("method", CORE_PARAMS)
 def test_zero_learning_rate_leaves_every_weight_bit_identical(method):
     model, batch = tiny_llama(torch.float32), causal_batch()
     before = _weights(model)
@@ -155,7 +161,7 @@ def test_zero_learning_rate_leaves_every_weight_bit_identical(method):
     assert _bit_identical(before, _weights(model))
 
 
-@pytest.mark.parametrize("method", sorted(SETTINGS))
+@pytest.mark.parametrize("method", CORE_PARAMS)
 def test_replay_reproduces_trained_weights_bit_for_bit(method, tmp_path):
     model, batch = tiny_llama(torch.float32), causal_batch()
     base = copy.deepcopy(model)
@@ -187,8 +193,7 @@ RESUME_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("method", [m if m in ("mezo", "fzoo", "adamezo", "zoadam") else
-                                    pytest.param(m, marks=pytest.mark.slow) for m in sorted(SETTINGS)])
+@pytest.mark.parametrize("method", CORE_PARAMS)
 def test_resume_in_a_new_process_equals_running_straight(method, tmp_path):
     from zo_fx.optim.checkpoint import save_checkpoint
 
