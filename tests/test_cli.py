@@ -82,7 +82,7 @@ def error_of(capsys_or_none, argv: list[str]) -> str:
 
 
 @pytest.mark.parametrize("method", ["fzoo", "mezo", "adamezo", pytest.param("es", marks=pytest.mark.slow),
-                                    "zoadam", "adam"])
+                                    pytest.param("zoadam", marks=pytest.mark.slow), "adam"])
 def test_a_run_writes_metrics_trajectory_weights_and_curves(model_dir, tmp_path, method):
     metrics = finetune(model_dir, tmp_path, "--method", method, "--steps", "3", "--eval-every", "2",
                        "--directions", "3", "--horizon", "2")

@@ -56,8 +56,7 @@ def _table(groups, kind, rng: random.Random) -> GroupTable:
 #: every entry with Rademacher directions (the rules' exactness); Gaussian and low-rank directions change only
 #: what the generators give, so the default suite runs them on these (an MoE, encoder-decoders, Conv1D weights,
 #: a conv net, adapters whose factors are matrices used inside other products) and -m slow on all
-OTHER_KINDS_DEFAULT = {"qwen2_moe_batched_mm", "t5", "bart", "lora_gpt2", "dora_llama", "convnext",
-                       "trainable_tokens_llama"}
+OTHER_KINDS_DEFAULT = {"qwen2_moe_batched_mm", "t5", "lora_gpt2", "dora_llama"}
 KIND_CASES = [(name, "rademacher") for name in CASES] + [
     pytest.param(name, kind, marks=() if name in OTHER_KINDS_DEFAULT else pytest.mark.slow)
     for kind in ("gaussian", "lowrank:2") for name in CASES]

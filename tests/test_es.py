@@ -25,7 +25,7 @@ def test_zscores_standardise_and_refuse_a_zero_spread():
     assert zscores([2.0, 2.0, 2.0]) is None
 
 
-@pytest.mark.parametrize("shaping", ["centered_ranks", "zscore"])
+@pytest.mark.parametrize("shaping", ["centered_ranks", pytest.param("zscore", marks=pytest.mark.slow)])
 def test_an_es_step_equals_its_formula_in_float64(shaping):
     model, batch = tiny_llama(), causal_batch()
     zm = zo_fx.zo_compile(model, batch)

@@ -131,7 +131,11 @@ def test_no_forward_forms_a_weight_sized_direction():
     assert dense, "the recorder sees a dense direction when one is formed"
 
 
-@pytest.mark.parametrize("method", ["mezo", "fzoo", "adamezo", "es", "zosgd_momentum", "zoadam"])
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("method", ["fzoo", "adamezo", "zoadam", pytest.param("mezo", marks=SLOW),
+                                    pytest.param("es", marks=SLOW), pytest.param("zosgd_momentum", marks=SLOW)])
 def test_every_method_steps_and_replays_bit_exactly_under_low_rank_directions(method):
     torch.manual_seed(0)
     model = tiny_llama()
@@ -152,7 +156,8 @@ def test_every_method_steps_and_replays_bit_exactly_under_low_rank_directions(me
         assert_bitwise_equal(p, dict(model.named_parameters())[n], what=f"replayed {n}")
 
 
-@pytest.mark.parametrize("method", ["mezo", "fzoo", "adamezo", "es"])
+@pytest.mark.parametrize("method", ["fzoo", "adamezo", pytest.param("mezo", marks=SLOW),
+                                    pytest.param("es", marks=SLOW)])
 def test_lr_zero_leaves_the_weights_bit_identical(method):
     model = tiny_llama()
     batch = causal_batch()

@@ -145,9 +145,9 @@ def test_adamezo_warms_up_with_mezo_steps_then_uses_moments():
 # ---- exactness ---------------------------------------------------------------------------------------
 
 
-#: the methods whose lr=0 and replay checks the default suite runs here (the others: test_lowrank.py runs both
-#: for every method, and -m slow here)
-CORE = ("mezo", "fzoo", "adamezo", "zoadam")
+#: the methods whose lr=0, replay and resume checks the default suite runs here (the others: test_lowrank.py,
+#: test_es.py and test_stateful_methods.py check theirs, and -m slow runs them here too)
+CORE = ("mezo", "fzoo", "adamezo")
 CORE_PARAMS = [m if m in CORE else pytest.param(m, marks=pytest.mark.slow) for m in sorted(SETTINGS)]
 
 

@@ -69,7 +69,7 @@ def test_three_steps_equal_the_formulas_in_float64(method, settings):
     assert len(opt.state_tensors()) == len(buffers) * len(zm.trainable_parameters())
 
 
-@pytest.mark.parametrize("method", ["zosgd_momentum", "zoadam"])
+@pytest.mark.parametrize("method", [pytest.param("zosgd_momentum", marks=pytest.mark.slow), "zoadam"])
 def test_resume_from_a_checkpoint_and_replay_are_bit_exact(method, tmp_path):
     straight, _, _, _ = _run(method, 4)
     model, zm, opt, batch = _run(method, 2)
