@@ -27,10 +27,13 @@ def perturbed_in_place(model, zm, seed, coef, eps, kind):
 def explicit_group_losses(model, zm, batch, table, loss_fn=None):
     """The reference: perturb the eager model's weights in place, forward, restore."""
     loss_fn = loss_fn or default_loss(model)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k in zm.captured.input_keys}
+    whole = zm.captured.outputs is not None  # the loss reads the whole output object, not the logits
     out = []
     for seed, coef in zip(table.seeds, table.coefs):
         with perturbed_in_place(model, zm, seed, coef, table.eps, table.kind):
-            logits = model_output_tensor(model(**inputs))  # .logits, or the tensor a plain module returns
-        out.append(loss_fn(logits, batch))
+            outputs = model(**inputs)
+            if not whole:
+                outputs = model_output_tensor(outputs)  # .logits, or the tensor a plain module returns
+        out.append(loss_fn(outputs, batch))
     return torch.stack(out)

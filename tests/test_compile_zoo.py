@@ -12,6 +12,7 @@ The models' adapters are moved off their no-op initialisation by the zoo, so a r
 dropped one factor's perturbation would be seen here.
 """
 
+import copy
 import random
 import zlib
 
@@ -19,6 +20,7 @@ import pytest
 import torch
 from close import assert_bitwise_equal, assert_rel_close
 from explicit import explicit_group_losses
+from torch.utils import _pytree as pytree
 from zoo_more import ZOO
 
 import zo_fx
@@ -35,13 +37,28 @@ CASES = sorted(set(ZOO) - EXPORT_FAILS)
 _compiled: dict = {}
 
 
+def _eager(model, batch):
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "start_positions", "end_positions")}
+    with torch.no_grad():
+        return [t.clone() for t in pytree.tree_leaves(model(**inputs)) if isinstance(t, torch.Tensor)]
+
+
 def _compile(name):
+    """Compile a zoo entry once; zo_compile must leave the model as it was (deep-copyable, same eager outputs,
+    same training flag)."""
     if name not in _compiled:
         make_model, make_batch, loss = ZOO[name]
         print(f"model: {name} from zoo_more (its default seed), batch: {make_batch.__name__}(seed=0)")
         model, batch = make_model(), make_batch()
         _compiled.clear()  # one model alive at a time
-        _compiled[name] = (model, batch, loss, zo_fx.zo_compile(model, batch, loss=loss))
+        before = _eager(model, batch)  # also a model's settling first forward, where it has one (RWKV)
+        zm = zo_fx.zo_compile(model, batch, loss=loss)
+        assert not model.training
+        after = _eager(copy.deepcopy(model), batch)
+        assert len(after) == len(before)
+        for a, b in zip(after, before):
+            assert_bitwise_equal(a, b, what=f"{name}: eager output of a deep copy after zo_compile")
+        _compiled[name] = (model, batch, loss, zm)
     return _compiled[name]
 
 

@@ -62,7 +62,7 @@ attention, so it uses eager attention. Mamba's logits are float32.
 from __future__ import annotations
 
 import torch
-from model_zoo import VOCAB, causal_batch, mlm_batch, tiny_gpt2, tiny_llama
+from model_zoo import VOCAB, _roberta_config, causal_batch, mlm_batch, tiny_gpt2, tiny_llama
 
 IMAGE_SIZE = 16
 NUM_LABELS = 3
@@ -679,7 +679,118 @@ def tiny_qwen3(dtype=torch.float64, seed=0):
     return _finish(Qwen3ForCausalLM(Qwen3Config(**_DECODER, head_dim=8)), dtype)
 
 
+# ---- outputs beyond logits, models that write on themselves during forward
+
+
+def tiny_roberta_qa(dtype=torch.float64, seed=0):
+    """Span QA: the output has start_logits and end_logits, no logits."""
+    from transformers import RobertaForQuestionAnswering
+
+    torch.manual_seed(seed)
+    cfg = _roberta_config()
+    cfg.num_labels = 2  # a start and an end score per token
+    return _finish(RobertaForQuestionAnswering(cfg), dtype)
+
+
+def span_batch(batch_size=3, seq_len=7, seed=0):
+    """A right-padded batch with answer spans; the last example's span lies past the sequence (ignored)."""
+    b = causal_batch(batch_size, seq_len, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    start = torch.randint(0, seq_len - 2, (batch_size,), generator=g)
+    end = start + torch.randint(0, 2, (batch_size,), generator=g)
+    start[-1], end[-1] = seq_len + 3, seq_len + 4
+    return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "start_positions": start,
+            "end_positions": end}
+
+
+CHOICES = 4
+
+
+def tiny_bert_multiple_choice(dtype=torch.float64, seed=0):
+    """Multiple choice: inputs [B, choices, T], logits [B, choices]."""
+    from transformers import BertConfig, BertForMultipleChoice
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=48, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return _finish(BertForMultipleChoice(cfg), dtype)
+
+
+def choice_batch(batch_size=3, seq_len=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch_size, CHOICES, seq_len), generator=g)
+    mask = torch.ones_like(ids)
+    mask[:, :, -1] = 0  # a padded last position in every choice
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.arange(batch_size) % CHOICES}
+
+
+def tiny_funnel(dtype=torch.float64, seed=0):
+    """Funnel keeps the last forward's sequence length on its attention structure (written during forward)."""
+    from transformers import FunnelConfig, FunnelForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = FunnelConfig(vocab_size=VOCAB, block_sizes=[1, 1], d_model=32, n_head=4, d_head=8, d_inner=48,
+                       num_labels=NUM_LABELS, hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    return _finish(FunnelForSequenceClassification(cfg), dtype)
+
+
+def tiny_electra_regression(dtype=torch.float64, seed=0):
+    """A two-target regression head (problem_type="regression"): float labels, squared error."""
+    from transformers import ElectraConfig, ElectraForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = ElectraConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=48, num_labels=2, problem_type="regression",
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return _finish(ElectraForSequenceClassification(cfg), dtype)
+
+
+def regression_batch(batch_size=3, seq_len=7, seed=0):
+    b = class_batch(batch_size, seq_len, seed)
+    g = torch.Generator().manual_seed(seed + 2)
+    b["labels"] = torch.randn(batch_size, 2, generator=g, dtype=torch.float64)
+    return b
+
+
+def tiny_granite(dtype=torch.float64, seed=0):
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(seed)
+    return _finish(GraniteForCausalLM(GraniteConfig(**_DECODER, residual_multiplier=0.5, logits_scaling=2.0,
+                                                    embedding_multiplier=3.0)), dtype)
+
+
+def tiny_stablelm(dtype=torch.float64, seed=0):
+    from transformers import StableLmConfig, StableLmForCausalLM
+
+    torch.manual_seed(seed)
+    return _finish(StableLmForCausalLM(StableLmConfig(**_DECODER, partial_rotary_factor=0.5)), dtype)
+
+
+def tiny_rwkv(dtype=torch.float64, seed=0):
+    """RWKV rescales its own output weights on its first eval forward (zo_compile settles it first)."""
+    from transformers import RwkvConfig, RwkvForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = RwkvConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                     intermediate_size=64, context_length=16, rescale_every=1)
+    return _finish(RwkvForCausalLM(cfg), dtype)
+
+
+def unmasked_batch(batch_size=3, seq_len=7, seed=0):
+    """A causal batch without attention_mask, for models that take one and ignore it (RWKV)."""
+    b = causal_batch(batch_size, seq_len, seed, pad_tail=False)
+    return {"input_ids": b["input_ids"], "labels": b["labels"]}
+
+
 ZOO = {
+    "rwkv": (tiny_rwkv, unmasked_batch, None),
+    "roberta_span_qa": (tiny_roberta_qa, span_batch, None),
+    "bert_multiple_choice": (tiny_bert_multiple_choice, choice_batch, None),
+    "funnel_cls": (tiny_funnel, class_batch, None),
+    "electra_regression": (tiny_electra_regression, regression_batch, None),
+    "granite": (tiny_granite, causal_batch, None),
+    "stablelm": (tiny_stablelm, causal_batch, None),
     "mixtral": (tiny_mixtral, causal_batch, None),
     "t5_lora": (tiny_t5_lora, t5_batch, None),
     "bert_cls_segments": (tiny_bert_cls, segment_batch, None),

@@ -8,6 +8,7 @@ seen immediately, and it never writes a parameter itself.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 
 import torch
@@ -16,7 +17,9 @@ from .kernels.dispatch import check_impl
 from .kernels.perturb import perturbed
 from .losses import LossFn, default_loss
 from .ops import head_logits, head_readout
-from .passes.capture import DEFAULT_LOSS_KEYS, CapturedModel, capture, live_inputs
+from .passes.capture import DEFAULT_LOSS_KEYS, CapturedModel, ExportFailedError, capture, live_inputs
+from .passes.outputs import check_output_mode
+from .passes.outputs import describe as describe_outputs
 from .passes.readout import Head, cut_head
 from .passes.report import ZOReport, build_report
 from .passes.rewrite import Rewritten, rewrite
@@ -142,6 +145,8 @@ class ZOModule:
         args = live_inputs(self.captured, self.model, batch) + [seeds, scales]
         with torch.no_grad():
             out = self._graph(table.groups, table.kind, headless)(*args)
+        if not headless and self.captured.outputs is not None:
+            return self.captured.outputs.rebuild(out)
         return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
 
     def forward_groups(self, batch: dict, table: GroupTable):
@@ -186,10 +191,11 @@ class ZOModule:
                 logits = head_logits(h, weight, bias, w_pid, b_pid, seed, scale, table.kind, head.layout)
                 if head.out_dtype is not None:
                     logits = logits.to(head.out_dtype)
-                losses = self.loss_fn(logits, batch)
+                outputs = self.captured.outputs.rebuild((logits,)) if self.captured.outputs else logits
+                losses = self.loss_fn(outputs, batch)
                 check_per_example(losses, 1, batch_size)
                 out.append(losses)
-                del logits
+                del logits, outputs
         return torch.cat(out)
 
     def outputs(self, batch: dict) -> torch.Tensor:
@@ -218,6 +224,10 @@ class ZOModule:
     def report(self, groups: int = 2, kind: str = "rademacher") -> ZOReport:
         """Which rule handles each use of each trainable parameter, and what runs once vs G times."""
         report = build_report(self.captured, self.rewritten(groups, kind), self.model)
+        report.notes.append(describe_outputs(self.captured.outputs))
+        if self.captured.undone:
+            report.notes.append("capture undid what the traced forward wrote on the model: "
+                                + ", ".join(self.captured.undone))
         if self.head is not None:
             how = "label-word rows at one position" if hasattr(self.loss_fn, "from_readout") else "all rows"
             report.notes.append(f"output head {self.head.weight} fused into the loss, one group at a time ({how})")
@@ -239,13 +249,17 @@ def zo_compile(
     backend: str = "eager",
     fuse_head: bool = True,
     loss_keys=(),
+    outputs: str | None = None,
+    settle: bool | None = None,
 ) -> ZOModule:
     """Capture ``model`` and prepare it for zeroth-order training.
 
     Args:
         model: a plain ``nn.Module``, a Hugging Face model, or a PEFT-wrapped one. It is
-            put in eval mode (no dropout: a perturbed loss difference must come from the
-            perturbation alone). Parameters with ``requires_grad=False`` stay frozen.
+            captured in eval mode (no dropout: a perturbed loss difference must come from the
+            perturbation alone) and left as it was found: attributes, buffers, hooks and
+            training flag (see :mod:`zo_fx.passes.snapshot`). Parameters with
+            ``requires_grad=False`` stay frozen.
         example_batch: a dict of tensors as the model's forward takes them.
         loss: ``loss(outputs, batch) -> Tensor[N]`` per example; default from the model class.
         impl: "auto" (Triton kernels for CUDA tensors, torch elsewhere), "torch" or "triton".
@@ -255,6 +269,16 @@ def zo_compile(
             be an input of the model's forward, or zo_compile raises naming the key.
         fuse_head: compute the output head and the loss one group at a time (see
             :mod:`zo_fx.passes.readout`), so only one group's logits exist at once.
+        outputs: what the loss receives. ``"logits"``: the logits tensor (the fast path, with
+            the fused head); ``"all"``: the model's own output object (``ModelOutput``, tuple,
+            dict) with every per-example tensor of it, G groups' rows group-major; ``"auto"``:
+            the logits when the output has them, else everything (span QA's start/end logits).
+            Default: the loss's ``outputs`` attribute if it has one, else ``"auto"``.
+        settle: a model whose first eval forward changes its own weights or buffers (RWKV
+            rescales its layers) cannot be captured as a pure function before that. ``None``
+            (default): when capture finds such a mutation, run one eager forward on the
+            example batch under no_grad, warn what it changed, and capture again; ``True``:
+            run that forward first; ``False``: refuse instead.
     """
     check_impl(impl)
     if backend not in BACKENDS:
@@ -265,13 +289,54 @@ def zo_compile(
             f"got {type(example_batch).__name__}"
         )
     example_batch = dict(example_batch)  # a tokenizer's BatchEncoding is a mapping, not a dict
-    model.eval()
     loss_fn = loss if loss is not None else default_loss(model)
     loss_only = (*DEFAULT_LOSS_KEYS, *getattr(loss_fn, "loss_keys", ()), *loss_keys)
-    captured = capture(model, example_batch, loss_keys=loss_only)
+    mode = check_output_mode(outputs if outputs is not None else getattr(loss_fn, "outputs", "auto"))
+    if settle:
+        settle_forward(model, example_batch, loss_only)
+    try:
+        captured = capture(model, example_batch, loss_keys=loss_only, outputs=mode)
+    except ExportFailedError as err:
+        if err.cause != "state mutation" or settle is not None:
+            raise
+        settle_forward(model, example_batch, loss_only)
+        try:
+            captured = capture(model, example_batch, loss_keys=loss_only, outputs=mode)
+        except ExportFailedError as again:
+            raise ExportFailedError(f"even after one settling eager forward: {again}", again.cause) from again
     if not captured.pids:
         raise ValueError(
             f"{type(model).__name__} has no trainable parameter used by its forward (all requires_grad=False?); "
             "unfreeze the parameters to train"
         )
     return ZOModule(model, captured, loss_fn, impl, backend, fuse_head, loss_only)
+
+
+def settle_forward(model: torch.nn.Module, example_batch: dict, loss_keys) -> list[str]:
+    """Run one eager eval-mode forward under no_grad and warn which parameters and buffers it changed.
+
+    For models whose first eval forward rewrites their own state (a layer rescaling, a table
+    built on first use): what it leaves is what every later eval forward of the model sees,
+    so the graph is captured after it. The model's training flag is put back.
+    """
+    from .passes.capture import model_input_keys
+
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    versions = {name: t._version for name, t in tensors.items()}
+    keys = model_input_keys(model, example_batch, loss_keys)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(**{k: example_batch[k] for k in keys})
+    finally:
+        model.train(was_training)
+    changed = [name for name, t in tensors.items() if t._version != versions[name]]
+    warnings.warn(
+        f"zo_compile ran one eager forward of {type(model).__name__} before capturing it: its forward changes its "
+        f"own state on first use, and changed {len(changed)} tensor(s) in place "
+        f"({', '.join(changed[:6])}{', ...' if len(changed) > 6 else ''}). Pass settle=False to refuse instead.",
+        stacklevel=3,
+    )
+    return changed

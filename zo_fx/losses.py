@@ -22,6 +22,33 @@ def _float(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
+def logits_of(outputs) -> torch.Tensor:
+    """The logits in what a loss received: the tensor itself, or the ``logits`` field of a whole output
+    object (a model compiled with ``outputs="all"``), or a tuple's first tensor."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
+    if logits is None and isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        logits = outputs[0]
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"this loss reads logits; the model's output {type(outputs).__name__} has none")
+    return logits
+
+
+def _field(outputs, name: str, position: int) -> torch.Tensor:
+    """``outputs.name`` of an output object, ``outputs[name]`` of a dict, or ``outputs[position]`` of a tuple."""
+    if isinstance(outputs, dict):
+        value = outputs.get(name)
+    elif isinstance(outputs, (tuple, list)):
+        value = outputs[position] if len(outputs) > position else None
+    else:
+        value = getattr(outputs, name, None)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"this loss reads {name!r} (or element {position} of a tuple) from the model's output; "
+                        f"{type(outputs).__name__} has no such tensor")
+    return value
+
+
 def _token_mean(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     n, t, v = logits.shape
     tok = F.cross_entropy(_float(logits).reshape(n * t, v), labels.reshape(n * t), ignore_index=IGNORE_INDEX,
@@ -32,6 +59,7 @@ def _token_mean(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def causal_lm_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """Mean next-token cross-entropy per example over labels != -100 (labels shifted by one, as HF does)."""
+    logits = logits_of(logits)
     labels = batch["labels"]
     extra = logits.shape[1] - labels.shape[1]
     if extra > 0:  # virtual tokens prepended by prompt tuning: they have no label, as PEFT pads them
@@ -41,6 +69,7 @@ def causal_lm_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
 
 def masked_lm_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """Mean cross-entropy per example over the masked positions (labels != -100), no shift."""
+    logits = logits_of(logits)
     return _token_mean(logits, batch["labels"])
 
 
@@ -51,11 +80,13 @@ def seq2seq_lm_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     ``[N, T_dec, V]``, and ``labels`` are already the next token of every decoder
     position (``decoder_input_ids`` is the target shifted right), as HF's own loss uses them.
     """
+    logits = logits_of(logits)
     return _token_mean(logits, batch["labels"])
 
 
 def token_classification_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """Mean cross-entropy per example over the labelled tokens (labels != -100), no shift."""
+    logits = logits_of(logits)
     return _token_mean(logits, batch["labels"])
 
 
@@ -64,10 +95,65 @@ def sequence_classification_loss(logits: torch.Tensor, batch: dict) -> torch.Ten
 
     Also the loss of image and audio classification heads (``[N, num_labels]`` logits too).
     """
+    logits = logits_of(logits)
     labels = batch["labels"]
     if logits.shape[-1] == 1:
         return (_float(logits).squeeze(-1) - labels.to(_float(logits).dtype)) ** 2
+    if labels.dtype.is_floating_point and labels.shape == logits.shape:
+        raise ValueError(
+            "float labels of the logits' shape: a multi-target regression or multi-label head. Use "
+            "regression_loss or multi_label_loss (default_loss picks them from config.problem_type)"
+        )
     return F.cross_entropy(_float(logits), labels, reduction="none")
+
+
+def regression_loss(logits, batch: dict) -> torch.Tensor:
+    """Mean squared error per example over the head's outputs (``problem_type="regression"``)."""
+    logits = _float(logits_of(logits))
+    labels = batch["labels"].to(logits.dtype).reshape(logits.shape)
+    return ((logits - labels) ** 2).reshape(logits.shape[0], -1).mean(1)
+
+
+def multi_label_loss(logits, batch: dict) -> torch.Tensor:
+    """Binary cross-entropy per example averaged over labels (``problem_type="multi_label_classification"``)."""
+    logits = _float(logits_of(logits))
+    labels = batch["labels"].to(logits.dtype)
+    return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").reshape(logits.shape[0], -1).mean(1)
+
+
+def multiple_choice_loss(logits, batch: dict) -> torch.Tensor:
+    """Cross-entropy per example over the choices: logits ``[N, choices]``, labels the gold choice."""
+    logits = _float(logits_of(logits))
+    return F.cross_entropy(logits, batch["labels"], reduction="none")
+
+
+class SpanQALoss:
+    """Extractive QA: mean of the start and end cross-entropies per example, as the QA heads score a span.
+
+    Reads ``start_logits`` / ``end_logits`` (fields of the output object, or elements 0 and 1
+    of a tuple) and ``start_positions`` / ``end_positions`` from the batch. Positions
+    outside the sequence are clamped to its length and ignored, as the heads' own loss does
+    (an answer truncated away contributes nothing).
+    """
+
+    outputs = "all"
+    loss_keys = ("start_positions", "end_positions")
+
+    def __call__(self, outputs, batch: dict) -> torch.Tensor:
+        start, end = _field(outputs, "start_logits", 0), _field(outputs, "end_logits", 1)
+        length = start.shape[1]
+        total = 0
+        for logits, key in ((start, "start_positions"), (end, "end_positions")):
+            positions = batch[key].reshape(-1).clamp(0, length)
+            total = total + F.cross_entropy(_float(logits), positions, ignore_index=length, reduction="none")
+        return total / 2
+
+    def predict(self, outputs, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The best start and end position of each example (argmax of each, no length constraint)."""
+        return _field(outputs, "start_logits", 0).argmax(-1), _field(outputs, "end_logits", 1).argmax(-1)
+
+
+span_qa_loss = SpanQALoss()
 
 
 def last_token_positions(batch: dict, seq_len: int) -> torch.Tensor:
@@ -169,7 +255,8 @@ _BUILT_IN = ("causal LM (*ForCausalLM, *LMHeadModel), masked LM (*ForMaskedLM), 
              "encoder-decoder LM (*ForConditionalGeneration, *ForTextToText, *ForSpeechToText, MarianMTModel, "
              "[Speech|Vision]EncoderDecoderModel, with config.is_encoder_decoder), "
              "sequence/image/audio classification (*ForSequenceClassification, *ForImageClassification, "
-             "*ForAudioClassification), token classification (*ForTokenClassification), "
+             "*ForAudioClassification; regression and multi-label by config.problem_type), token classification "
+             "(*ForTokenClassification), multiple choice (*ForMultipleChoice), span QA (*ForQuestionAnswering), "
              "CandidateClassificationLoss")
 
 
@@ -184,7 +271,16 @@ def default_loss(model: torch.nn.Module) -> LossFn:
     if _is_seq2seq_lm_name(name) and _is_encoder_decoder(base):
         return seq2seq_lm_loss
     if name.endswith(("ForSequenceClassification", "ForImageClassification", "ForAudioClassification")):
+        problem = getattr(getattr(base, "config", None), "problem_type", None)
+        if problem == "regression":
+            return regression_loss
+        if problem == "multi_label_classification":
+            return multi_label_loss
         return sequence_classification_loss
+    if name.endswith("ForMultipleChoice"):
+        return multiple_choice_loss
+    if name.endswith("ForQuestionAnswering"):
+        return span_qa_loss
     if name.endswith("ForTokenClassification"):
         return token_classification_loss
     why = " (its config is not encoder-decoder)" if _is_seq2seq_lm_name(name) else ""

@@ -5,8 +5,10 @@ every parameter and buffer lifted to a placeholder (so a use of a parameter is a
 edge in the graph), ATen ops with shapes in ``node.meta['val']``, and symbolic batch
 and sequence sizes so one graph serves any batch size. Hugging Face specifics handled
 here: keyword-only forwards (PEFT), ``use_cache=False`` (no KV cache in the graph),
-``ModelOutput`` results reduced to their ``logits``, tied parameters (two names, one
-tensor) merged into one parameter under the name ``named_parameters()`` yields.
+``ModelOutput`` results reduced to their ``logits`` or flattened whole
+(:mod:`zo_fx.passes.outputs`), tied parameters (two names, one tensor) merged into one
+parameter under the name ``named_parameters()`` yields. The trace runs in eval mode and
+leaves the model as it found it (:mod:`zo_fx.passes.snapshot`).
 """
 
 from __future__ import annotations
@@ -19,10 +21,16 @@ import torch
 from torch.export import Dim
 
 from ..streams.ids import assign_param_ids
+from .outputs import OutputStructure, flatten_output
+from .snapshot import untouched
 
 
 class ExportFailedError(RuntimeError):
-    """torch.export could not capture the model."""
+    """torch.export could not capture the model; ``cause`` names the kind of obstacle."""
+
+    def __init__(self, message: str, cause: str = "export"):
+        super().__init__(message)
+        self.cause = cause
 
 
 @dataclass
@@ -44,6 +52,10 @@ class CapturedModel:
     batch_symbols: set = field(default_factory=set)
     constants: dict[str, Any] = field(default_factory=dict)
     model_class: str = ""
+    #: how the graph's outputs rebuild the model's output object (None: one tensor, given as is)
+    outputs: OutputStructure | None = None
+    #: what the trace had written on the model's modules (undone; for the report)
+    undone: list[str] = field(default_factory=list)
 
     def placeholders(self) -> dict[str, torch.fx.Node]:
         """The graph's placeholder nodes by name (their ``meta['val']`` is what each input was traced as)."""
@@ -53,18 +65,27 @@ class CapturedModel:
 class _Forward(torch.nn.Module):
     """Calls the user's model with keyword arguments and returns a plain tensor output."""
 
-    def __init__(self, model: torch.nn.Module, keys: list[str], extra_kwargs: dict, call=None):
+    def __init__(self, model: torch.nn.Module, keys: list[str], extra_kwargs: dict, call=None,
+                 outputs: str = "auto"):
         super().__init__()
         self.model = model
         self.keys = keys
         self.extra_kwargs = extra_kwargs
         self.call = call
+        self.outputs = outputs
+        # what the trace saw of the output's structure; export puts the attributes of the module it traces
+        # back afterwards (containers' contents included), so the record lives outside any module
+        record: list[OutputStructure | None] = [None]
+        self.set_structure = lambda structure: record.__setitem__(0, structure)
+        self.structure = lambda: record[0]
 
     def forward(self, *tensors):
         if self.call is not None:
             return tuple(self.call(self.model, dict(zip(self.keys, tensors))))
         out = self.model(**dict(zip(self.keys, tensors)), **self.extra_kwargs)
-        return model_output_tensor(out)
+        flat, structure = flatten_output(out, self.outputs)
+        self.set_structure(structure)
+        return flat if structure is not None else flat[0]
 
 
 def model_output_tensor(out):
@@ -198,7 +219,8 @@ def _export_example(batch: dict, keys: list[str]) -> dict:
 
 
 def capture(model: torch.nn.Module, example_batch: dict, *, extra_kwargs: dict | None = None,
-            loss_keys=DEFAULT_LOSS_KEYS, call=None, dynamic_dims: dict | None = None) -> CapturedModel:
+            loss_keys=DEFAULT_LOSS_KEYS, call=None, dynamic_dims: dict | None = None,
+            outputs: str = "auto") -> CapturedModel:
     """Export ``model``'s forward on ``example_batch`` with dynamic batch (and sequence) dims.
 
     The graph is made functional (no in-place op: an in-place write on a value the groups
@@ -207,35 +229,73 @@ def capture(model: torch.nn.Module, example_batch: dict, *, extra_kwargs: dict |
 
     ``call(model, tensors) -> tuple of tensors`` replaces the plain forward call (decoding
     captures a forward that takes and returns a KV cache as tensors); ``dynamic_dims`` (key ->
-    dims) names the symbolic dims of an input where they are not dims 0 and 1.
+    dims) names the symbolic dims of an input where they are not dims 0 and 1. ``outputs``:
+    what the graph returns (:data:`zo_fx.passes.outputs.OUTPUT_MODES`).
+
+    The trace runs in eval mode; afterwards every module is put back as it was (attributes,
+    containers, hooks, training flag), whatever the model's forward wrote on itself.
     """
     keys = list(example_batch) if call is not None else model_input_keys(model, example_batch, loss_keys)
     extra = dict(extra_kwargs or {})
     if is_hf_model(model) and _takes_use_cache(model):
         extra.setdefault("use_cache", False)
-    wrapper = _Forward(model, keys, extra, call)
+    wrapper = _Forward(model, keys, extra, call, outputs)
     example = _export_example(example_batch, keys)
     dynamic_dims = dynamic_dims or {}
     dynamic = tuple(
         {d: Dim.AUTO for d in dynamic_dims[k]} if k in dynamic_dims else
         {d: Dim.AUTO for d in range(min(example[k].dim(), 2)) if d == 0 or example[k].shape[d] > 1} for k in keys
     )
-    try:
-        with torch.no_grad():
-            ep = torch.export.export(wrapper, tuple(example[k] for k in keys), dynamic_shapes=(dynamic,), strict=False)
-    except Exception as err:  # torch.export raises many types; all end here with advice
-        raise ExportFailedError(
-            f"torch.export could not capture {type(model).__name__}: {type(err).__name__}: {err}\n"
-            "What to try: call model.eval() and pass only tensor inputs; disable caches (use_cache=False); "
-            "for Hugging Face models try attn_implementation='sdpa' or 'eager'; replace data-dependent Python "
-            "control flow on tensor values; or wrap the model in a small nn.Module whose forward takes "
-            "tensors and returns the logits."
-        ) from err
+    with untouched(model) as state:
+        try:
+            with torch.no_grad():
+                ep = torch.export.export(wrapper, tuple(example[k] for k in keys), dynamic_shapes=(dynamic,),
+                                         strict=False)
+        except Exception as err:  # torch.export raises many types; all end here with advice
+            raise export_failure(model, err) from err
     if any(_mutates(n) for n in ep.graph.nodes):
         ep = ep.run_decompositions({})  # functionalise: in-place ops become out-of-place ones
-    captured = _collect(ep, model, keys)
+    captured = _collect(ep, model, keys, wrapper.structure())
+    captured.undone = state.changes
     _check_inputs_used(captured)
     return captured
+
+
+#: (cause, substrings of the exception's text or type name, advice) in the order they are tried
+_FAILURES = (
+    ("data-dependent control flow", ("data-dependent", "data dependent", "GuardOnDataDependent",
+                                     "Could not guard on", "Could not extract specialized integer"),
+     "the model branches in Python on a tensor's value (an `if` on a tensor, `.item()`, `.tolist()`, a loop "
+     "whose length is a tensor). Rewrite that branch with tensor ops (torch.where, masks), fix the value "
+     "before the forward (pass it as a Python number in the model's config), or freeze and exclude the "
+     "module that does it"),
+    ("unsupported output", ("zo_fx needs the tensors", "needs the model to return"),
+     "compile with outputs='all' to give the loss the model's whole output, or wrap the model in a module "
+     "whose forward returns the tensors the loss reads"),
+    ("an input the trace cannot take", ("got an unexpected keyword argument", "missing 1 required",
+                                        "missing a required"),
+     "pass exactly the keyword tensors the model's forward takes (check the batch's keys against "
+     "forward's signature)"),
+)
+_GENERIC_ADVICE = (
+    "call model.eval() and pass only tensor inputs; disable caches (use_cache=False); for Hugging Face models try "
+    "attn_implementation='sdpa' or 'eager'; replace data-dependent Python control flow on tensor values; or wrap "
+    "the model in a small nn.Module whose forward takes tensors and returns what the loss reads."
+)
+
+
+def export_failure(model: torch.nn.Module, err: Exception) -> ExportFailedError:
+    """An :class:`ExportFailedError` for ``err`` that names the kind of obstacle and what to try."""
+    text = f"{type(err).__name__}: {err}"
+    for cause, markers, advice in _FAILURES:
+        if any(m in text for m in markers):
+            return ExportFailedError(
+                f"torch.export could not capture {type(model).__name__} ({cause}): {text}\nWhat to try: {advice}.",
+                cause,
+            )
+    return ExportFailedError(
+        f"torch.export could not capture {type(model).__name__}: {text}\nWhat to try: {_GENERIC_ADVICE}"
+    )
 
 
 def _mutates(node) -> bool:
@@ -257,7 +317,35 @@ def _check_inputs_used(captured: CapturedModel) -> None:
         raise ExportFailedError(f"the captured graph still writes in place after functionalisation: {leftover}")
 
 
-def _collect(ep, model: torch.nn.Module, keys: list[str]) -> CapturedModel:
+def _batch_first(node, batch_symbols) -> bool:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() == 0:
+        return False
+    size = val.shape[0]
+    return isinstance(size, torch.SymInt) and size.node.expr in batch_symbols
+
+
+def _drop_unbatched_outputs(gm: torch.fx.GraphModule, structure: OutputStructure,
+                            batch_symbols: set) -> OutputStructure:
+    """Leave out the outputs whose first dimension is not the batch (see :mod:`zo_fx.passes.outputs`)."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    outs = list(output.args[0])
+    gone = {i for i, node in enumerate(outs) if not _batch_first(node, batch_symbols)}
+    if not gone:
+        return structure
+    if len(gone) == len(outs):
+        raise ExportFailedError(
+            f"none of the model's outputs ({', '.join(structure.names[k] for k in structure.kept)}) has the batch "
+            "as its first dimension, so no per-example loss can be read from them. Return per-example tensors.",
+            "unsupported output",
+        )
+    output.args = (tuple(node for i, node in enumerate(outs) if i not in gone),)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return structure.without(gone)
+
+
+def _collect(ep, model: torch.nn.Module, keys: list[str], structure: OutputStructure | None = None) -> CapturedModel:
     gm = ep.graph_module
     sig = ep.graph_signature
     prefix = "model."
@@ -294,7 +382,11 @@ def _collect(ep, model: torch.nn.Module, keys: list[str]) -> CapturedModel:
         if out_spec.kind.name not in ("USER_OUTPUT",):
             raise ExportFailedError(
                 f"the captured forward of {type(model).__name__} mutates state ({out_spec.kind.name} "
-                f"{out_spec.target}); zo_fx needs a pure forward. Run it in eval mode without caches."
+                f"{out_spec.target}); zo_fx needs a pure forward. What to try: run the model in eval mode "
+                "without caches; a model that settles its own weights or buffers on its first forward (a "
+                "rescaling, a lazily built table) is captured after one eager forward under torch.no_grad() on "
+                "an example batch, which zo_compile runs itself with settle=True.",
+                "state mutation",
             )
 
     batch_symbols = set()
@@ -311,6 +403,8 @@ def _collect(ep, model: torch.nn.Module, keys: list[str]) -> CapturedModel:
                     )
                 batch_symbols |= size.node.expr.free_symbols
 
+    if structure is not None:
+        structure = _drop_unbatched_outputs(gm, structure, batch_symbols)
     trainable = [n for n, p in params.items() if p.requires_grad]
     return CapturedModel(
         graph_module=gm,
@@ -322,6 +416,7 @@ def _collect(ep, model: torch.nn.Module, keys: list[str]) -> CapturedModel:
         batch_symbols=batch_symbols,
         constants=dict(ep.constants),
         model_class=type(model).__name__,
+        outputs=structure,
     )
 
 
