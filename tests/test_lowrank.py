@@ -11,12 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 from close import assert_bitwise_equal, assert_rel_close
+from explicit import explicit_group_losses
 from model_zoo import causal_batch, tiny_llama
 
 import zo_fx
 from zo_fx import kernels
 from zo_fx.streams import GroupTable
-from zo_fx.streams.layout import factor_signs, lowrank_direction, rademacher
+from zo_fx.streams.layout import factor_signs, lowrank_direction, lowrank_factors, rademacher
 from zo_fx.streams.philox import philox_words
 
 
@@ -200,3 +201,60 @@ def test_the_factor_cache_returns_the_generated_factors_and_stays_bounded(monkey
     assert len(lowrank._factor_cache) == 3
     again = lowrank.factors([7, 9], 4, (6, 4), 2, torch.float32, "cpu")
     assert again[0] is lowrank.factors([7, 9], 4, (6, 4), 2, torch.float32, "cpu")[0]
+
+
+# ---------------------------------------------------------------- lazy factors (LOZO)
+
+
+def test_lazy_factors_share_b_between_seeds_with_the_same_high_bits_and_draw_a_from_the_whole_seed():
+    high = 0x1234_5678 << 32
+    seeds = [high | 7, high | 99, (0x0BAD_CAFE << 32) | 7]
+    a, b = lowrank_factors(seeds, 3, (40, 24), 2, dtype=torch.float64, lazy=True)
+    assert torch.equal(b[0], b[1]) and not torch.equal(b[0], b[2])
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], a[2])
+    eager_a, eager_b = lowrank_factors(seeds, 3, (40, 24), 2, dtype=torch.float64)
+    assert torch.equal(a, eager_a), "A is the same stream under both kinds"
+    assert torch.equal(b[0], lowrank_factors([high], 3, (40, 24), 2, dtype=torch.float64)[1][0])
+    dense = lowrank_direction(seeds[1], 3, (40, 24), 2, dtype=torch.float64, lazy=True)
+    assert_bitwise_equal(dense, (a[1] @ b[1].t()) / 2**0.5, what="lazy dense direction")
+
+
+def test_lazy_group_losses_equal_the_explicitly_perturbed_model():
+    model, batch = tiny_llama(), causal_batch()
+    zm = zo_fx.zo_compile(model, batch)
+    high = 0x0123_4567 << 32
+    table = GroupTable([high | 5, high | 5, high | 6, 77], [0.0, 1.0, -1.0, 0.5], 1e-3, "lowrank:2:lazy")
+    assert_rel_close(zm.group_losses(batch, table), explicit_group_losses(model, zm, batch, table), 1e-10,
+                     what="lazy low-rank")
+    assert not torch.equal(zm.group_losses(batch, table), zm.group_losses(
+        batch, GroupTable(table.seeds, table.coefs, 1e-3, "lowrank:2"))), "the lazy kind is another direction"
+
+
+def test_lazy_steps_keep_b_for_their_window_and_draw_a_fresh_every_step():
+    model, batch = tiny_llama(), causal_batch()
+    zm = zo_fx.zo_compile(model, batch)
+    opt = zo_fx.FZOO(zm, lr=0.0, n_directions=2, kind="lowrank", rank=2, lazy_steps=3)
+    assert opt.kind == "lowrank:2:lazy"
+    seeds = []
+    for _ in range(6):
+        seeds.append(opt.step_seeds(2))
+        opt.step(batch)
+    b_seed = [[s >> 32 for s in step] for step in seeds]
+    assert b_seed[0] == b_seed[1] == b_seed[2] and b_seed[3] == b_seed[4] == b_seed[5] and b_seed[0] != b_seed[3]
+    assert b_seed[0][0] != b_seed[0][1], "each direction of a step has its own B"
+    assert len({s[0] & 0xFFFFFFFF for s in seeds}) == 6, "A is fresh every step"
+    with pytest.raises(ValueError, match="lazy_steps=3 keeps a low-rank factor"):
+        zo_fx.FZOOConfig(lr=1e-3, lazy_steps=3)
+
+
+def test_a_lazy_run_replays_bit_exactly():
+    torch.manual_seed(0)
+    model, batch = tiny_llama(), causal_batch()
+    zm = zo_fx.zo_compile(model, batch)
+    opt = zo_fx.FZOO(zm, lr=1e-3, n_directions=2, kind="lowrank", rank=2, lazy_steps=2)
+    for _ in range(3):
+        opt.step(batch)
+    fresh = tiny_llama()
+    zo_fx.replay(fresh, zo_fx.Trajectory.from_dict(opt.trajectory.to_dict()))
+    for n, p in fresh.named_parameters():
+        assert_bitwise_equal(p, dict(model.named_parameters())[n], what=f"replayed {n}")

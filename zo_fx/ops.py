@@ -36,7 +36,7 @@ from .kernels import blocked, lowrank
 from .kernels.dispatch import pick
 from .kernels.linear import perturbed_linear
 from .kernels.perturb import perturbed_groups, perturbed_or_base
-from .streams.layout import element_kind, is_lowrank, rank_of, sample_at
+from .streams.layout import element_kind, is_lazy, is_lowrank, rank_of, sample_at
 from .streams.table import seeds_from_tensor
 
 # leaf codes of map_groups (a non-negative code is the batch dim of a grouped tensor)
@@ -187,7 +187,8 @@ def _lowrank_linear(x, weight, bias, w_pid, b_pid, seeds: list[int], scales: lis
             y = F.linear(xs[g], w) if layout == "out_in" else xs[g] @ w
             outs.append(y if b is None else y + b)
         return torch.cat(outs, dim=0 if shared else x_bdim)
-    y = lowrank.grouped_linear(x, weight, seeds, scales, w_pid, rank_of(kind), groups, shared, x_bdim, layout)
+    y = lowrank.grouped_linear(x, weight, seeds, scales, w_pid, rank_of(kind), groups, shared, x_bdim, layout,
+                               is_lazy(kind))
     _add_group_bias(y, bias, b_pid, seeds, scales, element_kind(kind))
     if shared:
         lead = list(x.shape[:-1])
@@ -217,7 +218,8 @@ def head_logits(x: torch.Tensor, weight, bias, w_pid, b_pid, seed: int, scale: f
     if is_lowrank(kind):
         if w_pid is not None and x.dim() >= 2:
             rows = x.reshape(-1, x.shape[-1])
-            y = lowrank.grouped_linear(rows, weight, [seed], [scale], w_pid, rank_of(kind), 1, True, PASS, layout)
+            y = lowrank.grouped_linear(rows, weight, [seed], [scale], w_pid, rank_of(kind), 1, True, PASS, layout,
+                                       is_lazy(kind))
             _add_group_bias(y, bias, b_pid, [seed], [scale], element_kind(kind))
             return y[0].view(*x.shape[:-1], y.shape[-1])
         kind = element_kind(kind) if w_pid is None else kind
@@ -242,7 +244,8 @@ def head_readout(x_rows: torch.Tensor, weight, bias, w_pid, b_pid, seed: int, sc
         index = token_ids.unsqueeze(-1) + torch.arange(weight.shape[0], device=weight.device) * vocab
     if w_pid is not None and scale != 0.0:
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        u = (lowrank.readout_rows(weight, token_ids, layout, w_pid, seed, rank_of(kind), acc) if is_lowrank(kind)
+        u = (lowrank.readout_rows(weight, token_ids, layout, w_pid, seed, rank_of(kind), acc, is_lazy(kind))
+             if is_lowrank(kind)
              else sample_at(seed, w_pid, index, kind, dtype=acc))
         rows = (rows.to(acc) + scale * u).to(weight.dtype)
     logits = x_rows @ rows.t()
@@ -276,7 +279,7 @@ def grouped_embedding(
     if is_lowrank(kind):
         id_groups = _split(ids, groups, ids_bdim) if ids_bdim >= 0 else [ids] * groups
         return PerGroup(lowrank.embedding_rows(weight, id_groups[g], pid, seed_list[g], scale_list[g], rank_of(kind),
-                                               padding_idx) for g in range(groups))
+                                               padding_idx, is_lazy(kind)) for g in range(groups))
     kernel = _kernel(impl, "grouped_embedding", weight) if ids_bdim == PASS and padding_idx == -1 else None
     if kernel is not None:
         return PerGroup(kernel(weight, ids, pid, seed_list, scale_list, kind, impl="triton").unbind(0))

@@ -37,17 +37,17 @@ FACTOR_CACHE_ENTRIES = 4096
 _factor_cache: OrderedDict = OrderedDict()
 
 
-def factors(seeds, pid: int, shape, rank: int, dtype, device):
+def factors(seeds, pid: int, shape, rank: int, dtype, device, lazy: bool = False):
     """``lowrank_factors`` of these seeds, kept in a bounded LRU cache (a pure function of its key).
 
     The returned tensors are shared between callers: never write into them.
     """
-    key = (tuple(int(s) for s in seeds), int(pid), tuple(shape), int(rank), dtype, str(device))
+    key = (tuple(int(s) for s in seeds), int(pid), tuple(shape), int(rank), dtype, str(device), bool(lazy))
     hit = _factor_cache.get(key)
     if hit is not None:
         _factor_cache.move_to_end(key)
         return hit
-    made = lowrank_factors(list(key[0]), pid, shape, rank, dtype=dtype, device=device)
+    made = lowrank_factors(list(key[0]), pid, shape, rank, dtype=dtype, device=device, lazy=lazy)
     _factor_cache[key] = made
     if len(_factor_cache) > FACTOR_CACHE_ENTRIES:
         _factor_cache.popitem(last=False)
@@ -59,21 +59,22 @@ def is_matrix(param: torch.Tensor) -> bool:
     return param.dim() == 2
 
 
-def perturbed_matrix(base: torch.Tensor, seed: int, pid: int, scale: float, rank: int) -> torch.Tensor:
+def perturbed_matrix(base: torch.Tensor, seed: int, pid: int, scale: float, rank: int,
+                     lazy: bool = False) -> torch.Tensor:
     """``base + scale * A B^T / sqrt(r)`` as a new tensor, in the accumulation dtype, rounded once.
 
     The dense path, for the few uses that need a whole perturbed matrix (a weight used through a
     reshape, an adapter's factor multiplied with another parameter).
     """
     acc = accumulation_dtype(base.dtype)
-    a, b = lowrank_factors([seed], pid, base.shape, rank, dtype=acc, device=base.device)
+    a, b = lowrank_factors([seed], pid, base.shape, rank, dtype=acc, device=base.device, lazy=lazy)
     u = (a[0] @ b[0].t()) * inv_sqrt_rank(rank)
     return (base.to(acc) + scale * u).to(base.dtype)
 
 
-def _scaled_factors(weight: torch.Tensor, pid: int, seeds, scales, rank: int, dtype, layout: str):
+def _scaled_factors(weight: torch.Tensor, pid: int, seeds, scales, rank: int, dtype, layout: str, lazy: bool):
     """``(P [G, k, r] * scale_g / sqrt(r), Q [G, out, r])``: the input-side and output-side factors."""
-    a, b = factors(seeds, pid, weight.shape, rank, dtype, weight.device)
+    a, b = factors(seeds, pid, weight.shape, rank, dtype, weight.device, lazy)
     # out_in (nn.Linear): W [out, in] = A B^T, so x W^T = (x B) A^T; in_out (Conv1D, mm): x W = (x A) B^T
     p, q = (b, a) if layout == "out_in" else (a, b)
     s = torch.tensor(list(scales), dtype=torch.float64, device=weight.device).to(dtype) * inv_sqrt_rank(rank)
@@ -81,7 +82,7 @@ def _scaled_factors(weight: torch.Tensor, pid: int, seeds, scales, rank: int, dt
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, seeds, scales, w_pid: int, rank: int, groups: int,
-                   shared: bool, x_bdim: int, layout: str) -> torch.Tensor:
+                   shared: bool, x_bdim: int, layout: str, lazy: bool = False) -> torch.Tensor:
     """``[G, rows, out]``: each group's ``x_g W_g^T`` (no bias): one shared GEMM plus two skinny GEMMs per group.
 
     ``shared``: ``x`` is every group's input (batch in dim 0); otherwise ``x`` holds the G groups'
@@ -94,7 +95,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, seeds, scales, w_pid: 
     else:
         rows = x.movedim(x_bdim, 0).reshape(groups, -1, k)
     base = F.linear(rows, weight) if layout == "out_in" else rows @ weight
-    p, q = _scaled_factors(weight, w_pid, seeds, scales, rank, x.dtype, layout)
+    p, q = _scaled_factors(weight, w_pid, seeds, scales, rank, x.dtype, layout, lazy)
     if shared:
         t = (rows @ p.permute(1, 0, 2).reshape(k, -1)).view(rows.shape[0], groups, rank).transpose(0, 1)
         return base.unsqueeze(0) + torch.bmm(t, q.transpose(1, 2))
@@ -102,21 +103,21 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, seeds, scales, w_pid: 
 
 
 def embedding_rows(weight: torch.Tensor, ids: torch.Tensor, pid: int, seed: int, scale: float, rank: int,
-                   padding_idx: int = -1) -> torch.Tensor:
+                   padding_idx: int = -1, lazy: bool = False) -> torch.Tensor:
     """``W[ids] + scale * A[ids] B^T / sqrt(r)``: the direction made at the looked-up rows only."""
     rows = F.embedding(ids, weight, padding_idx)
     if scale == 0.0:
         return rows
     acc = accumulation_dtype(weight.dtype)
-    a, b = factors([seed], pid, weight.shape, rank, acc, weight.device)
+    a, b = factors([seed], pid, weight.shape, rank, acc, weight.device, lazy)
     u = F.embedding(ids, a[0]) @ b[0].t()
     return (rows.to(acc) + (scale * inv_sqrt_rank(rank)) * u).to(weight.dtype)
 
 
 def readout_rows(weight: torch.Tensor, token_ids: torch.Tensor, layout: str, pid: int, seed: int,
-                 rank: int, dtype) -> torch.Tensor:
+                 rank: int, dtype, lazy: bool = False) -> torch.Tensor:
     """``[T, D]``: the direction of the head's weights for ``token_ids`` (rows of ``out_in``, columns of ``in_out``)."""
-    a, b = factors([seed], pid, weight.shape, rank, dtype, weight.device)
+    a, b = factors([seed], pid, weight.shape, rank, dtype, weight.device, lazy)
     if layout == "out_in":  # W [V, D]: row t is A[t] B^T
         return (a[0][token_ids] @ b[0].t()) * inv_sqrt_rank(rank)
     return (b[0][token_ids] @ a[0].t()) * inv_sqrt_rank(rank)  # W [D, V]: column t is A B[t]^T
@@ -129,7 +130,8 @@ def _row_tiles(param: torch.Tensor):
 
 
 @torch.no_grad()
-def update_(param: torch.Tensor, seeds, coefs, pid: int, rank: int, lr: float, weight_decay: float = 0.0):
+def update_(param: torch.Tensor, seeds, coefs, pid: int, rank: int, lr: float, weight_decay: float = 0.0,
+            lazy: bool = False):
     """``param -= lr * (sum_i coefs[i] * A_i B_i^T / sqrt(r) + weight_decay * param)``, in place, tile by tile.
 
     Accumulated in float32 (float64 for float64 parameters) and rounded once, as the element-wise
@@ -139,7 +141,7 @@ def update_(param: torch.Tensor, seeds, coefs, pid: int, rank: int, lr: float, w
     dev = param.device
     n_dir = len(seeds)
     if n_dir:
-        a, b = lowrank_factors(list(seeds), pid, param.shape, rank, dtype=acc, device=dev)
+        a, b = lowrank_factors(list(seeds), pid, param.shape, rank, dtype=acc, device=dev, lazy=lazy)
         c = torch.tensor([float(x) for x in coefs], dtype=torch.float64, device=dev).to(acc) * inv_sqrt_rank(rank)
         a_cat = (a * c.view(-1, 1, 1)).permute(1, 0, 2).reshape(param.shape[0], n_dir * rank)
         b_cat = b.permute(1, 0, 2).reshape(param.shape[1], n_dir * rank)
@@ -153,7 +155,7 @@ def update_(param: torch.Tensor, seeds, coefs, pid: int, rank: int, lr: float, w
 
 @torch.no_grad()
 def adamezo_update_(param: torch.Tensor, seeds, coefs, pid: int, rank: int, lr: float, betas, weight_decay: float,
-                    scale: float, adam_eps: float):
+                    scale: float, adam_eps: float, lazy: bool = False):
     """The AdaMeZO step of :func:`zo_fx.kernels.adamezo_update_` on a matrix under low-rank directions.
 
     The truncated moments are rebuilt per row tile from each direction's ``A_j[rows] B_j^T / sqrt(r)``.
@@ -161,7 +163,7 @@ def adamezo_update_(param: torch.Tensor, seeds, coefs, pid: int, rank: int, lr: 
     if not seeds:
         raise ValueError("the AdaMeZO update needs at least one (seed, coef) pair")
     acc = accumulation_dtype(param.dtype)
-    a, b = lowrank_factors(list(seeds), pid, param.shape, rank, dtype=acc, device=param.device)
+    a, b = lowrank_factors(list(seeds), pid, param.shape, rank, dtype=acc, device=param.device, lazy=lazy)
     inv = inv_sqrt_rank(rank)
     for rows in _row_tiles(param):
         p = param[rows].to(acc)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from zo_fx.streams.layout import check_kind, element_kind, is_lowrank, key_tensors, per_block, rank_of
+from zo_fx.streams.layout import check_kind, element_kind, is_lazy, is_lowrank, key_tensors, per_block, rank_of
 
 from ._chunks import CHUNK, accumulation_dtype, batched_values, chunk_starts, chunk_values, runner
 from .lowrank import is_matrix, perturbed_matrix
@@ -38,7 +38,7 @@ def perturbed(base: torch.Tensor, seed: int, pid: int, scale: float, kind: str, 
             if start:
                 raise ValueError("a low-rank direction is defined on the whole matrix; perturbed() got a piece of "
                                  f"one (start={start})")
-            return perturbed_matrix(base, seed, pid, scale, rank_of(kind))
+            return perturbed_matrix(base, seed, pid, scale, rank_of(kind), is_lazy(kind))
         kind = element_kind(kind)
     kind = check_kind(kind)
     if start % 128:

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from zo_fx.streams.layout import check_kind, element_kind, is_lowrank, key_tensors, per_block, rank_of
+from zo_fx.streams.layout import check_kind, element_kind, is_lazy, is_lowrank, key_tensors, per_block, rank_of
 
 from . import lowrank
 from ._chunks import CHUNK, accumulation_dtype, check_chunk, chunk_starts, chunk_values, runner
@@ -289,7 +289,7 @@ def fused_update_(
     if is_lowrank(kind):
         kind = _lowrank_or_element(param, kind, start, total)
         if is_lowrank(kind):
-            return lowrank.update_(param, seeds, coefs, pid, rank_of(kind), lr, weight_decay)
+            return lowrank.update_(param, seeds, coefs, pid, rank_of(kind), lr, weight_decay, is_lazy(kind))
     kind = check_kind(kind)
     if _shard_pick(impl, param, start, total) == "torch":
         return fused_update_reference_(param, seeds, coefs, pid, kind, lr, weight_decay, start=start, total=total)
@@ -336,7 +336,7 @@ def adamezo_update_(
         kind = _lowrank_or_element(param, kind, start, total)
         if is_lowrank(kind):
             return lowrank.adamezo_update_(param, seeds, coefs, pid, rank_of(kind), lr, betas, weight_decay, scale,
-                                           adam_eps)
+                                           adam_eps, is_lazy(kind))
     kind = check_kind(kind)
     if _shard_pick(impl, param, start, total) == "torch":
         return adamezo_update_reference_(param, seeds, coefs, pid, kind, lr, betas, weight_decay, scale, adam_eps,

@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 
 from zo_fx.compile import ZOModule
+from zo_fx.streams.layout import B_SEED_MASK
 from zo_fx.streams.table import GroupTable
 
 from .config import ZOConfig
@@ -40,6 +41,18 @@ def direction_seed(seed: int, step: int, index: int) -> int:
     """Seed of direction ``index`` at ``step``: 63 bits of BLAKE2b(seed, step, index)."""
     digest = hashlib.blake2b(f"zo_fx:{seed}:{step}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def lazy_seed(seed: int, step: int, index: int, lazy_steps: int) -> int:
+    """Seed of direction ``index`` at ``step`` under lazy low-rank directions (LOZO).
+
+    The high 31 bits (what factor B is drawn from, see ``zo_fx.streams.layout.b_factor_seed``) are a
+    hash of (seed, step // lazy_steps, index): B stays for ``lazy_steps`` steps. The low 32 bits
+    follow the step: A is fresh every step.
+    """
+    window = hashlib.blake2b(f"zo_fx:lazy-b:{seed}:{step // lazy_steps}:{index}".encode(), digest_size=8).digest()
+    high = int.from_bytes(window, "little") & (2**63 - 1) & B_SEED_MASK
+    return high | (direction_seed(seed, step, index) & 0xFFFFFFFF)
 
 
 def decays(name: str, param: torch.Tensor) -> bool:
@@ -149,7 +162,10 @@ class ZOOptimizer:
 
     # ---- the step -----------------------------------------------------------------------------------------
     def step_seeds(self, count: int) -> list[int]:
-        """The seeds of this step's ``count`` directions (a pure function of run seed, step and index)."""
+        """The seeds of this step's ``count`` directions (a pure function of run seed, step and index;
+        under lazy low-rank directions, of the step's window of ``lazy_steps`` steps too)."""
+        if self.config.lazy_steps > 1:
+            return [lazy_seed(self.seed, self.step_count, i, self.config.lazy_steps) for i in range(count)]
         return [direction_seed(self.seed, self.step_count, i) for i in range(count)]
 
     def table(self) -> GroupTable:

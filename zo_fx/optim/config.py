@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from zo_fx.checks import check_int, check_real
-from zo_fx.streams.layout import RADEMACHER, check_direction_kind, is_lowrank, rank_of
+from zo_fx.streams.layout import RADEMACHER, check_direction_kind, is_lowrank, lowrank_kind, rank_of
 
 #: direction seeds derive from the optimizer seed; it is hashed, so any non-negative 63-bit int works
 MAX_RUN_SEED = 2**63 - 1
@@ -28,6 +28,9 @@ class ZOConfig:
         kind: direction distribution, "rademacher", "gaussian", or "lowrank" (rank-``rank`` products
             ``A B^T / sqrt(rank)`` on matrices, Rademacher elsewhere; kept as ``"lowrank:<rank>"``).
         rank: the rank of low-rank directions (default 1); only with ``kind="lowrank"``.
+        lazy_steps: low-rank directions only: keep each direction's factor B for this many steps while A
+            is drawn fresh every step (LOZO's lazy sampling); above 1 the kind becomes
+            ``"lowrank:<rank>:lazy"``. 1 (default): both factors fresh every step.
         seed: run seed (non-negative integer): direction seeds are a hash of (seed, step, index).
     """
 
@@ -37,6 +40,7 @@ class ZOConfig:
     kind: str = RADEMACHER
     seed: int = 0
     rank: int | None = None
+    lazy_steps: int = 1
 
     def __post_init__(self) -> None:
         self._set("lr", check_real(self.lr, "lr", low=0.0))
@@ -47,6 +51,12 @@ class ZOConfig:
         except (ValueError, TypeError) as err:
             raise ValueError(f"kind: {err}") from None
         self._set("rank", rank_of(self.kind) if is_lowrank(self.kind) else None)
+        self._set("lazy_steps", check_int(self.lazy_steps, "lazy_steps", low=1))
+        if self.lazy_steps > 1:
+            if not is_lowrank(self.kind):
+                raise ValueError(f"lazy_steps={self.lazy_steps} keeps a low-rank factor for several steps; kind "
+                                 f"{self.kind!r} has no factors (use kind='lowrank')")
+            self._set("kind", lowrank_kind(self.rank, lazy=True))
         self._set("seed", check_int(self.seed, "seed", low=0, high=MAX_RUN_SEED))
 
     def _set(self, name: str, value) -> None:

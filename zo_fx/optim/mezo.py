@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from zo_fx.streams.layout import GAUSSIAN
 from zo_fx.streams.table import GroupTable
 
-from .base import ZOOptimizer, direction_seed
+from .base import ZOOptimizer
 from .config import ZOConfig
 
 
@@ -28,9 +28,9 @@ class MeZO(ZOOptimizer):
     Config = MeZOConfig
 
     def table(self) -> GroupTable:
-        s = direction_seed(self.seed, self.step_count, 0)
+        s = self.step_seeds(1)[0]
         return GroupTable([s, s], [1.0, -1.0], self.eps, self.kind)
 
     def estimate(self, means):
-        s = direction_seed(self.seed, self.step_count, 0)
+        s = self.step_seeds(1)[0]
         return [s], [(means[0] - means[1]) / (2 * self.eps)], None, None

@@ -42,6 +42,10 @@ STREAM_TAG = {RADEMACHER: 0, GAUSSIAN: 1}
 #: signs drawn from the streams of these tags (zo_fx.kernels.lowrank); other parameters use Rademacher
 LOWRANK = "lowrank"
 LOWRANK_FACTOR_TAGS = (2, 3)
+#: suffix of the lazy low-rank kind (``"lowrank:r:lazy"``, LOZO): factor B is drawn from the seed with its low
+#: 32 bits cleared, so seeds that share their high bits share B while A follows the whole seed
+LAZY = "lazy"
+B_SEED_MASK = ~0xFFFFFFFF & (2**64 - 1)
 MAX_RANK = 256
 ELEMENTS_PER_BLOCK = {RADEMACHER: 128, GAUSSIAN: 4}
 TWO_PI_F32 = torch.tensor(2 * math.pi, dtype=torch.float32).item()
@@ -67,29 +71,45 @@ def check_kind(kind: str) -> str:
     return kind
 
 
-def lowrank_kind(rank: int) -> str:
-    """The kind string of rank-``rank`` low-rank directions: ``"lowrank:<rank>"``."""
+def lowrank_kind(rank: int, lazy: bool = False) -> str:
+    """The kind string of rank-``rank`` low-rank directions: ``"lowrank:<rank>"`` (``"lowrank:<rank>:lazy"``)."""
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= int(rank) <= MAX_RANK:
         raise ValueError(f"a low-rank direction's rank must be an integer in [1, {MAX_RANK}]; got {rank!r}")
-    return f"{LOWRANK}:{int(rank)}"
+    return f"{LOWRANK}:{int(rank)}" + (f":{LAZY}" if lazy else "")
 
 
 def is_lowrank(kind) -> bool:
     return isinstance(kind, str) and kind.startswith(LOWRANK + ":")
 
 
+def _lowrank_parts(kind: str) -> tuple[int, bool]:
+    if not is_lowrank(kind):
+        raise ValueError(f"{kind!r} is not a low-rank kind ('lowrank:<rank>' or 'lowrank:<rank>:lazy')")
+    parts = kind.split(":")
+    if len(parts) > 3 or not parts[1].isdigit() or (len(parts) == 3 and parts[2] != LAZY):
+        raise ValueError(f"direction kind {kind!r}: the rank must be an integer: write 'lowrank:<rank>' or 'lowrank:<rank>:lazy'")
+    lowrank_kind(int(parts[1]))  # the rank's range
+    return int(parts[1]), len(parts) == 3
+
+
 def rank_of(kind: str) -> int:
     """The rank of a low-rank kind (``"lowrank:4"`` -> 4)."""
-    if not is_lowrank(kind):
-        raise ValueError(f"{kind!r} is not a low-rank kind ('lowrank:<rank>')")
-    text = kind.split(":", 1)[1]
-    if not text.isdigit():
-        raise ValueError(f"direction kind {kind!r}: the rank after 'lowrank:' must be an integer")
-    return int(lowrank_kind(int(text)).split(":")[1])
+    return _lowrank_parts(kind)[0]
+
+
+def is_lazy(kind) -> bool:
+    """Whether a kind is the lazy low-rank kind (factor B shared by seeds with the same high 32 bits)."""
+    return is_lowrank(kind) and _lowrank_parts(kind)[1]
+
+
+def b_factor_seed(seed: int, lazy: bool) -> int:
+    """The seed factor B is drawn from: the seed itself, or (lazy) the seed with its low 32 bits cleared."""
+    return int(seed) & B_SEED_MASK if lazy else int(seed)
 
 
 def check_direction_kind(kind: str, rank: int | None = None) -> str:
-    """Any direction kind, canonical: ``"rademacher"``, ``"gaussian"`` or ``"lowrank:<rank>"``.
+    """Any direction kind, canonical: ``"rademacher"``, ``"gaussian"``, ``"lowrank:<rank>"`` or
+    ``"lowrank:<rank>:lazy"``.
 
     ``kind="lowrank"`` takes its rank from ``rank`` (default 1); ``"lowrank:r"`` must agree with ``rank``
     when both are given.
@@ -97,10 +117,10 @@ def check_direction_kind(kind: str, rank: int | None = None) -> str:
     if kind == LOWRANK:
         return lowrank_kind(1 if rank is None else rank)
     if is_lowrank(kind):
-        r = rank_of(kind)
+        r, lazy = _lowrank_parts(kind)
         if rank is not None and rank != r:
             raise ValueError(f"direction kind {kind!r} has rank {r}, but rank={rank} was given")
-        return kind
+        return lowrank_kind(r, lazy)
     if rank is not None:
         raise ValueError(f"rank={rank} is for low-rank directions; kind {kind!r} has none (use kind='lowrank')")
     return check_kind(kind)
@@ -321,15 +341,19 @@ def direction(seed, pid, shape, kind, *, dtype=torch.float32, device=None) -> to
     """
     shape = torch.Size(shape)
     if is_lowrank(kind) and len(shape) == 2:
-        return lowrank_direction(seed, pid, shape, rank_of(kind), dtype=dtype, device=device)
+        return lowrank_direction(seed, pid, shape, rank_of(kind), dtype=dtype, device=device, lazy=is_lazy(kind))
     return sample(seed, pid, 0, shape.numel(), element_kind(kind), dtype=dtype, device=device).view(shape)
 
 
-def lowrank_factors(seeds, pid, shape, rank: int, *, dtype=torch.float32, device=None):
-    """``(A [G, m, r], B [G, n, r])``: the sign factors of the low-rank directions of an ``[m, n]`` matrix."""
+def lowrank_factors(seeds, pid, shape, rank: int, *, dtype=torch.float32, device=None, lazy: bool = False):
+    """``(A [G, m, r], B [G, n, r])``: the sign factors of the low-rank directions of an ``[m, n]`` matrix.
+
+    ``lazy``: B from :func:`b_factor_seed` of each seed (the lazy kind), A from the seed itself.
+    """
     m, n = shape
     a = factor_signs(seeds, pid, m * rank, 0, dtype=dtype, device=device).view(len(seeds), m, rank)
-    b = factor_signs(seeds, pid, n * rank, 1, dtype=dtype, device=device).view(len(seeds), n, rank)
+    b_seeds = [b_factor_seed(s, lazy) for s in seeds]
+    b = factor_signs(b_seeds, pid, n * rank, 1, dtype=dtype, device=device).view(len(seeds), n, rank)
     return a, b
 
 
@@ -338,8 +362,9 @@ def inv_sqrt_rank(rank: int) -> float:
     return 1.0 / math.sqrt(rank)
 
 
-def lowrank_direction(seed, pid, shape, rank: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
+def lowrank_direction(seed, pid, shape, rank: int, *, dtype=torch.float32, device=None,
+                      lazy: bool = False) -> torch.Tensor:
     """The dense ``A B^T / sqrt(r)`` of one seed: for tests and inspection; a step never forms it whole."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    a, b = lowrank_factors([seed], pid, shape, rank, dtype=acc, device=device)
+    a, b = lowrank_factors([seed], pid, shape, rank, dtype=acc, device=device, lazy=lazy)
     return ((a[0] @ b[0].t()) * inv_sqrt_rank(rank)).to(dtype)
