@@ -1,5 +1,6 @@
-"""Every registered method (MeZO, FZOO, AdaMeZO, ES, ZO-SGD momentum, ZO-Adam): formulas, exactness,
-skipping, replay and resume. The newer methods' formulas are in test_es.py and test_stateful_methods.py."""
+"""Every registered method (MeZO, FZOO, AdaMeZO, ES, ZO-SGD momentum, ZO-Adam, HiZOO): formulas, exactness,
+skipping, replay and resume. The newer methods' formulas are in test_es.py, test_stateful_methods.py and
+test_hizoo.py."""
 
 import copy
 import json
@@ -28,6 +29,7 @@ SETTINGS = {
     "es": dict(eps=1e-3, n_directions=2, weight_decay=0.01, seed=3),
     "zosgd_momentum": dict(eps=1e-3, momentum=0.8, weight_decay=0.01, seed=3),
     "zoadam": dict(eps=1e-3, betas=(0.8, 0.99), weight_decay=0.01, seed=3),
+    "hizoo": dict(eps=1e-3, hessian_smooth=0.05, weight_decay=0.01, seed=3),
 }
 assert set(SETTINGS) == set(zo_fx.METHODS), "every registered method is tested"
 

@@ -2,7 +2,7 @@
 
 from . import rewards
 from .compile import ZOModule, zo_compile
-from .losses import CandidateClassificationLoss, MaskedCandidateLoss, causal_lm_loss
+from .losses import CandidateClassificationLoss, MaskedCandidateLoss, SpanQALoss, causal_lm_loss
 from .optim import (
     ES,
     FZOO,
@@ -11,6 +11,8 @@ from .optim import (
     AdaMeZOConfig,
     ESConfig,
     FZOOConfig,
+    HiZOO,
+    HiZOOConfig,
     MeZO,
     MeZOConfig,
     RewardObjective,
@@ -43,6 +45,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "zo_compile", "ZOModule", "GroupTable", "CandidateClassificationLoss", "MaskedCandidateLoss", "causal_lm_loss",
+    "SpanQALoss", "HiZOO", "HiZOOConfig",
     "MeZO", "FZOO", "AdaMeZO", "ES", "ESConfig", "ZOAdam", "ZOAdamConfig", "ZOSGDMomentum",
     "ZOSGDMomentumConfig", "ZOOptimizer", "StepInfo", "Trajectory", "replay", "ZOTrainer",
     "ZOConfig", "MeZOConfig", "FZOOConfig", "AdaMeZOConfig", "METHODS", "build_optimizer",

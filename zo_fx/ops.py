@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from . import kernels
-from .kernels import blocked, lowrank
+from .kernels import blocked, lowrank, scaling
 from .kernels.dispatch import pick
 from .kernels.linear import perturbed_linear
 from .kernels.perturb import perturbed_groups, perturbed_or_base
@@ -133,7 +133,9 @@ def grouped_linear(
                                weight_layout, weight_shape)
     if weight_shape is not None:
         weight = weight.view(weight_shape)
-    kernel = _kernel(impl, "grouped_linear", x, weight, bias)
+    # a per-element direction scale (HiZOO) is applied by the per-group torch path alone
+    fused = not scaling.applies(w_pid, b_pid)
+    kernel = _kernel(impl, "grouped_linear", x, weight, bias) if fused else None
     if kernel is not None and x.dim() >= 2 and out_dim == 0:
         xs = x.reshape(-1, x.shape[-1]) if shared else x.reshape(groups, -1, x.shape[-1])
         y = kernel(xs, weight, bias, w_pid, b_pid, seed_list, scale_list, kind,
@@ -142,7 +144,7 @@ def grouped_linear(
         if shared:
             lead[0] = lead[0] * groups
         return y.reshape(*lead, y.shape[-1])
-    if out_dim == 0 and x.dim() >= 2 and blocked.supports(weight, weight_layout, x, bias):
+    if fused and out_dim == 0 and x.dim() >= 2 and blocked.supports(weight, weight_layout, x, bias):
         k = x.shape[-1]
         xs = x.reshape(-1, k) if shared else x.reshape(groups, -1, k)
         y = blocked.blocked_grouped_matmul(xs, weight, w_pid, seed_list, scale_list, kind, weight_layout,
@@ -223,7 +225,7 @@ def head_logits(x: torch.Tensor, weight, bias, w_pid, b_pid, seed: int, scale: f
             _add_group_bias(y, bias, b_pid, [seed], [scale], element_kind(kind))
             return y[0].view(*x.shape[:-1], y.shape[-1])
         kind = element_kind(kind) if w_pid is None else kind
-    if x.dim() < 2 or not blocked.supports(weight, layout, x, bias):
+    if x.dim() < 2 or not blocked.supports(weight, layout, x, bias) or scaling.applies(w_pid, b_pid):
         return perturbed_linear(x, weight, bias, w_pid, b_pid, seed, scale, kind, layout)
     rows = x.reshape(-1, x.shape[-1])
     y = blocked.blocked_grouped_matmul(rows, weight, w_pid, [seed], [scale], kind, layout, shared_input=True)
@@ -247,6 +249,9 @@ def head_readout(x_rows: torch.Tensor, weight, bias, w_pid, b_pid, seed: int, sc
         u = (lowrank.readout_rows(weight, token_ids, layout, w_pid, seed, rank_of(kind), acc, is_lazy(kind))
              if is_lowrank(kind)
              else sample_at(seed, w_pid, index, kind, dtype=acc))
+        factor = scaling.factor_for(w_pid, acc)
+        if factor is not None:
+            u = factor.reshape(-1)[index] * u
         rows = (rows.to(acc) + scale * u).to(weight.dtype)
     logits = x_rows @ rows.t()
     if bias is not None:
@@ -280,7 +285,8 @@ def grouped_embedding(
         id_groups = _split(ids, groups, ids_bdim) if ids_bdim >= 0 else [ids] * groups
         return PerGroup(lowrank.embedding_rows(weight, id_groups[g], pid, seed_list[g], scale_list[g], rank_of(kind),
                                                padding_idx, is_lazy(kind)) for g in range(groups))
-    kernel = _kernel(impl, "grouped_embedding", weight) if ids_bdim == PASS and padding_idx == -1 else None
+    fused = ids_bdim == PASS and padding_idx == -1 and not scaling.applies(pid)
+    kernel = _kernel(impl, "grouped_embedding", weight) if fused else None
     if kernel is not None:
         return PerGroup(kernel(weight, ids, pid, seed_list, scale_list, kind, impl="triton").unbind(0))
     id_groups = _split(ids, groups, ids_bdim) if ids_bdim >= 0 else [ids] * groups
@@ -295,6 +301,9 @@ def grouped_embedding(
             flat = id_groups[g].unsqueeze(-1) * dim + torch.arange(dim, device=ids.device)
             u = sample_at(seed_list[g], pid, flat, kind, dtype=torch.float32)
             acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            factor = scaling.factor_for(pid, acc)
+            if factor is not None:
+                u = factor.reshape(-1)[flat] * u.to(acc)
             rows = (rows.to(acc) + scale_list[g] * u.to(acc)).to(weight.dtype)
         outs.append(rows)
     return PerGroup(outs)

@@ -9,10 +9,20 @@ from __future__ import annotations
 
 import torch
 
-from zo_fx.streams.layout import check_kind, element_kind, is_lazy, is_lowrank, key_tensors, per_block, rank_of
+from zo_fx.streams.layout import (
+    check_kind,
+    element_kind,
+    is_lazy,
+    is_lowrank,
+    key_tensors,
+    per_block,
+    rank_of,
+    sample,
+)
 
 from ._chunks import CHUNK, accumulation_dtype, batched_values, chunk_starts, chunk_values, runner
 from .lowrank import is_matrix, perturbed_matrix
+from .scaling import applies, factor_for
 
 #: parameters up to this size get all their per-group copies from one batched generator call
 SMALL_NUMEL = 1 << 16
@@ -41,6 +51,9 @@ def perturbed(base: torch.Tensor, seed: int, pid: int, scale: float, kind: str, 
             return perturbed_matrix(base, seed, pid, scale, rank_of(kind), is_lazy(kind))
         kind = element_kind(kind)
     kind = check_kind(kind)
+    factor = factor_for(pid, accumulation_dtype(base.dtype))
+    if factor is not None:
+        return _scaled(base, seed, pid, scale, kind, start, factor)
     if start % 128:
         raise ValueError(f"perturbed() needs a block-aligned start (multiple of 128); got {start}")
     flat = base.reshape(-1)
@@ -58,6 +71,14 @@ def perturbed(base: torch.Tensor, seed: int, pid: int, scale: float, kind: str, 
     for s, n in chunk_starts(flat.numel(), CHUNK):
         out[s : s + n] = piece(s, n)
     return out.view(base.shape)
+
+
+def _scaled(base, seed, pid, scale, kind, start, factor):
+    """``base + scale * (factor * u)`` with a per-element factor (:mod:`zo_fx.kernels.scaling`), whole."""
+    n = base.numel()
+    u = sample(seed, pid, start, n, kind, dtype=factor.dtype)
+    u = factor.reshape(-1)[start : start + n] * u
+    return (base.reshape(-1).to(factor.dtype) + scale * u).to(base.dtype).view(base.shape)
 
 
 def perturbed_or_base(base: torch.Tensor | None, seed: int, pid: int | None, scale: float, kind: str):
@@ -78,7 +99,7 @@ def perturbed_groups(base: torch.Tensor, seeds, pid: int, scales, kind: str) -> 
     """
     if is_lowrank(kind) and not is_matrix(base):
         kind = element_kind(kind)
-    if is_lowrank(kind) or base.numel() > SMALL_NUMEL or base.numel() == 0:
+    if is_lowrank(kind) or base.numel() > SMALL_NUMEL or base.numel() == 0 or applies(pid):
         return [base if s == 0.0 else perturbed(base, seed, pid, s, kind) for seed, s in zip(seeds, scales)]
     lo, hi, pid_t, tag = key_tensors(seeds, pid, kind, base.device)
     acc = accumulation_dtype(base.dtype)

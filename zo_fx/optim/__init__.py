@@ -7,6 +7,7 @@ from .config import ZOConfig
 from .distributed import STRATEGIES, Distributed, DistributedStepError, local_shards
 from .es import ES, ESConfig
 from .fzoo import FZOO, FZOOConfig
+from .hizoo import HiZOO, HiZOOConfig
 from .mezo import MeZO, MeZOConfig
 from .momentum import ZOSGDMomentum, ZOSGDMomentumConfig
 from .registry import METHODS, Method, build_optimizer, get_method
@@ -16,7 +17,7 @@ from .zoadam import ZOAdam, ZOAdamConfig
 
 __all__ = [
     "METHODS", "STRATEGIES", "Distributed", "DistributedStepError", "local_shards",
-    "ES", "ESConfig", "ZOAdam", "ZOAdamConfig", "ZOSGDMomentum", "ZOSGDMomentumConfig",
+    "ES", "ESConfig", "HiZOO", "HiZOOConfig", "ZOAdam", "ZOAdamConfig", "ZOSGDMomentum", "ZOSGDMomentumConfig",
     "FZOO", "AdaMeZO", "AdaMeZOConfig", "FZOOConfig", "MeZO", "MeZOConfig", "Method", "ParamSpec",
     "RewardObjective", "StepInfo", "Trajectory", "TrajectoryError", "ZOConfig", "ZOOptimizer", "build_optimizer",
     "decays",

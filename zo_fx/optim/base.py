@@ -15,6 +15,7 @@ update (see :mod:`zo_fx.optim.distributed`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
@@ -196,15 +197,8 @@ class ZOOptimizer:
                                "not: call load_state_tensors (load_checkpoint does both) before stepping")
         t0 = time.perf_counter()
         table = self.table()
-        if objective is not None:
-            if self.distributed is not None:
-                raise NotImplementedError("an objective (rewards) is not split over ranks yet; run it on one "
-                                          "process, or use the per-example loss under torch.distributed")
-            means, dropped = example_means(objective(self.zm, batch, table, self.step_count).double())
-        elif self.distributed is None:
-            means, dropped = example_means(self.zm.group_losses(batch, table).double())
-        else:  # the same means on every rank, from the ranks' shares
-            means, dropped = self.distributed.group_means(self.zm, batch, table, self.step_count)
+        with self.direction_scaling():
+            means, dropped = self._group_means(batch, table, objective)
         t1 = time.perf_counter()
         self.forward_passes += table.groups
         lr = self.current_lr()
@@ -241,6 +235,22 @@ class ZOOptimizer:
             self.torch_optimizer.step()  # a no-op (its one tensor has no gradient), in the order schedulers expect
             self.lr_schedule.step()
         return info
+
+    def _group_means(self, batch: dict, table: GroupTable, objective) -> tuple[list[float], int]:
+        """The groups' mean losses over the batch (and how many examples were dropped as non-finite)."""
+        if objective is not None:
+            if self.distributed is not None:
+                raise NotImplementedError("an objective (rewards) is not split over ranks yet; run it on one "
+                                          "process, or use the per-example loss under torch.distributed")
+            return example_means(objective(self.zm, batch, table, self.step_count).double())
+        if self.distributed is None:
+            return example_means(self.zm.group_losses(batch, table).double())
+        return self.distributed.group_means(self.zm, batch, table, self.step_count)  # the same on every rank
+
+    def direction_scaling(self):
+        """The context the step's forward runs in: a method whose directions are scaled element by element
+        (HiZOO) returns :func:`zo_fx.kernels.scaling.scaled_directions` here."""
+        return contextlib.nullcontext()
 
     # ---- state ----------------------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

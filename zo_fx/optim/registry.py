@@ -13,6 +13,7 @@ from .base import ZOOptimizer
 from .config import ZOConfig
 from .es import ES, ESConfig
 from .fzoo import FZOO, FZOOConfig
+from .hizoo import HiZOO, HiZOOConfig
 from .mezo import MeZO, MeZOConfig
 from .momentum import ZOSGDMomentum, ZOSGDMomentumConfig
 from .zoadam import ZOAdam, ZOAdamConfig
@@ -30,6 +31,7 @@ METHODS: dict[str, Method] = {
     "es": Method(ESConfig, ES),
     "zosgd_momentum": Method(ZOSGDMomentumConfig, ZOSGDMomentum),
     "zoadam": Method(ZOAdamConfig, ZOAdam),
+    "hizoo": Method(HiZOOConfig, HiZOO),
 }
 
 

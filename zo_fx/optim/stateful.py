@@ -1,4 +1,4 @@
-"""Updates that keep state per parameter: ZO-SGD with momentum and ZO-Adam.
+"""Updates that keep state per parameter: ZO-SGD with momentum, ZO-Adam and HiZOO.
 
 Both take MeZO's estimate ``g = sum_i c_i u_i`` (regenerated from the record's seeds, never stored)
 and fold it into buffers the size of the parameter, in float32 (float64 for float64 parameters):
@@ -8,6 +8,10 @@ and fold it into buffers the size of the parameter, in float32 (float64 for floa
 * ``"zoadam"`` (ZO-Adam, Adam's rule on the ZO estimate): ``m = b1 m + (1 - b1) g``,
   ``v = b2 v + (1 - b2) g^2``, ``theta -= lr (m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + wd theta)``
   with ``t`` the number of updates so far. Two buffers.
+* ``"hizoo"`` (HiZOO's diagonal curvature): ``H = H ((1 - alpha) + alpha c z^2)`` with ``c`` the record's
+  ``curvature`` (``|l+ + l- - 2 l0| / (2 eps^2)``), then ``theta -= lr (p z / sqrt(H) + wd theta)``. One
+  buffer, ``H``, starting at ones; it also scales the next step's perturbation
+  (:mod:`zo_fx.kernels.scaling`).
 
 What a bit-exact replay needs: the records (seeds, coefficients, lr) in order from the first, and
 the constants (``betas``, ``adam_eps``, weight decay); the buffers are rebuilt as the run built
@@ -23,9 +27,10 @@ import torch
 
 from zo_fx import kernels
 from zo_fx.kernels._chunks import accumulation_dtype
+from zo_fx.kernels.scaling import direction_factor
 
 #: record modes that read and advance per-parameter buffers, and the buffers each keeps
-STATEFUL_MODES = {"momentum": ("m",), "zoadam": ("m", "v")}
+STATEFUL_MODES = {"momentum": ("m",), "zoadam": ("m", "v"), "hizoo": ("h",)}
 
 
 def estimate(param: torch.Tensor, seeds, coefs, pid: int, kind: str, impl: str) -> torch.Tensor:
@@ -53,8 +58,25 @@ def apply_stateful(mode: str, param: torch.Tensor, buffers: dict, g: torch.Tenso
     param.copy_((p - lr * (step + weight_decay * p)).to(param.dtype))
 
 
+def apply_hizoo(param: torch.Tensor, buffers: dict, z: torch.Tensor, coef: float, curvature: float, alpha: float,
+                lr: float, weight_decay: float) -> None:
+    """HiZOO's update of ``param`` in place from its direction ``z``: the curvature EMA, then the scaled step."""
+    h = buffers.get("h")
+    if h is None:
+        h = buffers["h"] = torch.ones_like(z)
+    h.mul_(z.square().mul_(alpha * curvature).add_(1.0 - alpha))
+    step = z.mul_(direction_factor(h, z.dtype)).mul_(coef)
+    p = param.to(z.dtype)
+    param.copy_((p - lr * (step + weight_decay * p)).to(param.dtype))
+
+
 def step_bound(mode: str, buffers: dict, coef_sum: float, direction_max: float, betas, t: int) -> float:
     """The largest magnitude the step (before ``lr``) can give one element, for the overflow guard."""
+    if mode == "hizoo":  # H only grows by its added term: 1/sqrt(H_new) <= 1/sqrt((1 - alpha) min H)
+        h = buffers.get("h")
+        smallest = float(h.min()) if h is not None and h.numel() else 1.0
+        floor = (1.0 - betas[0]) * smallest
+        return coef_sum * direction_max / math.sqrt(floor) if floor > 0 else math.inf
     if mode == "momentum":
         m = buffers.get("m")
         previous = 0.0 if m is None else float(m.abs().max()) if m.numel() else 0.0

@@ -22,7 +22,7 @@ import torch
 from zo_fx import kernels
 from zo_fx.checks import check_int, check_real
 from zo_fx.files import atomic_write_json
-from zo_fx.optim.stateful import STATEFUL_MODES, apply_stateful, estimate
+from zo_fx.optim.stateful import STATEFUL_MODES, apply_hizoo, apply_stateful, estimate
 from zo_fx.streams.layout import KINDS, check_direction_kind
 
 #: 2: parameter shapes, dtypes and tied names, and a checksum of the content
@@ -91,7 +91,7 @@ def model_fingerprint(model: torch.nn.Module) -> dict:
 
 
 #: the methods whose steps a trajectory records (each step's update from its seeds and coefficients)
-TRAJECTORY_METHODS = ("mezo", "fzoo", "adamezo", "es", "zosgd_momentum", "zoadam")
+TRAJECTORY_METHODS = ("mezo", "fzoo", "adamezo", "es", "zosgd_momentum", "zoadam", "hizoo")
 
 
 def content_checksum(d: dict) -> str:
@@ -188,6 +188,11 @@ class Trajectory:
                 if only is not None and spec.name not in only:
                     continue
                 p = tensors[spec.name].data
+                if rec["mode"] == "hizoo":
+                    z = estimate(p, rec["seeds"], [1.0], spec.pid, self.kind, impl)
+                    apply_hizoo(p, state.setdefault(spec.name, {}), z, rec["coefs"][0], rec["curvature"],
+                                self.betas[0], rec["lr"], self.weight_decay if spec.decay else 0.0)
+                    continue
                 g = estimate(p, rec["seeds"], rec["coefs"], spec.pid, self.kind, impl)
                 apply_stateful(rec["mode"], p, state.setdefault(spec.name, {}), g, rec["lr"],
                                self.weight_decay if spec.decay else 0.0, self.betas, self.adam_eps, index + 1)
@@ -287,7 +292,8 @@ def _parse(d) -> Trajectory:
     try:
         kind = check_direction_kind(kind)
     except (ValueError, TypeError):
-        raise TrajectoryError(f"kind {kind!r} is not one of {KINDS} or 'lowrank:<rank>'") from None
+        raise TrajectoryError(
+            f"kind {kind!r} is not one of {KINDS}, 'lowrank:<rank>' or 'lowrank:<rank>:lazy'") from None
     params = [_param(p, fmt) for p in d["params"]]
     if not params:
         raise TrajectoryError("it lists no parameters: replaying it would change nothing")
@@ -346,6 +352,10 @@ def _record(r, index: int, horizon: int) -> dict:
     mode = r.get("mode", "linear")
     if mode not in MODES:
         raise TrajectoryError(f"{where}: mode {mode!r} is not one of {MODES}")
+    if mode == "hizoo":
+        check_real(r.get("curvature"), f"{where} curvature", low=0.0)
+        if len(seeds) != 1:
+            raise TrajectoryError(f"{where} is a HiZOO update of one direction; it has {len(seeds)}")
     if mode == "adamezo" and horizon < 1:
         raise TrajectoryError(f"{where} is an AdaMeZO update but the horizon is {horizon}")
     return dict(r)
