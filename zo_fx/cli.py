@@ -33,6 +33,8 @@ examples:
   zo-fx finetune --method mezo --steps 400 --output-dir runs/mezo
   zo-fx finetune --method mezo --steps 800 --output-dir runs/mezo --resume   # continue it to 800 steps
   zo-fx finetune --peft lora --forward-budget 5000
+  zo-fx finetune --peft vera             # or dora, ia3, loha, lokr, adalora, oft, boft, fourierft, ln_tuning, ...
+  zo-fx finetune --peft-config my_adapter_config.json   # any PEFT config's fields, e.g. a saved adapter's
   zo-fx finetune --task reviews.jsonl --label-words pos=great,neg=terrible --template '{text} It was'
   zo-fx finetune --task ./reviews/ ...   # a folder of train.jsonl, validation.jsonl, test.jsonl: your own splits
   zo-fx finetune --model ./my-model-folder --task SST-2 --data-dir ./sst2
@@ -132,9 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
         "zosgd_momentum, zoadam: MeZO's estimate through stored momentum / Adam moments (1x / 2x the weights' "
         "memory in float32); "
         "adam: AdamW with backprop (a baseline)"))
-    g.add_argument("--peft", default="none", choices=PEFTS, help=(
+    g.add_argument("--peft", default="none", metavar="METHOD", help=(
         "none: full fine-tuning (default); lora: rank 8, alpha 16 on the attention q/v projections (MeZO's "
-        "setting); prefix: 5 prefix tokens per layer; prompt: 10 trainable virtual input tokens"))
+        "setting); prefix: 5 prefix tokens per layer; prompt: 10 trainable virtual input tokens; or any of "
+        f"{', '.join(m for m in PEFTS if m not in ('none', 'lora', 'prefix', 'prompt'))}: PEFT's defaults, "
+        "on the layers PEFT's table names for the architecture (else the attention projections, else all "
+        "linear layers), with sizes fitted to the layers (OFT/BOFT/C3A blocks, FourierFT frequencies, ...). "
+        "Virtual-token methods (prefix, prompt, p_tuning, adaption_prompt) need a causal LM. The adapter "
+        "folder written at the end loads with PeftModel.from_pretrained"))
+    g.add_argument("--peft-config", metavar="FILE", help=(
+        "a PEFT adapter_config.json, or a JSON object of a PEFT config's fields with a \"peft_type\" (e.g. "
+        "{\"peft_type\": \"LORA\", \"r\": 16, \"target_modules\": \"all-linear\"}); the fields replace the "
+        "--peft defaults of that method (the file's method overrides --peft); checked before the model loads"))
     g.add_argument("--lr", type=float, help=_lr_help())
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant", help=(
         "constant, or linear decay to 0 over the run's steps (default: %(default)s). A linear run resumes "

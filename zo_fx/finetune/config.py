@@ -12,8 +12,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from zo_fx.finetune.peft_methods import PEFT_METHODS, PeftSetupError, canonical, read_peft_config_file, refusal
+
 METHODS = ("fzoo", "mezo", "adamezo", "es", "zosgd_momentum", "zoadam", "adam")
-PEFTS = ("none", "lora", "prefix", "prompt")
+#: --peft: full fine-tuning, or a PEFT method zo_fx builds (zo_fx.finetune.peft_methods; others are refused)
+PEFTS = ("none", *PEFT_METHODS)
 LR_SCHEDULES = ("constant", "linear")
 #: --direction-kind: element-wise signs or normals, or rank-r products A B^T on every matrix (--rank)
 DIRECTION_KINDS = ("rademacher", "gaussian", "lowrank")
@@ -78,6 +81,7 @@ class FinetuneConfig:
     data_dir: str | None = None
     method: str = "fzoo"
     peft: str = "none"
+    peft_config: str | None = None
     steps: int | None = None
     forward_budget: int | None = None
     lr: float | None = None
@@ -110,7 +114,8 @@ class FinetuneConfig:
     rank: int | None = None
 
     def __post_init__(self) -> None:
-        for name, allowed in (("method", METHODS), ("peft", PEFTS), ("dtype", tuple(DTYPES)),
+        self._check_peft()
+        for name, allowed in (("method", METHODS), ("dtype", tuple(DTYPES)),
                               ("lr_schedule", LR_SCHEDULES)):
             if getattr(self, name) not in allowed:
                 flag = name.replace("_", "-")
@@ -155,6 +160,22 @@ class FinetuneConfig:
             raise FinetuneError(f"--top-p must be in (0, 1]; got {self.top_p}")
         if self.resume and self.output_dir is None:
             raise FinetuneError("--resume needs --output-dir: the folder of the run to continue")
+
+    def _check_peft(self) -> None:
+        """``--peft`` spelled canonically, or refused with the reason; ``--peft-config`` read and checked now,
+        before any data or model loads, and its method taking the place of ``--peft``."""
+        self.peft_fields = None
+        if self.peft_config is not None:
+            try:
+                method, self.peft_fields = read_peft_config_file(self.peft_config)
+            except PeftSetupError as err:
+                raise FinetuneError(str(err)) from None
+            self.peft = method
+            return
+        reason = refusal(self.peft)
+        if reason:
+            raise FinetuneError(reason)
+        self.peft = canonical(self.peft)
 
     @property
     def is_reward_task(self) -> bool:
@@ -205,7 +226,7 @@ class FinetuneConfig:
     def resolved(self) -> dict:
         """The settings as the run used them (defaults filled in), for metrics.json and resume checks."""
         out = asdict(self)
-        out.update(lr=self.learning_rate, steps=self.total_steps)
+        out.update(lr=self.learning_rate, steps=self.total_steps, peft_fields=self.peft_fields)
         return out
 
 

@@ -87,7 +87,7 @@ class FinetuneJob:
         self.check_before_load(cfg)
         print(f"loading {cfg.model} ...", flush=True)
         model, self.tokenizer = load_model_and_tokenizer(cfg.model, DTYPES[cfg.dtype])
-        self.model = apply_peft(model, cfg.peft, cfg.seed)
+        self.model = apply_peft(model, cfg.peft, cfg.seed, cfg.peft_fields, cfg.total_steps)
         self.task = self.fit_task(self.task)
         self.cursor = self.task.cursor(cfg.batch_size, seed=cfg.seed)
         self.optimizer = self.build_optimizer(cfg)

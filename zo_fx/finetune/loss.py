@@ -2,8 +2,8 @@
 (at the mask token, for a masked LM).
 
 This is MeZO's ``train_as_classification`` (:class:`zo_fx.losses.CandidateClassificationLoss`).
-Prompt tuning prepends virtual tokens to the model's outputs, so for it the loss reads its
-positions shifted by them (:class:`ShiftedCandidateLoss`).
+Prompt tuning and P-tuning prepend virtual tokens to the model's outputs, so for them the loss
+reads its positions shifted by them (:class:`ShiftedCandidateLoss`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from zo_fx.finetune.config import FinetuneError
-from zo_fx.finetune.model import PROMPT_TOKENS, is_masked_lm
+from zo_fx.finetune.model import is_masked_lm
+from zo_fx.finetune.peft_methods import prompt_offset
 from zo_fx.losses import CandidateClassificationLoss, MaskedCandidateLoss
 
 
@@ -58,11 +59,17 @@ def fit_task(task, tokenizer, model):
         raise FinetuneError(str(err)) from None
 
 
-def build_loss(task, tokenizer, model, peft: str):
+def build_loss(task, tokenizer, model, peft: str | None = None):
     """The candidate loss over ``task``'s label words (read at the mask token of a masked LM), shifted past
-    the virtual tokens of prompt tuning."""
+    the virtual tokens that prompt tuning and P-tuning put before the outputs.
+
+    The shift is read from ``model``'s adapter config, not from the ``--peft`` name, so a
+    ``--peft-config`` with its own ``num_virtual_tokens`` (or an adapter folder being evaluated)
+    is read where its outputs really are; ``peft`` is kept for callers that pass it.
+    """
     ids = check_label_words(task, tokenizer)
     if task.mask_token_id is not None:
         return MaskedCandidateLoss(ids, task.mask_token_id)
     loss = CandidateClassificationLoss(ids)
-    return ShiftedCandidateLoss(loss, PROMPT_TOKENS) if peft == "prompt" else loss
+    offset = prompt_offset(model)
+    return ShiftedCandidateLoss(loss, offset) if offset else loss

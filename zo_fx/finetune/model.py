@@ -2,7 +2,8 @@
 
 :func:`load_model_and_tokenizer` accepts ``"smollm2"``, a ``save_pretrained`` folder or a
 cached hub name and says precisely what is missing when it cannot; :func:`apply_peft` wraps
-the model in LoRA, prefix or prompt tuning with MeZO's settings. transformers and peft are
+the model in the PEFT method of ``--peft`` / ``--peft-config`` (LoRA, prefix and prompt tuning
+with MeZO's settings; the others as :mod:`zo_fx.finetune.peft_methods` sets them up). transformers and peft are
 imported only here, when a model is actually loaded, so ``zo-fx finetune --help`` stays fast.
 """
 
@@ -14,11 +15,15 @@ from pathlib import Path
 import torch
 
 from zo_fx.finetune.config import FinetuneError
-
-LORA_TARGETS = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",), ("query_key_value",), ("Wqkv",))
-LORA_RANK, LORA_ALPHA = 8, 16  # MeZO's LoRA setting (Malladi et al. 2023, appendix E)
-PREFIX_TOKENS = 5  # MeZO's prefix-tuning setting
-PROMPT_TOKENS = 10
+from zo_fx.finetune.peft_methods import (  # noqa: F401 - the adapter settings, re-exported where they were
+    LORA_ALPHA,
+    LORA_RANK,
+    LORA_TARGETS,
+    PREFIX_TOKENS,
+    PROMPT_TOKENS,
+    PeftSetupError,
+    build_peft_config,
+)
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
@@ -159,28 +164,32 @@ def is_masked_lm(model) -> bool:
     return type(base).__name__.endswith("ForMaskedLM")
 
 
-def apply_peft(model, kind: str, seed: int):
-    """Wrap ``model`` in a PEFT adapter; only the adapter's parameters stay trainable."""
-    if kind == "none":
-        return model
-    masked = is_masked_lm(model)
-    if masked and kind != "lora":
-        raise FinetuneError(f"--peft {kind} puts virtual tokens before the prompt of a causal LM; "
-                            f"{type(model).__name__} is a masked LM: use --peft lora, or no adapter")
-    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+def apply_peft(model, kind: str, seed: int, fields: dict | None = None, steps: int | None = None):
+    """Wrap ``model`` in the PEFT adapter of ``--peft kind``; only the adapter's parameters stay trainable.
 
-    if kind == "lora":
-        leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if not list(m.children())}
-        targets = next((list(t) for t in LORA_TARGETS if set(t) <= leaves), None)
-        if targets is None:
-            raise FinetuneError(f"--peft lora: found no attention projections named like {LORA_TARGETS} in "
-                                f"{type(model).__name__}; use --peft prompt, or no adapter")
-        config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=targets,
-                            task_type=None if masked else "CAUSAL_LM")
-    elif kind == "prefix":
-        config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PREFIX_TOKENS)
-    else:
-        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PROMPT_TOKENS)
+    ``fields`` are a ``--peft-config`` file's settings (they replace the method's defaults, see
+    :mod:`zo_fx.finetune.peft_methods`); ``steps`` is the run's length, which AdaLoRA's config asks for.
+    Anything PEFT refuses for this model becomes a :class:`FinetuneError` that names the method.
+    """
+    if kind == "none" and not fields:
+        return model
+    from peft import get_peft_model
+
+    try:
+        config = build_peft_config(model, kind, seed, fields, steps)
+    except PeftSetupError as err:
+        raise FinetuneError(str(err)) from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # adapter initialisation is part of the run's reproducible state
-        return get_peft_model(model, config).eval()
+        try:
+            wrapped = get_peft_model(model, config)
+        except ImportError as err:
+            raise FinetuneError(f"--peft {kind}: PEFT needs a package that is not installed: {err}") from None
+        except (ValueError, TypeError, NotImplementedError, RuntimeError, AssertionError) as err:
+            targets = getattr(config, "target_modules", None)
+            raise FinetuneError(
+                f"--peft {kind}: PEFT cannot wrap {type(model).__name__} with {type(config).__name__}"
+                f"{f' on {sorted(targets) if not isinstance(targets, str) else targets}' if targets else ''}: "
+                f"{str(err).strip()[:400]}. Give other settings (target_modules, sizes) in --peft-config, or use "
+                "--peft lora") from None
+    return wrapped.eval()

@@ -24,9 +24,12 @@ def build_optimizer(cfg: FinetuneConfig, model, loss, example: dict, output_dir:
         return AdamBaseline(model, loss, cfg.learning_rate, cfg.weight_decay, output_dir, lr_at=cfg.lr_at)
     try:
         zm = zo_compile(model, example, loss=loss)
-    except (ExportFailedError, UncoveredParameterUseError, UnsupportedGraphError) as err:
+    except (ExportFailedError, UncoveredParameterUseError, UnsupportedGraphError, ValueError) as err:
+        # ValueError: zo_compile's refusal of a model it cannot train as wrapped (e.g. an adapter whose
+        # trainable parameters its forward never reads), said in the user's terms below
         hint = (" Prefix tuning feeds past key/values into attention, which this model's export may not "
-                "take; try --peft lora." if cfg.peft == "prefix" else "")
+                "take; try --peft lora." if cfg.peft == "prefix" else
+                f" The --peft {cfg.peft} adapter is the likely cause; try --peft lora." if cfg.peft != "none" else "")
         raise FinetuneError(f"zo_compile could not prepare {type(model).__name__} for zeroth-order training: "
                             f"{err}.{hint} Or train with --method adam (backprop).") from None
     return optimizer_of(cfg, zm)

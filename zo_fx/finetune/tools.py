@@ -21,6 +21,7 @@ from zo_fx.finetune.evaluation import evaluate
 from zo_fx.finetune.job import export_pretrained
 from zo_fx.finetune.loss import build_loss, fit_task
 from zo_fx.finetune.model import apply_peft, load_model_and_tokenizer
+from zo_fx.finetune.peft_methods import method_of_peft_type
 from zo_fx.finetune.task import build_task
 from zo_fx.locks import RunLock, RunLockedError
 from zo_fx.optim.trajectory import Trajectory, TrajectoryError, replay
@@ -35,8 +36,8 @@ def _load_for_eval(folder: str, base_model: str, dtype: torch.dtype):
 
     base, tokenizer = load_model_and_tokenizer(base_model, dtype)
     model = PeftModel.from_pretrained(base, path).eval()
-    kind = {"PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix"}.get(str(model.peft_config["default"].peft_type.value),
-                                                                     "lora")
+    config = model.peft_config["default"]
+    kind = method_of_peft_type(config.peft_type.value, bool(getattr(config, "use_dora", False)))
     return model, tokenizer, kind
 
 
@@ -69,7 +70,8 @@ def replay_run(run_dir, output_dir) -> dict:
         raise FinetuneError(str(err)) from None
     with lock:
         model, tokenizer = load_model_and_tokenizer(settings["model"], DTYPES[settings["dtype"]])
-        model = apply_peft(model, settings["peft"], settings["seed"])
+        model = apply_peft(model, settings["peft"], settings["seed"], settings.get("peft_fields"),
+                           settings.get("steps"))
         try:
             replay(model, trajectory)
         except TrajectoryError as err:
