@@ -49,10 +49,12 @@ def category(op: str) -> str:
     return "other"
 
 
-def profile_step(step) -> dict[str, float]:
+def profile_step(step, top: int = 0) -> dict[str, float]:
     step()  # warm: compiled kernels built, allocator primed
     with profile() as prof:
         step()
+    if top:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
     shares: dict[str, float] = {}
     for event in prof.key_averages():
         c = category(event.key)
@@ -79,6 +81,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seq-len", type=int, default=24)
     ap.add_argument("--directions", type=int, default=8)
     ap.add_argument("--method", choices=("fzoo", "mezo"), default="fzoo")
+    ap.add_argument("--kind", default=None, help="direction kind (default: the method's; e.g. lowrank:1)")
+    ap.add_argument("--top", type=int, default=0, help="also list the N ops with the most self CPU time of the step")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -96,12 +100,15 @@ def _run(args: argparse.Namespace) -> dict:
     batch = synthetic_batch(model.config.vocab_size, args.batch_size, args.seq_len)
     zm = zo_fx.zo_compile(model, batch)
     extra = {"n_directions": args.directions} if args.method == "fzoo" else {"kind": "gaussian"}
+    if args.kind:
+        extra["kind"] = args.kind
     opt = zo_fx.build_optimizer(args.method, zm, lr=0.0, eps=1e-3, seed=0, **extra)
     copies = args.directions + 1 if args.method == "fzoo" else 2
     with torch.no_grad():
         results = {
-            f"zo_fx {args.method}": profile_step(lambda: opt.step(batch)),
+            f"zo_fx {args.method} {opt.kind}": profile_step(lambda: opt.step(batch), args.top),
             "floor (per copy)": profile_step(lambda: floor_forward(model, batch, copies, "per_copy")),
+            "floor (one batch)": profile_step(lambda: floor_forward(model, batch, copies, "one_batch")),
         }
     text = table(results)
     print(text)

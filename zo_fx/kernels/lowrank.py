@@ -96,10 +96,14 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, seeds, scales, w_pid: 
         rows = x.movedim(x_bdim, 0).reshape(groups, -1, k)
     base = F.linear(rows, weight) if layout == "out_in" else rows @ weight
     p, q = _scaled_factors(weight, w_pid, seeds, scales, rank, x.dtype, layout, lazy)
+    # the groups' terms are accumulated into the base product by the GEMM itself (beta = 1): no
+    # output-sized temporary per term and no separate pass to add it
     if shared:
         t = (rows @ p.permute(1, 0, 2).reshape(k, -1)).view(rows.shape[0], groups, rank).transpose(0, 1)
-        return base.unsqueeze(0) + torch.bmm(t, q.transpose(1, 2))
-    return base + torch.bmm(torch.bmm(rows, p), q.transpose(1, 2))
+        if groups == 1:  # the fused output head, one group at a time: the base product is this group's
+            return base.addmm_(t[0], q[0].t()).unsqueeze(0)
+        return torch.baddbmm(base.unsqueeze(0).expand(groups, *base.shape), t, q.transpose(1, 2))
+    return base.baddbmm_(torch.bmm(rows, p), q.transpose(1, 2))
 
 
 def embedding_rows(weight: torch.Tensor, ids: torch.Tensor, pid: int, seed: int, scale: float, rank: int,

@@ -87,7 +87,8 @@ def _lowrank_parts(kind: str) -> tuple[int, bool]:
         raise ValueError(f"{kind!r} is not a low-rank kind ('lowrank:<rank>' or 'lowrank:<rank>:lazy')")
     parts = kind.split(":")
     if len(parts) > 3 or not parts[1].isdigit() or (len(parts) == 3 and parts[2] != LAZY):
-        raise ValueError(f"direction kind {kind!r}: the rank must be an integer: write 'lowrank:<rank>' or 'lowrank:<rank>:lazy'")
+        raise ValueError(f"direction kind {kind!r}: the rank must be an integer: write 'lowrank:<rank>' or "
+                         "'lowrank:<rank>:lazy'")
     lowrank_kind(int(parts[1]))  # the rank's range
     return int(parts[1]), len(parts) == 3
 
