@@ -82,13 +82,14 @@ def error_of(capsys_or_none, argv: list[str]) -> str:
 
 
 @pytest.mark.parametrize("method", ["fzoo", "mezo", "adamezo", pytest.param("es", marks=pytest.mark.slow),
-                                    pytest.param("zoadam", marks=pytest.mark.slow), "adam"])
+                                    pytest.param("zoadam", marks=pytest.mark.slow),
+                                    pytest.param("hizoo", marks=pytest.mark.slow), "adam"])
 def test_a_run_writes_metrics_trajectory_weights_and_curves(model_dir, tmp_path, method):
     metrics = finetune(model_dir, tmp_path, "--method", method, "--steps", "3", "--eval-every", "2",
                        "--directions", "3", "--horizon", "2")
     assert METRICS_KEYS <= metrics.keys()
     assert len(metrics["history"]) == 3 and all(STEP_KEYS <= h.keys() for h in metrics["history"])
-    per_step = {"fzoo": 4, "mezo": 2, "adamezo": 2, "es": 6, "zoadam": 2, "adam": 1}[method]
+    per_step = {"fzoo": 4, "mezo": 2, "adamezo": 2, "es": 6, "zoadam": 2, "hizoo": 3, "adam": 1}[method]
     assert [h["forward_passes"] for h in metrics["history"]] == [per_step, 2 * per_step, 3 * per_step]
     final = metrics["final"]
     assert final["steps"] == 3 and final["forward_passes"] == 3 * per_step
@@ -140,10 +141,13 @@ def test_forward_budget_stops_before_overspending(model_dir, tmp_path):
 # resume
 
 
-@pytest.mark.parametrize("method", ["fzoo", "adamezo", "adam", "fzoo-lowrank", "zosgd_momentum"])
+@pytest.mark.parametrize("method", ["fzoo", "adamezo", "adam", pytest.param("fzoo-lowrank", marks=pytest.mark.slow),
+                                    "fzoo-lazy", pytest.param("zosgd_momentum", marks=pytest.mark.slow), "hizoo"])
 def test_resume_continues_exactly_as_an_uninterrupted_run(model_dir, tmp_path, method):
-    kind = ("--direction-kind", "lowrank", "--rank", "2") if method.endswith("-lowrank") else ()
-    method = method.removesuffix("-lowrank")
+    kind = {"-lowrank": ("--direction-kind", "lowrank", "--rank", "2"),
+            "-lazy": ("--direction-kind", "lowrank", "--rank", "2", "--lazy-steps", "2")}
+    kind = next((flags for suffix, flags in kind.items() if method.endswith(suffix)), ())
+    method = method.split("-")[0]
     flags = ("--method", method, "--directions", "3", "--horizon", "2", "--eval-every", "2", *kind)
     straight = finetune(model_dir, tmp_path / "straight", "--steps", "6", *flags)
     finetune(model_dir, tmp_path / "split", "--steps", "3", *flags)
@@ -162,7 +166,8 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(model_dir, tmp_path, m
         assert (tmp_path / "straight" / "trajectory.json").read_text() == (
             tmp_path / "split" / "trajectory.json").read_text()
         kind = json.loads((tmp_path / "split" / "trajectory.json").read_text())["kind"]
-        assert (kind == "lowrank:2") == ("--rank" in flags)
+        assert kind == ("lowrank:2:lazy" if "--lazy-steps" in flags else "lowrank:2" if "--rank" in flags
+                        else "gaussian" if method in ("hizoo",) else kind)
 
 
 @pytest.mark.parametrize("method", ["fzoo", "adam"])

@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         "es: evolution strategies, N antithetic pairs with centered-rank fitness shaping (for rewards); "
         "zosgd_momentum, zoadam: MeZO's estimate through stored momentum / Adam moments (1x / 2x the weights' "
         "memory in float32); "
+        "hizoo: MeZO's estimate with a diagonal curvature estimate shaping perturbation and step (3 forward "
+        "passes a step, Gaussian directions, 1x the weights' memory in float32); "
         "adam: AdamW with backprop (a baseline)"))
     g.add_argument("--peft", default="none", metavar="METHOD", help=(
         "none: full fine-tuning (default); lora: rank 8, alpha 16 on the attention q/v projections (MeZO's "
@@ -163,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         "'lowrank': each weight matrix moves along a rank --rank product A B^T (EGGROLL, LOZO), whose forward "
         "pass shares one GEMM across all directions; vectors keep Rademacher signs"))
     g.add_argument("--rank", type=int, help="the rank of --direction-kind lowrank (default 1)")
+    g.add_argument("--lazy-steps", type=int, help=(
+        "with --direction-kind lowrank: keep each direction's factor B for this many steps, A fresh every step "
+        "(LOZO's lazy sampling; default: both fresh every step)"))
     g.add_argument("--weight-decay", type=float, default=0.0, help=(
         "decoupled weight decay, never on biases and norms (default: %(default)s)"))
 

@@ -14,7 +14,7 @@ import torch
 
 from zo_fx.finetune.peft_methods import PEFT_METHODS, PeftSetupError, canonical, read_peft_config_file, refusal
 
-METHODS = ("fzoo", "mezo", "adamezo", "es", "zosgd_momentum", "zoadam", "adam")
+METHODS = ("fzoo", "mezo", "adamezo", "es", "zosgd_momentum", "zoadam", "hizoo", "adam")
 #: --peft: full fine-tuning, or a PEFT method zo_fx builds (zo_fx.finetune.peft_methods; others are refused)
 PEFTS = ("none", *PEFT_METHODS)
 LR_SCHEDULES = ("constant", "linear")
@@ -38,9 +38,10 @@ MIN_MAX_LENGTH = 8
 # eps=1e-3, against about 1/N = 0.125 for FZOO's, so its lr is FZOO's over 250 (not swept; at 1e-5 with LoRA,
 # 10x below that, the convergence benchmark's ES barely moved: probe loss 0.438 -> 0.418 in 450 passes).
 # ZO-SGD with momentum sums about 1 / (1 - beta) = 10 past estimates, so its lr is MeZO's over 10; ZO-Adam's
-# step is normalised like Adam's and takes Adam's lr (neither swept).
+# step is normalised like Adam's and takes Adam's lr (neither swept). HiZOO's step is MeZO's while its
+# curvature H is ones and only shrinks as H grows, so it takes MeZO's lr (not swept).
 DEFAULT_LR = {"fzoo": 3e-3, "mezo": 1e-4, "adamezo": 1e-6, "es": 1e-5, "zosgd_momentum": 1e-5, "zoadam": 1e-5,
-              "adam": 1e-5}
+              "hizoo": 1e-4, "adam": 1e-5}
 # Adapters (--peft), swept with LoRA r=8 over 270 forward passes, final moving-average training loss:
 #   FZOO 3e-3: 0.435, 1e-2: 0.367, 3e-2: 0.303, 1e-1: 1.17 (diverged);
 #   MeZO 1e-4: 0.500, 3e-4: 0.493, 1e-3: 0.470, 3e-3: 0.572, 1e-2: 0.826;
@@ -51,7 +52,7 @@ DEFAULT_LR = {"fzoo": 3e-3, "mezo": 1e-4, "adamezo": 1e-6, "es": 1e-5, "zosgd_mo
 # ends at 0.29. 3e-2 decayed linearly to 0 ends at 0.22 (benchmarks/convergence.py; here: --lr 3e-2
 # --lr-schedule linear). Prefix and prompt tuning use these values too (not swept).
 DEFAULT_PEFT_LR = {"fzoo": 1e-2, "mezo": 1e-3, "adamezo": 1e-5, "es": 4e-5, "zosgd_momentum": 1e-4,
-                   "zoadam": 1e-3, "adam": 1e-3}
+                   "zoadam": 1e-3, "hizoo": 1e-3, "adam": 1e-3}
 # The default run (no flags) must finish in about 10 minutes on a 2-core CPU, load and evaluations included.
 # Measured (`zo-fx finetune --threads 2`, quiet machine): 4 min 33 s wall, of which 142 s are the 30 FZOO
 # steps (9 forward passes of 16 examples each) and the rest model load, compile and evaluations; test
@@ -112,6 +113,7 @@ class FinetuneConfig:
     demonstrations: int = 0
     direction_kind: str | None = None
     rank: int | None = None
+    lazy_steps: int | None = None
 
     def __post_init__(self) -> None:
         self._check_peft()
@@ -130,6 +132,12 @@ class FinetuneConfig:
             raise FinetuneError(f"--direction-kind {self.direction_kind!r} is not one of {', '.join(DIRECTION_KINDS)}")
         if self.rank is not None and self.direction_kind != "lowrank":
             raise FinetuneError(f"--rank {self.rank} is the rank of low-rank directions; add --direction-kind lowrank")
+        if self.lazy_steps is not None and (self.direction_kind != "lowrank" or self.lazy_steps < 1):
+            raise FinetuneError(f"--lazy-steps {self.lazy_steps} keeps low-rank factors for several steps: it needs "
+                                "--direction-kind lowrank and a value of at least 1")
+        if self.method == "hizoo" and self.direction_kind not in (None, "gaussian"):
+            raise FinetuneError(f"--method hizoo estimates a diagonal curvature from Gaussian directions; "
+                                f"--direction-kind {self.direction_kind} cannot give it (leave it out)")
         if self.rank is not None and not 1 <= self.rank <= 256:
             raise FinetuneError(f"--rank must be between 1 and 256; got {self.rank}")
         if self.method == "adam" and self.direction_kind is not None:
@@ -186,7 +194,9 @@ class FinetuneConfig:
         """The direction kind given on the command line, as the optimizers take it (empty: the method's own)."""
         if self.direction_kind is None:
             return {}
-        return {"kind": self.direction_kind, **({"rank": self.rank} if self.direction_kind == "lowrank" else {})}
+        lowrank = self.direction_kind == "lowrank"
+        return {"kind": self.direction_kind, **({"rank": self.rank} if lowrank else {}),
+                **({"lazy_steps": self.lazy_steps} if lowrank and self.lazy_steps else {})}
 
     def generation_args(self) -> dict:
         """The generation settings given on the command line (the model's generation config fills the rest)."""
@@ -232,7 +242,7 @@ class FinetuneConfig:
 
 def forward_passes_per_step(method: str, directions: int) -> int:
     """Forward passes over the batch per step of ``method`` (Adam's backward pass is not counted)."""
-    return {"fzoo": directions + 1, "es": 2 * directions, "adam": 1}.get(method, 2)
+    return {"fzoo": directions + 1, "es": 2 * directions, "hizoo": 3, "adam": 1}.get(method, 2)
 
 
 def linear_decay(lr: float, step: int, total: int) -> float:

@@ -24,7 +24,8 @@ FINAL_CHECKPOINTS_KEPT = 2
 RESUME_KEYS = ("model", "task", "label_words", "template", "data_dir", "method", "peft", "lr", "eps",
                "directions", "horizon", "batch_size", "max_length", "seed", "n_train", "n_val", "n_test",
                "dtype", "weight_decay", "lr_schedule", "reward", "max_new_tokens", "do_sample", "temperature", "top_k",
-               "top_p", "demonstrations", "direction_kind", "rank", "peft_fields")
+               "top_p", "demonstrations", "direction_kind", "rank", "peft_fields",
+               "lazy_steps")
 _RUN_FILES = ("metrics.json", "trajectory.json", "model.safetensors", "curves.png", "LATEST", "model", "adapter")
 
 
@@ -79,7 +80,7 @@ def restore_checkpoint(out: Path, cfg: FinetuneConfig, model, optimizer, cursor,
                             "original task file or start a new --output-dir")
     older = {"lr_schedule": "constant", "reward": None, "max_new_tokens": 32, "do_sample": False,
              "temperature": None, "top_k": None, "top_p": None, "demonstrations": 0, "direction_kind": None,
-             "rank": None, "peft_fields": None}  # settings runs written before them had
+             "rank": None, "peft_fields": None, "lazy_steps": None}  # settings runs written before them had
     saved, now = {**older, **extra.get("settings", {})}, cfg.resolved()
     decays = cfg.lr_schedule != "constant"
     keys = RESUME_KEYS + (("steps",) if decays else ())  # a decay spans the planned steps
