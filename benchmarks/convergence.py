@@ -89,22 +89,29 @@ from zo_fx.finetune import (  # noqa: E402
     zo_optimizer,
 )
 
-ZO_METHODS = ("fzoo", "mezo", "adamezo", "es", "zosgd_momentum", "zoadam")
+ZO_METHODS = ("fzoo", "mezo", "adamezo", "es", "zosgd_momentum", "zoadam", "hizoo")
 # Chosen by sweeps on SmolLM2-135M-Instruct / VADER with LoRA (B=16, 270 forward passes); see the docstring.
 # ES, ZO-SGD with momentum and ZO-Adam start from their job defaults (zo_fx/finetune/config.py, by analogy).
 DEFAULT_LRS = {"fzoo": ["3e-2:linear"], "mezo": ["1e-3"], "adamezo": ["1e-5"], "es": ["1e-5"],
-               "zosgd_momentum": ["1e-4"], "zoadam": ["1e-3"], "adam": ["1e-3"]}
-#: a method entry ``name`` or ``name:lowrankR`` (low-rank directions of rank R); lrs are the method's
+               "zosgd_momentum": ["1e-4"], "zoadam": ["1e-3"], "hizoo": ["1e-3"], "adam": ["1e-3"]}
+#: a method entry ``name``, ``name:lowrankR`` (low-rank directions of rank R) or ``name:lowrankR:lazyK`` (factor B
+#: kept for K steps, LOZO); lrs are the method's
 KIND_SUFFIX = ":lowrank"
+LAZY_SUFFIX = ":lazy"
 
 
 def split_entry(entry: str) -> tuple[str, dict]:
-    """``"fzoo:lowrank2"`` -> ``("fzoo", {"kind": "lowrank", "rank": 2})``; ``"mezo"`` -> ``("mezo", {})``."""
-    method, _, rank = entry.partition(KIND_SUFFIX)
-    if rank and not rank.isdigit() or method not in (*ZO_METHODS, "adam") or (rank and method == "adam"):
+    """``"fzoo:lowrank2"`` -> ``("fzoo", {"kind": "lowrank", "rank": 2})``; ``"mezo:lowrank1:lazy5"`` -> ``("mezo",
+    {"kind": "lowrank", "rank": 1, "lazy_steps": 5})``; ``"mezo"`` -> ``("mezo", {})``."""
+    method, _, rest = entry.partition(KIND_SUFFIX)
+    rank, _, lazy = rest.partition(LAZY_SUFFIX)
+    if (rank and not rank.isdigit() or lazy and not lazy.isdigit() or method not in (*ZO_METHODS, "adam")
+            or (rank and method in ("adam", "hizoo")) or (LAZY_SUFFIX in rest and not lazy)):
         raise SystemExit(f"--methods {entry!r}: write a method ({', '.join(ZO_METHODS)}, adam), optionally "
-                         f"followed by {KIND_SUFFIX}R for low-rank directions of rank R (ZO methods)")
-    return method, ({"kind": "lowrank", "rank": int(rank)} if rank else {})
+                         f"followed by {KIND_SUFFIX}R for low-rank directions of rank R (ZO methods but hizoo) "
+                         f"and {LAZY_SUFFIX}K to keep factor B for K steps")
+    kind = {"kind": "lowrank", "rank": int(rank)} if rank else {}
+    return method, kind | ({"lazy_steps": int(lazy)} if lazy else {})
 
 
 def parse_lrs(items: list[str]) -> dict[str, list[tuple[float, str]]]:
@@ -192,7 +199,20 @@ def train_once(entry: str, lr: float, schedule: str, seed: int, steps: int, per_
         if info.forward_passes >= probes[-1][0] + per_probe or len(fwd) == steps:
             probes.append((info.forward_passes, probe(model)))
         bar.set_postfix_str(f"loss={info.loss:.4f} fwd={info.forward_passes} probe={probes[-1][1]:.4f}")
-    return {"fwd": fwd, "losses": losses, "lrs": step_lrs, "probes": probes, "seconds": seconds}
+    if method == "adam":  # AdamW's moments (and step counts)
+        state = [t for st in opt.torch_optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
+    else:  # a stateful method's stored buffers; none for the others
+        state = list(opt.state_tensors().values())
+    state_mib = sum(t.numel() * t.element_size() for t in state) / 2**20
+    return {"fwd": fwd, "losses": losses, "lrs": step_lrs, "probes": probes, "seconds": seconds,
+            "state_mib": state_mib, "peak_rss_mib": peak_rss_mib()}
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident memory so far (MiB): it only grows, so a run's figure includes the ones before."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run(args) -> dict:
@@ -244,6 +264,7 @@ def run(args) -> dict:
                 "test_loss": sum(t["loss"] for t in tests) / len(tests),
                 "test_accuracy_per_seed": [t["accuracy"] for t in tests],
                 "seconds": sum(d["seconds"] for d in done),
+                "optimizer_state_mib": done[0]["state_mib"], "peak_rss_mib": max(d["peak_rss_mib"] for d in done),
                 "curve": {"forward_passes": fwd, "loss": mean_loss, "smoothed": smoothed,
                           "lr": done[0]["lrs"]},
                 "probe": {"forward_passes": [p[0] for p in probes], "loss": [p[1] for p in probes]},
@@ -302,8 +323,8 @@ def table(result: dict) -> str:
 
     lines = [("| method | lr | steps | forward passes | final probe loss | fwd to MeZO's probe loss | "
               "fewer fwd than MeZO | final smoothed loss | fwd to MeZO's smoothed loss | "
-              "fewer fwd than MeZO | test acc | seconds |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "fewer fwd than MeZO | test acc | seconds | optimizer state MiB |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         mark = " *" if r.get("chosen") else ""
         fwd = f"{r['forward_passes']} (+backward)" if r["method"] == "adam" else str(r["forward_passes"])
@@ -315,7 +336,7 @@ def table(result: dict) -> str:
             hit = r.get(f"forward_passes_to_mezo_{kind}_loss")
             ratio = r.get(f"fewer_forward_passes_than_mezo_{kind}")
             cells += ["not reached" if hit is None else str(hit), num(ratio, ".2f") + ("x" if ratio else "")]
-        cells += [f"{r['test_accuracy']:.4f}", f"{r['seconds']:.0f}"]
+        cells += [f"{r['test_accuracy']:.4f}", f"{r['seconds']:.0f}", f"{r.get('optimizer_state_mib', 0.0):.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"zero-shot test accuracy {result['zero_shot_test_accuracy']:.4f}; probe = loss on a fixed "
                  f"set of {result['settings']['probe_size']} training examples; smoothed = moving average of "
@@ -332,7 +353,7 @@ def plot(result: dict, path: Path) -> None:
 
     fig, (ax_s, ax_p) = plt.subplots(1, 2, figsize=(13, 5))
     colors = {"fzoo": "tab:blue", "mezo": "tab:red", "adamezo": "tab:green", "es": "tab:orange",
-              "zosgd_momentum": "tab:purple", "zoadam": "tab:brown", "adam": "tab:gray"}
+              "zosgd_momentum": "tab:purple", "zoadam": "tab:brown", "hizoo": "tab:olive", "adam": "tab:gray"}
     for r in result["runs"]:
         style, lw = ("-", 2) if r.get("chosen") else (":", 1)
         if KIND_SUFFIX in r["method"]:  # low-rank directions: dashed, in the method's colour

@@ -343,14 +343,16 @@ def test_convergence_benchmark_smoke_run_writes_json_and_plot(model_dir, tmp_pat
         [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--model", str(model_dir),
          "--task", str(REVIEWS), "--label-words", WORDS, "--template", TEMPLATE, "--budget", "40",
          "--batch-size", "4", "--adam-steps", "4", "--max-length", "16", "--threads", "1",
-         "--lrs", "fzoo=1e-3,2e-3:linear", "--methods", "fzoo", "fzoo:lowrank2", "mezo", "adamezo", "es",
-         "zosgd_momentum", "zoadam", "adam", "--json", str(out_json), "--plot", str(out_png)],
+         "--lrs", "fzoo=1e-3,2e-3:linear", "--methods", "fzoo", "fzoo:lowrank2", "mezo", "mezo:lowrank1:lazy2",
+         "adamezo", "es", "zosgd_momentum", "zoadam", "hizoo", "adam", "--json", str(out_json), "--plot", str(out_png)],
         capture_output=True, text=True, cwd=ROOT, timeout=300, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out_json.read_text())
-    assert {r["method"] for r in result["runs"]} == {"fzoo", "fzoo:lowrank2", "mezo", "adamezo", "es",
-                                                      "zosgd_momentum", "zoadam", "adam"}
+    assert {r["method"] for r in result["runs"]} == {"fzoo", "fzoo:lowrank2", "mezo", "mezo:lowrank1:lazy2", "adamezo",
+                                                      "es", "zosgd_momentum", "zoadam", "hizoo", "adam"}
+    state = {r["method"]: r["optimizer_state_mib"] for r in result["runs"]}
+    assert state["mezo"] == 0 and state["hizoo"] > 0 and state["zoadam"] == pytest.approx(2 * state["hizoo"])
     constant, linear = (r for r in result["runs"] if r["method"] == "fzoo")
     assert constant["schedule"] == "constant" and set(constant["curve"]["lr"]) == {1e-3}
     assert linear["schedule"] == "linear"
