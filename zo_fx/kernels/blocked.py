@@ -26,6 +26,7 @@ go through the per-group path, which keeps one fp32-accumulated GEMM per group.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -40,15 +41,96 @@ from zo_fx.streams.layout import (
     sign_bits_from_words,
 )
 
+from . import native
 from ._chunks import accumulation_dtype, runner
 
-#: bytes of all perturbed groups' tiles of one step of the walk together: half the 32 MiB L3
-#: of the 2-core EPYC this was measured on, so the tiles stay in cache between their
-#: forming and their GEMM. ``benchmarks/tile_size.py`` (results/tile_size.md): FZOO's 8
-#: perturbed fp32 groups were fastest at 2**19-element tiles (16 MiB together), MeZO's 2
-#: at 2**21 (16 MiB), on weights from 576x576 to 8192x2048; 2**15-2**16 pay a call and a
-#: narrow GEMM per tile, and tiles beyond the budget spill out of the L3 (up to 1.5x slower).
-TILE_BYTES = 16 << 20
+#: the tile budget when the machine's caches cannot be read: half the 32 MiB L3 of the 2-core
+#: EPYC the sizes were first measured on. ``benchmarks/tile_size.py`` (results/tile_size.md): FZOO's
+#: 8 perturbed fp32 groups were fastest at 2**19-element tiles (16 MiB together), MeZO's 2 at 2**21
+#: (16 MiB), on weights from 576x576 to 8192x2048; 2**15-2**16 pay a call and a narrow GEMM per
+#: tile, and tiles beyond the budget spill out of the L3 (up to 1.5x slower).
+FALLBACK_TILE_BYTES = 16 << 20
+#: the budget's bounds: every group's tiles together stay between these, whatever the cache says
+MIN_TILE_BYTES, MAX_TILE_BYTES = 2 << 20, 64 << 20
+
+
+def _cache_sizes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> dict[int, int]:
+    """Bytes of each data/unified cache level of CPU 0 (``{2: ..., 3: ...}``), from sysfs; {} if unreadable."""
+    sizes: dict[int, int] = {}
+    try:
+        entries = sorted(os.listdir(root))
+    except OSError:
+        return sizes
+    for entry in entries:
+        if not entry.startswith("index"):
+            continue
+        try:
+            with open(os.path.join(root, entry, "level")) as f:
+                level = int(f.read())
+            with open(os.path.join(root, entry, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(root, entry, "size")) as f:
+                text = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        if kind == "Instruction" or not text:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1].upper(), 1)
+        try:
+            sizes[level] = int(text.rstrip("KkMmGg")) * unit
+        except ValueError:
+            continue
+    return sizes
+
+
+def _sysconf_cache(name: str) -> int:
+    try:
+        return max(0, int(os.sysconf(name)))
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
+def tile_budget() -> dict:
+    """The tile budget picked for this machine and why: ``{"tile_bytes", "source", "caches", "reason"}``.
+
+    Half the last-level cache (the L3 that CPU 0 shares; the L2 where there is no L3), rounded
+    down to a power of two and kept within [MIN_TILE_BYTES, MAX_TILE_BYTES]: the G' perturbed
+    tiles of one step of the walk must still be in cache when the GEMM reads them, with room
+    left for the GEMM's own input and output panels. ``ZO_FX_TILE_BYTES`` overrides it; a
+    machine whose caches cannot be read (no sysfs, no sysconf) gets :data:`FALLBACK_TILE_BYTES`.
+    """
+    caches = _cache_sizes()
+    if not caches:
+        for level, name in ((2, "SC_LEVEL2_CACHE_SIZE"), (3, "SC_LEVEL3_CACHE_SIZE")):
+            size = _sysconf_cache(name)
+            if size:
+                caches[level] = size
+    override = os.environ.get("ZO_FX_TILE_BYTES")
+    if override:
+        return {"tile_bytes": int(override), "source": "ZO_FX_TILE_BYTES", "caches": caches,
+                "reason": "set by the environment"}
+    last = max((lvl for lvl in caches if lvl >= 2), default=None)
+    if last is None:
+        return {"tile_bytes": FALLBACK_TILE_BYTES, "source": "fallback", "caches": caches,
+                "reason": "cache sizes unreadable: the constant measured on a 32 MiB-L3 EPYC"}
+    half = caches[last] // 2
+    picked = 1 << max(0, half.bit_length() - 1) if half else MIN_TILE_BYTES
+    picked = min(MAX_TILE_BYTES, max(MIN_TILE_BYTES, picked))
+    return {"tile_bytes": picked, "source": f"L{last}", "caches": caches,
+            "reason": f"half the L{last} ({caches[last] >> 10} KiB), as a power of two within "
+                      f"[{MIN_TILE_BYTES >> 20}, {MAX_TILE_BYTES >> 20}] MiB"}
+
+
+def describe_tiles() -> str:
+    """One line for benchmark output: the budget, where it came from, and the caches seen."""
+    b = tile_budget()
+    caches = ", ".join(f"L{lvl} {size >> 10} KiB" for lvl, size in sorted(b["caches"].items())) or "none read"
+    return f"tile budget {b['tile_bytes'] >> 10} KiB ({b['source']}: {b['reason']}; caches: {caches})"
+
+
+#: bytes of all perturbed groups' tiles of one step of the walk together, picked from this
+#: machine's caches at import (:func:`tile_budget` says how)
+TILE_BYTES = tile_budget()["tile_bytes"]
 #: bounds of the tile size in elements, whatever the number of groups
 MIN_TILE, MAX_TILE = 1 << 16, 1 << 21
 #: a fixed tile size in elements overriding the budget (None: sized by TILE_BYTES); tests set
@@ -63,8 +145,24 @@ def tile_elements(groups: int, itemsize: int) -> int:
     return min(MAX_TILE, max(MIN_TILE, TILE_BYTES // (max(groups, 1) * itemsize)))
 
 
-def _perturbed_tiles(base, scales, which, block0, seed_lo, seed_hi, pid, tag, kind: str):
+def _perturbed_tiles(base, scales, which, block0, seed_lo, seed_hi, pid, tag, kind: str, out=None):
     """``[G', n]``: ``base + scales[i] * u(seeds[which[i]])`` on one tile, each distinct seed generated once.
+
+    The native kernel (:mod:`zo_fx.kernels.native`) when it can take the tile, else the torch
+    function below (compiled for large tiles); Rademacher results are the same bit for bit,
+    Gaussian ones equal the eager torch function's. ``out``: a ``[G', n]`` buffer the native
+    kernel may write into (the torch path always returns a new tensor).
+    """
+    if native.usable(base):
+        tiles = native.perturbed_tiles(base, scales, which, block0, seed_lo, seed_hi, pid, tag, kind, out)
+        if tiles is not None:
+            return tiles
+    make = runner(_perturbed_tiles_torch, base.numel() * which.numel())  # compiled for large tiles
+    return make(base, scales, which, block0, seed_lo, seed_hi, pid, tag, kind)
+
+
+def _perturbed_tiles_torch(base, scales, which, block0, seed_lo, seed_hi, pid, tag, kind: str):
+    """The torch reference of :func:`_perturbed_tiles`.
 
     Rademacher: ``where(sign is -1, base - s, base + s)``, the same rounding as
     ``base + s * sign`` without the multiply (twice as fast compiled, bit for bit equal).
@@ -152,12 +250,17 @@ def blocked_grouped_matmul(
     else:  # the moved groups' rows: a view when they are consecutive (FZOO's 1..N, MeZO's both)
         xs = x[moved[0] : moved[-1] + 1] if contiguous_moved else x[index]
     acc = None if out_in else torch.zeros(len(moved), r, n_out, dtype=out.dtype, device=x.device)
+    # the first (largest) tile's storage serves every later tile of the walk: the native kernel
+    # writes into it, so no tile after the first pays a fresh allocation and its page faults
+    scratch = None
     for r0 in range(0, rows_w, step):
         r1 = min(rows_w, r0 + step)
         base = flat[r0 * cols_w : r1 * cols_w]
         block0 = torch.tensor(r0 * cols_w // pb, dtype=torch.int64, device=x.device)
-        make = runner(_perturbed_tiles, base.numel() * len(moved))  # compiled for large tiles
-        tiles = make(base, scale_t, which, block0, lo, hi, pid_t, tag, kind)
+        buffer = None if scratch is None else scratch[: len(moved) * base.numel()].view(len(moved), base.numel())
+        tiles = _perturbed_tiles(base, scale_t, which, block0, lo, hi, pid_t, tag, kind, buffer)
+        if scratch is None and tiles.is_contiguous():
+            scratch = tiles.view(-1)
         tiles = tiles.view(len(moved), r1 - r0, cols_w)
         if out_in:  # tile rows are output features r0..r1: written in place, no temporary
             _tile_products(xs, tiles, out, moved, index, contiguous_moved, r0, r1, shared_input)
@@ -199,4 +302,5 @@ def _plain_products(x, weight, out, plain: list[int], out_in: bool, shared_input
         torch.mm(x[g], w_t, out=out[g])
 
 
-__all__ = ["TILE_BYTES", "blocked_grouped_matmul", "supports", "tile_elements", "tile_rows"]
+__all__ = ["TILE_BYTES", "blocked_grouped_matmul", "describe_tiles", "supports", "tile_budget", "tile_elements",
+           "tile_rows"]

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
-from zo_fx.streams.layout import check_kind, sample_at
+from zo_fx.streams.layout import RADEMACHER, check_kind, check_pid, key_tensors, sample_at
 
+from . import native
 from ._support import interpreting, key_words, tl, triton
 from .dispatch import pick
 from .tiles import KIND_CODE, alignment, direction_tile, load_key, round_to
@@ -38,6 +39,9 @@ def grouped_embedding_reference(
     kind = check_kind(kind)
     _check(weight, ids, seeds, scales)
     d = weight.shape[1]
+    out = _native_rademacher(weight, ids, pid, seeds, scales) if kind == RADEMACHER else None
+    if out is not None:
+        return out
     rows = weight[ids]  # [*, D]
     index = ids.to(torch.int64).unsqueeze(-1) * d + torch.arange(d, device=ids.device)
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -46,6 +50,23 @@ def grouped_embedding_reference(
         u = sample_at(seed, pid, index, kind, dtype=acc)
         outs.append((rows.to(acc) + torch.tensor(scale, dtype=acc) * u).to(weight.dtype))
     return torch.stack(outs)
+
+
+def _native_rademacher(weight, ids, pid, seeds, scales):
+    """The reference's result from the native kernel (bit for bit), or None when it cannot take the call.
+
+    Only ids inside ``[0, V)`` go native: anything else keeps the reference's own indexing and errors.
+    """
+    if not native.usable(weight) or ids.numel() == 0 or weight.shape[1] == 0:
+        return None
+    if int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]:
+        return None
+    distinct = sorted(set(int(s) for s in seeds))
+    lo, hi, _, tag = key_tensors(distinct, pid, RADEMACHER)
+    which = torch.tensor([distinct.index(int(s)) for s in seeds], dtype=torch.int32)
+    scales_t = torch.tensor([float(s) for s in scales], dtype=torch.float64)
+    out = native.rademacher_embedding(weight, ids, check_pid(pid), lo, hi, int(tag), which, scales_t)
+    return None if out is None else out.view(len(seeds), *ids.shape, weight.shape[1])
 
 
 @triton.jit

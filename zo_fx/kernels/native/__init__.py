@@ -1,0 +1,338 @@
+"""Native CPU kernels for the torch paths: perturbed tiles, the fused update, embedding rows.
+
+The torch references expand Philox words to signs with int64 tensor ops; on CPU that is
+several passes over memory per element and does not vectorise well on every machine. The
+C source next to this file (``zo_native.c``) does the same arithmetic in one vectorised
+loop per tile. It is compiled at first use with the machine's C compiler (``$CC`` or
+``gcc``; ``-O3 -march=native -ffp-contract=off``), cached under
+``$ZO_FX_CACHE_DIR`` (default ``~/.cache/zo_fx/native``) in a file named by a hash of
+the source, the flags, the compiler's version and the CPU's feature flags, and loaded with
+:mod:`ctypes`: no torch headers, no ninja, about a second to build.
+
+What it computes (docs/native.md):
+
+* Rademacher perturbed tiles, the fused Rademacher update and Rademacher embedding rows:
+  bit for bit what the torch references give (signs from the frozen layout, the same
+  float operations in the same order, one rounding to the weight's dtype).
+* Gaussian: the kernel makes the Philox words and the exact float32 Box-Muller inputs;
+  ``log``, ``sqrt``, ``cos`` and ``sin`` then run as the same torch ops the reference
+  uses (so the values equal the eager torch path's bit for bit), and the kernel blends.
+
+Switches: ``ZO_FX_NATIVE=0`` turns the native path off (every caller then runs the torch
+reference). A machine where the source does not compile warns once, with the compiler's
+first lines, and uses the torch path. ``ZO_FX_NATIVE_THREADS`` overrides the thread
+count (default ``torch.get_num_threads()``); the kernel splits work into whole
+2048-element pieces, never the arithmetic of an element, so results do not depend on it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from zo_fx.streams.layout import RADEMACHER, TWO_PI_F32
+
+SOURCE = Path(__file__).with_name("zo_native.c")
+#: flags of every build; -ffp-contract=off keeps products and sums rounded separately, as torch does
+BASE_FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-fast-math")
+#: tried first; a compiler that refuses it gets a build without it
+ARCH_FLAGS = ("-march=native",)
+ABI_VERSION = 2
+#: dtype codes of the C entry points
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+#: distinct seeds one call of the tile and embedding kernels takes (the C side's MAX_SEEDS)
+MAX_SEEDS = 64
+#: Gaussian values are made in pieces of this many elements (all seeds' values of a piece stay in cache)
+GAUSS_PIECE = 1 << 15
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib": the loaded library or None; "error": why not; "path": the .so
+
+
+def enabled() -> bool:
+    """Whether the native path is asked for (``ZO_FX_NATIVE`` is not ``0``)."""
+    return os.environ.get("ZO_FX_NATIVE", "1") != "0"
+
+
+def threads() -> int:
+    """Threads a kernel call uses: ``ZO_FX_NATIVE_THREADS``, else torch's intra-op thread count."""
+    text = os.environ.get("ZO_FX_NATIVE_THREADS")
+    if text:
+        return max(1, int(text))
+    return max(1, torch.get_num_threads())
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ZO_FX_CACHE_DIR")
+    if root:
+        return Path(root) / "native"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg or Path.home() / ".cache") / "zo_fx" / "native"
+
+
+def _compiler() -> str:
+    return os.environ.get("CC", "gcc")
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (part of the cache key: -march=native code is this CPU's)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _build(cc: str, flags: tuple[str, ...], target: Path) -> str | None:
+    """Compile the source to ``target`` (atomically); the compiler's output on failure, else None."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            return (proc.stderr or proc.stdout or f"{cc} exited with {proc.returncode}").strip()
+        os.replace(tmp, target)  # another process building the same key replaces it with the same bytes
+        return None
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{cc}: {exc}"
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _declare(lib) -> None:
+    p, i64, u64, i32, u32, f64 = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int, ctypes.c_uint32,
+                                  ctypes.c_double)
+    lib.zo_abi_version.restype = i32
+    lib.zo_rademacher_tiles.argtypes = [i32, p, i64, u64, u64, i32, p, p, u32, u32, i32, p, p, p, i64, i32]
+    lib.zo_gaussian_tiles.argtypes = [i32, p, i64, u64, p, i64, i32, p, p, p, i64, i32]
+    lib.zo_gaussian_uniforms.argtypes = [u64, i64, i32, p, p, u32, u32, p, p, i32]
+    lib.zo_rademacher_update.argtypes = [i32, p, i64, u64, u64, i32, p, p, u32, u32, p, f64, f64, i32]
+    lib.zo_gaussian_update.argtypes = [i32, p, i64, u64, i32, p, i64, p, f64, f64, i32]
+    lib.zo_rademacher_embedding.argtypes = [i32, p, i64, p, i64, i32, p, p, u32, u32, i32, p, p, p, i32]
+    for name in ("zo_rademacher_tiles", "zo_gaussian_tiles", "zo_gaussian_uniforms", "zo_rademacher_update",
+                 "zo_gaussian_update", "zo_rademacher_embedding"):
+        getattr(lib, name).restype = i32
+
+
+def _load():
+    """Build (or find in the cache) and load the library; None, with one warning, when it cannot be had."""
+    cc = _compiler()
+    source = SOURCE.read_bytes()
+    version = _compiler_version(cc)
+    errors = []
+    for flags in (BASE_FLAGS + ARCH_FLAGS, BASE_FLAGS):
+        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), cc.encode(), version.encode(),
+                                         _cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:20]
+        path = cache_dir() / f"zo_native-{key}.so"
+        if not path.exists():
+            error = _build(cc, flags, path)
+            if error is not None:
+                errors.append(f"{cc} {' '.join(flags)}:\n" + "\n".join(error.splitlines()[:6]))
+                continue
+        try:
+            lib = ctypes.CDLL(str(path))
+            _declare(lib)
+            if lib.zo_abi_version() != ABI_VERSION:
+                raise OSError(f"{path} has ABI {lib.zo_abi_version()}, expected {ABI_VERSION}")
+        except OSError as exc:
+            errors.append(f"loading {path}: {exc}")
+            continue
+        _state.update(path=str(path), flags=" ".join(flags), compiler=cc)
+        return lib
+    _state["error"] = "\n".join(errors)
+    warnings.warn("zo_fx: the native CPU kernels could not be built, so the (slower) torch path runs instead. "
+                  "Set ZO_FX_NATIVE=0 to silence this. The compiler said:\n" + _state["error"], RuntimeWarning,
+                  stacklevel=3)
+    return None
+
+
+def library():
+    """The loaded library, building it on first use; None when it is off or cannot be built."""
+    if not enabled():
+        return None
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                _state["lib"] = _load()
+    return _state["lib"]
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def info() -> dict:
+    """What the native path is: on or off, where the library is, how it was built, or why it is not there."""
+    lib = library()
+    return {"enabled": enabled(), "loaded": lib is not None, "threads": threads(),
+            **{k: v for k, v in _state.items() if k != "lib"}}
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can take these tensors now: CPU, a supported dtype, no autograd, not traced."""
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype not in DTYPE_CODES or not t.is_contiguous():
+            return False
+        if t.requires_grad and torch.is_grad_enabled():
+            return False
+    if torch.compiler.is_compiling():
+        return False
+    return library() is not None
+
+
+# ---------------------------------------------------------------------------------------- helpers
+# Small arguments travel as ctypes arrays built from Python lists: a handful of torch ops per
+# call would cost more than forming a cache-sized tile.
+
+
+def _ptr(t: torch.Tensor, offset: int = 0):
+    return ctypes.c_void_p(t.data_ptr() + offset * t.element_size())
+
+
+def _u32(values) -> ctypes.Array:
+    values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+    values = [values] if not isinstance(values, list) else values
+    return (ctypes.c_uint32 * max(1, len(values)))(*[int(v) & 0xFFFFFFFF for v in values])
+
+
+def _i32(values) -> ctypes.Array:
+    values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+    return (ctypes.c_int32 * max(1, len(values)))(*[int(v) for v in values])
+
+
+def _f64(values) -> ctypes.Array:
+    values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+    values = [values] if not isinstance(values, list) else values
+    return (ctypes.c_double * max(1, len(values)))(*[float(v) for v in values])
+
+
+def _scalar(t) -> int:
+    return int(t.item()) if isinstance(t, torch.Tensor) else int(t)
+
+
+def _gaussian_values(lib, block0: int, blocks: int, lo, hi, seeds: int, pid: int, tag: int, nthreads: int):
+    """``[seeds, 4 * blocks]`` float32 normals of ``blocks`` Gaussian blocks from ``block0``, in element order.
+
+    The kernel makes the uniforms (exact); ``log``, ``sqrt``, ``cos``, ``sin`` and the products are
+    the torch ops of :func:`zo_fx.streams.layout.normals_from_columns` on contiguous float32
+    tensors, so every value equals the eager torch path's bit for bit.
+    """
+    u1 = torch.empty(seeds, 2 * blocks, dtype=torch.float32)
+    u2 = torch.empty(seeds, 2 * blocks, dtype=torch.float32)
+    lib.zo_gaussian_uniforms(block0, blocks, seeds, lo, hi, pid, tag, _ptr(u1), _ptr(u2), nthreads)
+    r = torch.log(u1)
+    r.mul_(-2.0)
+    torch.sqrt(r, out=r)
+    theta = u2.mul_(TWO_PI_F32)
+    cos_part = torch.cos(theta)
+    cos_part.mul_(r)
+    sin_part = torch.sin(theta, out=u1)
+    sin_part.mul_(r)
+    return torch.stack((cos_part, sin_part), dim=-1).view(seeds, 4 * blocks)  # pair p -> elements 2p, 2p + 1
+
+
+# ------------------------------------------------------------------------------------ entry points
+
+
+def perturbed_tiles(base, scales, which, block0, seed_lo, seed_hi, pid, tag, kind: str, out=None, skip: int = 0):
+    """``[G', n]``: blocked.py's ``_perturbed_tiles`` (same arguments; ``skip`` elements into ``block0``).
+
+    ``out``: a contiguous ``[G', n]`` tensor of ``base``'s dtype to write into (a buffer reused
+    over a weight's tiles spares the page faults of a fresh allocation per tile). None when the
+    native path cannot take the call (the caller then runs the torch path).
+    """
+    lib = library()
+    seeds = seed_lo.numel()
+    if lib is None or seeds > MAX_SEEDS:
+        return None
+    n, code, nthreads = base.numel(), DTYPE_CODES[base.dtype], threads()
+    groups = which.numel()
+    if out is None or out.shape != (groups, n) or out.dtype != base.dtype or not out.is_contiguous():
+        out = torch.empty(groups, n, dtype=base.dtype)
+    if n == 0 or groups == 0:
+        return out
+    lo, hi, which_a, scales_a = _u32(seed_lo), _u32(seed_hi), _i32(which), _f64(scales)
+    b0, pid_i, tag_i = _scalar(block0), _scalar(pid), _scalar(tag)
+    if kind == RADEMACHER:
+        rc = lib.zo_rademacher_tiles(code, _ptr(base), n, b0, skip, seeds, lo, hi, pid_i, tag_i, groups, which_a,
+                                     scales_a, _ptr(out), n, nthreads)
+        return out if rc == 0 else None
+    # Gaussian: GAUSS_PIECE elements (a multiple of 4) at a time, so that the values of every
+    # seed stay in cache while the groups are formed from them
+    for e0 in range(0, n, GAUSS_PIECE):
+        e1 = min(n, e0 + GAUSS_PIECE)
+        first, last = (skip + e0) // 4, (skip + e1 - 1) // 4
+        vals = _gaussian_values(lib, b0 + first, last - first + 1, lo, hi, seeds, pid_i, tag_i, nthreads)
+        lib.zo_gaussian_tiles(code, _ptr(base, e0), e1 - e0, skip + e0 - 4 * first, _ptr(vals), vals.shape[1],
+                              groups, which_a, scales_a, _ptr(out, e0), n, nthreads)
+    return out
+
+
+def update_(view: torch.Tensor, coefs, lr, weight_decay, block0: int, skip: int, seed_lo, seed_hi, pid, tag,
+            kind: str) -> bool:
+    """In place on ``view``: update.py's ``_update_chunk``; False when the native path cannot take it."""
+    lib = library()
+    if lib is None:
+        return False
+    n, code, nthreads, seeds = view.numel(), DTYPE_CODES[view.dtype], threads(), seed_lo.numel()
+    if n == 0:
+        return True
+    lo, hi, coefs_a = _u32(seed_lo), _u32(seed_hi), _f64(coefs)
+    lr_f, wd_f = float(lr), float(weight_decay)
+    pid_i, tag_i = _scalar(pid), _scalar(tag)
+    if kind == RADEMACHER:
+        return lib.zo_rademacher_update(code, _ptr(view), n, block0, skip, seeds, lo, hi, pid_i, tag_i, coefs_a,
+                                        lr_f, wd_f, nthreads) == 0
+    piece = max(4, GAUSS_PIECE // max(1, seeds) // 4 * 4)  # every direction's values of a piece in cache
+    for e0 in range(0, n, piece):
+        e1 = min(n, e0 + piece)
+        first, last = (skip + e0) // 4, (skip + e1 - 1) // 4
+        vals = _gaussian_values(lib, block0 + first, last - first + 1, lo, hi, seeds, pid_i, tag_i, nthreads)
+        rc = lib.zo_gaussian_update(code, _ptr(view, e0), e1 - e0, skip + e0 - 4 * first, seeds, _ptr(vals),
+                                    vals.shape[1], coefs_a, lr_f, wd_f, nthreads)
+        if rc != 0:
+            raise RuntimeError(f"zo_gaussian_update failed ({rc}) after a part of the parameter was updated")
+    return True
+
+
+def rademacher_embedding(weight: torch.Tensor, ids: torch.Tensor, pid: int, seed_lo, seed_hi, tag: int, which,
+                         scales) -> torch.Tensor | None:
+    """``[G, T, D]``: rows ``ids`` (flat, in range) of ``weight`` plus each group's Rademacher direction."""
+    lib = library()
+    seeds = seed_lo.numel()
+    if lib is None or seeds > MAX_SEEDS:
+        return None
+    d = weight.shape[1]
+    flat = ids.reshape(-1).to(torch.int64).contiguous()
+    groups = which.numel()
+    out = torch.empty(groups, flat.numel(), d, dtype=weight.dtype)
+    if out.numel() == 0:
+        return out
+    rc = lib.zo_rademacher_embedding(DTYPE_CODES[weight.dtype], _ptr(weight), d, _ptr(flat), flat.numel(), seeds,
+                                     _u32(seed_lo), _u32(seed_hi), pid, tag, groups, _i32(which), _f64(scales),
+                                     _ptr(out), threads())
+    return out if rc == 0 else None
+
+
+__all__ = ["available", "enabled", "info", "library", "perturbed_tiles", "rademacher_embedding", "threads", "update_",
+           "usable"]

@@ -1,0 +1,580 @@
+/*
+ * zo_fx native CPU kernels: direction streams (docs/directions.md) turned into perturbed
+ * weight tiles and fused updates without materialising the directions.
+ *
+ * Built at first use by zo_fx/kernels/native/__init__.py with the machine's C compiler
+ * (-O3 -march=native -ffp-contract=off) and called through ctypes. Every function here
+ * must give, element by element, the same floating-point operations in the same order
+ * as the torch reference it replaces (zo_fx/kernels/blocked.py `_perturbed_tiles`,
+ * zo_fx/kernels/update.py `_update_chunk`, zo_fx/kernels/embedding.py), so that
+ * Rademacher results are bit-identical. That is why:
+ *   - contraction into fused multiply-adds is disabled (-ffp-contract=off): torch rounds
+ *     the product and the sum separately;
+ *   - a Rademacher "u * s" is never a multiply: +/-1 times s is exactly +/-s, so the
+ *     result is `b - s` or `b + s`, chosen per element from the sign bit;
+ *   - the rounding to bfloat16 is round-to-nearest-even on the bits (what c10 does), and
+ *     float16 uses the compiler's IEEE conversion (also round-to-nearest-even).
+ *
+ * Parallelism: work is cut into units of BATCH consecutive elements (or rows of an
+ * embedding) and the units are shared between threads; the per-element arithmetic is the
+ * same whatever the split, so results do not depend on the thread count. One parallel
+ * region (pthread create/join) per call keeps synchronisation coarse.
+ */
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#define PHILOX_M0 0xD2511F53u
+#define PHILOX_M1 0xCD9E8D57u
+#define PHILOX_W0 0x9E3779B9u
+#define PHILOX_W1 0xBB67AE85u
+
+/* elements per unit of work; a multiple of 128 (one Rademacher block) */
+#define BATCH 2048
+/* Philox blocks one unit can touch when it starts inside a block */
+#define MAX_BLOCKS (BATCH / 128 + 1)
+#define MAX_THREADS 256
+#define MAX_SEEDS 64
+
+int zo_abi_version(void) { return 2; }
+
+/* ------------------------------------------------------------------------------------------ Philox */
+
+/* Philox runs on 16 blocks at once in GCC vector types (one 512-bit register of counters, or
+ * two 256-bit ones: the compiler picks the machine's widest). The 32x32 -> 64-bit products are
+ * taken in 64-bit lanes. */
+#define LANES 16
+typedef uint32_t u32v __attribute__((vector_size(4 * LANES)));
+typedef uint64_t u64v __attribute__((vector_size(8 * LANES)));
+
+static inline void mulhilo(uint32_t m, u32v x, u32v *hi, u32v *lo) {
+    u64v p = __builtin_convertvector(x, u64v) * (uint64_t)m;
+    *hi = __builtin_convertvector(p >> 32, u32v);
+    *lo = __builtin_convertvector(p, u32v);
+}
+
+/* The four output words of `nb` consecutive blocks from `first`, written word-major per block
+ * (out[4*i + w]), i.e. in Rademacher element order: bit j of out[m] is element 32*m + j.
+ * `out` has room for a whole multiple of LANES blocks. */
+static void philox_blocks(uint64_t first, int nb, uint32_t seed_lo, uint32_t seed_hi, uint32_t pid, uint32_t tag,
+                          uint32_t *out) {
+    for (int i0 = 0; i0 < nb; i0 += LANES) {
+        u32v c0, c1, c2, c3;
+        for (int i = 0; i < LANES; i++) {
+            uint64_t b = first + (uint64_t)(i0 + i);
+            c0[i] = (uint32_t)b;
+            c1[i] = (uint32_t)(b >> 32);
+        }
+        c2 = (u32v){0} + seed_hi;
+        c3 = (u32v){0} + tag;
+        uint32_t k0 = seed_lo, k1 = pid;
+        for (int r = 0; r < 10; r++) {
+            if (r) {
+                k0 += PHILOX_W0;
+                k1 += PHILOX_W1;
+            }
+            u32v hi0, lo0, hi1, lo1;
+            mulhilo(PHILOX_M0, c0, &hi0, &lo0);
+            mulhilo(PHILOX_M1, c2, &hi1, &lo1);
+            c0 = hi1 ^ c1 ^ k0;
+            c1 = lo1;
+            c2 = hi0 ^ c3 ^ k1;
+            c3 = lo0;
+        }
+        int count = nb - i0 < LANES ? nb - i0 : LANES;
+        for (int i = 0; i < count; i++) {
+            out[4 * (i0 + i) + 0] = c0[i];
+            out[4 * (i0 + i) + 1] = c1[i];
+            out[4 * (i0 + i) + 2] = c2[i];
+            out[4 * (i0 + i) + 3] = c3[i];
+        }
+    }
+}
+
+/* Sign masks of `count` (<= BATCH) consecutive elements starting `q0` elements after the start of
+ * block `block0`: bit j of masks[m] is set where element 32*m + j of the range has sign -1.
+ * A range that starts inside a word is shifted into place (two words funnelled into one). */
+static void sign_masks(uint64_t block0, uint64_t q0, int64_t count, uint32_t seed_lo, uint32_t seed_hi, uint32_t pid,
+                       uint32_t tag, uint32_t *masks) {
+    uint32_t words[(MAX_BLOCKS + LANES) * 4 + 8];
+    uint64_t first = q0 / 128, last = (q0 + (uint64_t)count - 1) / 128;
+    int nb = (int)(last - first + 1);
+    philox_blocks(block0 + first, nb, seed_lo, seed_hi, pid, tag, words);
+    words[4 * nb] = 0;
+    unsigned off = (unsigned)(q0 % 128);
+    unsigned wo = off / 32, sh = off % 32;
+    int nw = (int)((count + 31) / 32);
+    if (sh == 0) {
+        memcpy(masks, words + wo, (size_t)nw * sizeof(uint32_t));
+    } else {
+        for (int m = 0; m < nw; m++) {
+            uint64_t pair = (uint64_t)words[wo + m] | ((uint64_t)words[wo + m + 1] << 32);
+            masks[m] = (uint32_t)(pair >> sh);
+        }
+    }
+}
+
+/* ----------------------------------------------------------------------------------- conversions */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* round to nearest even on the bits, NaN to the canonical quiet NaN (c10::BFloat16's rule) */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return f != f ? (uint16_t)0x7FC0 : (uint16_t)r;
+}
+
+#ifdef __FLT16_MAX__
+typedef _Float16 half_t;
+static inline float f16_to_f32(half_t h) { return (float)h; }
+static inline half_t f32_to_f16(float f) { return (half_t)f; }
+#else
+/* no _Float16 in this compiler: IEEE binary16 by hand, round to nearest even */
+typedef uint16_t half_t;
+static inline float f16_to_f32(half_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, u;
+    if (exp == 0x1F) {
+        u = sign | 0x7F800000u | (man << 13);
+    } else if (exp) {
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man) {
+        int e = -1;
+        do {
+            e++;
+            man <<= 1;
+        } while (!(man & 0x400u));
+        u = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3FFu) << 13);
+    } else {
+        u = sign;
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline half_t f32_to_f16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7FFFFFFFu;
+    if (a >= 0x7F800000u) return (half_t)(sign | 0x7C00u | (a > 0x7F800000u ? 0x200u : 0));
+    if (a >= 0x477FF000u) return (half_t)(sign | 0x7C00u); /* rounds to infinity */
+    if (a < 0x38800000u) {                                  /* subnormal or zero in half */
+        if (a < 0x33000000u) return (half_t)sign;
+        uint32_t e = a >> 23, m = (a & 0x7FFFFFu) | 0x800000u, shift = 126 - e;
+        uint32_t r = m >> shift, rem = m & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+        if (rem > halfway || (rem == halfway && (r & 1u))) r++;
+        return (half_t)(sign | r);
+    }
+    uint32_t r = ((a - 0x38000000u) >> 13), rem = a & 0x1FFFu;
+    if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) r++;
+    return (half_t)(sign | r);
+}
+#endif
+
+/* --------------------------------------------------------------------------------------- threads */
+
+typedef void (*unit_fn)(const void *ctx, int64_t u0, int64_t u1);
+
+struct share {
+    unit_fn fn;
+    const void *ctx;
+    int64_t u0, u1;
+};
+
+static void *run_share(void *p) {
+    struct share *s = (struct share *)p;
+    if (s->u1 > s->u0) s->fn(s->ctx, s->u0, s->u1);
+    return NULL;
+}
+
+/* units [0, units) split into `threads` contiguous shares; the caller runs the first one */
+static void parallel_units(unit_fn fn, const void *ctx, int64_t units, int threads) {
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > units) threads = (int)units;
+    if (threads <= 1) {
+        if (units > 0) fn(ctx, 0, units);
+        return;
+    }
+    struct share shares[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int t = 0; t < threads; t++) {
+        shares[t].fn = fn;
+        shares[t].ctx = ctx;
+        shares[t].u0 = units * t / threads;
+        shares[t].u1 = units * (t + 1) / threads;
+    }
+    for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, run_share, &shares[t]) == 0;
+    run_share(&shares[0]);
+    for (int t = 1; t < threads; t++) {
+        if (started[t])
+            pthread_join(ids[t], NULL);
+        else
+            run_share(&shares[t]); /* no thread to be had: do its share here, same arithmetic */
+    }
+}
+
+/* ----------------------------------------------------------------------------- perturbed tiles */
+
+/* One call's description, shared by the tile, update and embedding kernels.
+ * Element t of the range is element `skip + t` of the stream counted from block `block0`. */
+struct job {
+    const void *base; /* [n] tile, or the [V, D] table for the embedding */
+    void *out;        /* [G, ostride] perturbed tiles (tile and embedding kernels) */
+    int64_t n, ostride;
+    uint64_t block0, skip;
+    int seeds, groups;
+    const uint32_t *seed_lo, *seed_hi;
+    uint32_t pid, tag;
+    const int32_t *which;  /* group -> distinct seed */
+    const double *scales;  /* one per group (tile kernels) or per direction (update: coefs) */
+    double lr, wd;         /* update */
+    const float *vals;     /* Gaussian: [seeds, vstride] normals in element order */
+    int64_t vstride;
+    const int64_t *ids;    /* embedding: row ids */
+    int64_t dim;           /* embedding: D */
+};
+
+/* Loads and stores of 32 consecutive elements between a storage type and float/double. Written
+ * as plain loops over restrict pointers so that the compiler vectorises them; float16 uses the
+ * F16C conversion instructions where the machine has them (round to nearest even, as torch). */
+static inline void load32_f32(const float *restrict b, float *restrict x) { memcpy(x, b, 32 * sizeof(float)); }
+static inline void store32_f32(const float *restrict v, float *restrict o) { memcpy(o, v, 32 * sizeof(float)); }
+static inline void load32_bf16(const uint16_t *restrict b, float *restrict x) {
+    for (int j = 0; j < 32; j++) x[j] = bf16_to_f32(b[j]);
+}
+static inline void store32_bf16(const float *restrict v, uint16_t *restrict o) {
+    for (int j = 0; j < 32; j++) o[j] = f32_to_bf16(v[j]);
+}
+#if defined(__F16C__) && defined(__FLT16_MAX__)
+#include <immintrin.h>
+static inline void load32_f16(const half_t *restrict b, float *restrict x) {
+    for (int j = 0; j < 32; j += 8) _mm256_storeu_ps(x + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + j))));
+}
+static inline void store32_f16(const float *restrict v, half_t *restrict o) {
+    for (int j = 0; j < 32; j += 8)
+        _mm_storeu_si128((__m128i *)(o + j), _mm256_cvtps_ph(_mm256_loadu_ps(v + j), _MM_FROUND_TO_NEAREST_INT));
+}
+#else
+static inline void load32_f16(const half_t *restrict b, float *restrict x) {
+    for (int j = 0; j < 32; j++) x[j] = f16_to_f32(b[j]);
+}
+static inline void store32_f16(const float *restrict v, half_t *restrict o) {
+    for (int j = 0; j < 32; j++) o[j] = f32_to_f16(v[j]);
+}
+#endif
+static inline void load32_f64(const double *restrict b, double *restrict x) { memcpy(x, b, 32 * sizeof(double)); }
+static inline void store32_f64(const double *restrict v, double *restrict o) { memcpy(o, v, 32 * sizeof(double)); }
+
+/* v = neg ? x - s : x + s for the 32 elements of one sign word */
+static inline void blend32_f32(const float *restrict x, uint32_t w, float s, float *restrict v) {
+    for (int j = 0; j < 32; j++) v[j] = ((w >> j) & 1u) ? x[j] - s : x[j] + s;
+}
+static inline void blend32_f64(const double *restrict x, uint32_t w, double s, double *restrict v) {
+    for (int j = 0; j < 32; j++) v[j] = ((w >> j) & 1u) ? x[j] - s : x[j] + s;
+}
+
+/* One run of `len` elements: out = round_T(neg ? b - s : b + s). Whole words through the vector
+ * helpers (base converted once per word), the tail element by element with the same operations. */
+#define DEFINE_RAD_RUN(SUFFIX, T, A, ACC, LOAD1, STORE1)                                                   \
+    static void rad_run_##SUFFIX(const T *restrict base, int64_t len, const uint32_t *restrict masks, A s, \
+                                 T *restrict out) {                                                        \
+        A x[32], v[32];                                                                                    \
+        int64_t full = len / 32;                                                                           \
+        for (int64_t m = 0; m < full; m++) {                                                               \
+            load32_##SUFFIX(base + 32 * m, x);                                                             \
+            blend32_##ACC(x, masks[m], s, v);                                                              \
+            store32_##SUFFIX(v, out + 32 * m);                                                             \
+        }                                                                                                  \
+        for (int64_t t = 32 * full; t < len; t++) {                                                        \
+            A y = LOAD1(base[t]);                                                                          \
+            out[t] = STORE1(((masks[t / 32] >> (t % 32)) & 1u) ? y - s : y + s);                           \
+        }                                                                                                  \
+    }
+
+#define IDENT(x) (x)
+DEFINE_RAD_RUN(f32, float, float, f32, IDENT, IDENT)
+DEFINE_RAD_RUN(f64, double, double, f64, IDENT, IDENT)
+DEFINE_RAD_RUN(bf16, uint16_t, float, f32, bf16_to_f32, f32_to_bf16)
+DEFINE_RAD_RUN(f16, half_t, float, f32, f16_to_f32, f32_to_f16)
+
+/* units are BATCH-element pieces of the tile: masks of every distinct seed once, then every group */
+#define DEFINE_RAD_TILES(SUFFIX, T, A)                                                                     \
+    static void rad_tiles_##SUFFIX(const void *vctx, int64_t u0, int64_t u1) {                             \
+        const struct job *j = (const struct job *)vctx;                                                    \
+        uint32_t masks[MAX_SEEDS][BATCH / 32 + 1];                                                         \
+        for (int64_t u = u0; u < u1; u++) {                                                                \
+            int64_t t0 = u * BATCH, len = j->n - t0 < BATCH ? j->n - t0 : BATCH;                           \
+            for (int s = 0; s < j->seeds; s++)                                                             \
+                sign_masks(j->block0, j->skip + (uint64_t)t0, len, j->seed_lo[s], j->seed_hi[s], j->pid,   \
+                           j->tag, masks[s]);                                                              \
+            for (int g = 0; g < j->groups; g++)                                                            \
+                rad_run_##SUFFIX((const T *)j->base + t0, len, masks[j->which[g]], (A)j->scales[g],        \
+                                 (T *)j->out + g * j->ostride + t0);                                       \
+        }                                                                                                  \
+    }
+
+DEFINE_RAD_TILES(f32, float, float)
+DEFINE_RAD_TILES(f64, double, double)
+DEFINE_RAD_TILES(bf16, uint16_t, float)
+DEFINE_RAD_TILES(f16, half_t, float)
+
+/* Gaussian tiles: out = round_T(b + s * (A)u), u read from the Box-Muller values of the seed
+ * (`vals`, one row of `vstride` values per seed, in element order from stream position 0) */
+#define DEFINE_GAUSS_TILES(SUFFIX, T, A)                                                                   \
+    static void gauss_tiles_##SUFFIX(const void *vctx, int64_t u0, int64_t u1) {                           \
+        const struct job *j = (const struct job *)vctx;                                                    \
+        A x[32], v[32];                                                                                    \
+        for (int64_t u = u0; u < u1; u++) {                                                                \
+            int64_t t0 = u * BATCH, t1 = j->n - t0 < BATCH ? j->n : t0 + BATCH;                            \
+            for (int g = 0; g < j->groups; g++) {                                                          \
+                A s = (A)j->scales[g];                                                                     \
+                const float *restrict val = j->vals + j->which[g] * j->vstride + j->skip;                  \
+                const T *b = (const T *)j->base;                                                           \
+                T *o = (T *)j->out + g * j->ostride;                                                       \
+                int64_t t = t0;                                                                            \
+                for (; t + 32 <= t1; t += 32) {                                                            \
+                    load32_##SUFFIX(b + t, x);                                                             \
+                    for (int e = 0; e < 32; e++) v[e] = x[e] + s * (A)val[t + e];                          \
+                    store32_##SUFFIX(v, o + t);                                                            \
+                }                                                                                          \
+                for (; t < t1; t++) {                                                                      \
+                    A y;                                                                                   \
+                    load1_##SUFFIX(b + t, &y);                                                             \
+                    store1_##SUFFIX(y + s * (A)val[t], o + t);                                             \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+    }
+
+static inline void load1_f32(const float *b, float *y) { *y = *b; }
+static inline void load1_f64(const double *b, double *y) { *y = *b; }
+static inline void load1_bf16(const uint16_t *b, float *y) { *y = bf16_to_f32(*b); }
+static inline void load1_f16(const half_t *b, float *y) { *y = f16_to_f32(*b); }
+static inline void store1_f32(float v, float *o) { *o = v; }
+static inline void store1_f64(double v, double *o) { *o = v; }
+static inline void store1_bf16(float v, uint16_t *o) { *o = f32_to_bf16(v); }
+static inline void store1_f16(float v, half_t *o) { *o = f32_to_f16(v); }
+
+DEFINE_GAUSS_TILES(f32, float, float)
+DEFINE_GAUSS_TILES(f64, double, double)
+DEFINE_GAUSS_TILES(bf16, uint16_t, float)
+DEFINE_GAUSS_TILES(f16, half_t, float)
+
+/* -------------------------------------------------------------------------------------- updates */
+
+/* acc = neg ? acc - c : acc + c over one word: `acc + c * u` with u = +/-1, the product exact */
+static inline void accumulate32_f32(float *restrict acc, uint32_t w, float c) {
+    for (int j = 0; j < 32; j++) acc[j] = ((w >> j) & 1u) ? acc[j] - c : acc[j] + c;
+}
+static inline void accumulate32_f64(double *restrict acc, uint32_t w, double c) {
+    for (int j = 0; j < 32; j++) acc[j] = ((w >> j) & 1u) ? acc[j] - c : acc[j] + c;
+}
+
+/* p = round_T(p - lr * (acc + wd * p)) over `len` elements */
+#define DEFINE_FINISH(SUFFIX, T, A)                                                                        \
+    static void finish_##SUFFIX(T *restrict p, const A *restrict acc, int64_t len, A lr, A wd) {           \
+        A x[32], v[32];                                                                                    \
+        int64_t t = 0;                                                                                     \
+        for (; t + 32 <= len; t += 32) {                                                                   \
+            load32_##SUFFIX(p + t, x);                                                                     \
+            for (int e = 0; e < 32; e++) v[e] = x[e] - lr * (acc[t + e] + wd * x[e]);                      \
+            store32_##SUFFIX(v, p + t);                                                                    \
+        }                                                                                                  \
+        for (; t < len; t++) {                                                                             \
+            A y;                                                                                           \
+            load1_##SUFFIX(p + t, &y);                                                                     \
+            store1_##SUFFIX(y - lr * (acc[t] + wd * y), p + t);                                            \
+        }                                                                                                  \
+    }
+
+DEFINE_FINISH(f32, float, float)
+DEFINE_FINISH(f64, double, double)
+DEFINE_FINISH(bf16, uint16_t, float)
+DEFINE_FINISH(f16, half_t, float)
+
+/* param = round_T(p - lr * (acc + wd * p)), acc = sum_i c_i u_i accumulated in direction order
+ * from zero, exactly as update.py's `_update_chunk` (acc = acc + c_i * u_i). */
+#define DEFINE_RAD_UPDATE(SUFFIX, T, A, ACC)                                                               \
+    static void rad_update_##SUFFIX(const void *vctx, int64_t u0, int64_t u1) {                            \
+        const struct job *j = (const struct job *)vctx;                                                    \
+        uint32_t masks[BATCH / 32 + 1];                                                                    \
+        A acc[BATCH];                                                                                      \
+        for (int64_t u = u0; u < u1; u++) {                                                                \
+            int64_t t0 = u * BATCH, len = j->n - t0 < BATCH ? j->n - t0 : BATCH;                           \
+            int64_t words = (len + 31) / 32;                                                               \
+            memset(acc, 0, sizeof(acc));                                                                   \
+            for (int i = 0; i < j->seeds; i++) {                                                           \
+                sign_masks(j->block0, j->skip + (uint64_t)t0, len, j->seed_lo[i], j->seed_hi[i], j->pid,   \
+                           j->tag, masks);                                                                 \
+                for (int64_t m = 0; m < words; m++) accumulate32_##ACC(acc + 32 * m, masks[m], (A)j->scales[i]); \
+            }                                                                                              \
+            finish_##SUFFIX((T *)j->out + t0, acc, len, (A)j->lr, (A)j->wd);                               \
+        }                                                                                                  \
+    }
+
+DEFINE_RAD_UPDATE(f32, float, float, f32)
+DEFINE_RAD_UPDATE(f64, double, double, f64)
+DEFINE_RAD_UPDATE(bf16, uint16_t, float, f32)
+DEFINE_RAD_UPDATE(f16, half_t, float, f32)
+
+#define DEFINE_GAUSS_UPDATE(SUFFIX, T, A)                                                                  \
+    static void gauss_update_##SUFFIX(const void *vctx, int64_t u0, int64_t u1) {                          \
+        const struct job *j = (const struct job *)vctx;                                                    \
+        A acc[BATCH];                                                                                      \
+        for (int64_t u = u0; u < u1; u++) {                                                                \
+            int64_t t0 = u * BATCH, len = j->n - t0 < BATCH ? j->n - t0 : BATCH;                           \
+            memset(acc, 0, sizeof(acc));                                                                   \
+            for (int i = 0; i < j->seeds; i++) {                                                           \
+                A c = (A)j->scales[i];                                                                     \
+                const float *restrict val = j->vals + i * j->vstride + j->skip + t0;                       \
+                for (int64_t t = 0; t < len; t++) acc[t] = acc[t] + c * (A)val[t];                         \
+            }                                                                                              \
+            finish_##SUFFIX((T *)j->out + t0, acc, len, (A)j->lr, (A)j->wd);                               \
+        }                                                                                                  \
+    }
+
+DEFINE_GAUSS_UPDATE(f32, float, float)
+DEFINE_GAUSS_UPDATE(f64, double, double)
+DEFINE_GAUSS_UPDATE(bf16, uint16_t, float)
+DEFINE_GAUSS_UPDATE(f16, half_t, float)
+
+/* ------------------------------------------------------------------------------------ embedding */
+
+/* units are looked-up rows: row `ids[t]` starts at element ids[t] * D of the table's stream */
+#define DEFINE_RAD_EMBED(SUFFIX, T, A)                                                                   \
+    static void rad_embed_##SUFFIX(const void *vctx, int64_t u0, int64_t u1) {                             \
+        const struct job *j = (const struct job *)vctx;                                                    \
+        uint32_t masks[MAX_SEEDS][BATCH / 32 + 1];                                                         \
+        for (int64_t r = u0; r < u1; r++) {                                                                \
+            uint64_t e0 = (uint64_t)j->ids[r] * (uint64_t)j->dim;                                          \
+            const T *row = (const T *)j->base + (int64_t)e0;                                               \
+            for (int64_t d0 = 0; d0 < j->dim; d0 += BATCH) {                                               \
+                int64_t len = j->dim - d0 < BATCH ? j->dim - d0 : BATCH;                                   \
+                uint64_t q = e0 + (uint64_t)d0;                                                            \
+                for (int s = 0; s < j->seeds; s++)                                                         \
+                    sign_masks(q / 128, q % 128, len, j->seed_lo[s], j->seed_hi[s], j->pid, j->tag, masks[s]); \
+                for (int g = 0; g < j->groups; g++)                                                        \
+                    rad_run_##SUFFIX(row + d0, len, masks[j->which[g]], (A)j->scales[g],                   \
+                        (T *)j->out + g * j->ostride + r * j->dim + d0);                                   \
+            }                                                                                              \
+        }                                                                                                  \
+    }
+
+DEFINE_RAD_EMBED(f32, float, float)
+DEFINE_RAD_EMBED(f64, double, double)
+DEFINE_RAD_EMBED(bf16, uint16_t, float)
+DEFINE_RAD_EMBED(f16, half_t, float)
+
+/* ------------------------------------------------------------------------------ Gaussian inputs */
+
+struct uniform_job {
+    uint64_t block0;
+    int64_t blocks;
+    const uint32_t *seed_lo, *seed_hi;
+    uint32_t pid, tag;
+    int seeds;
+    float *u1, *u2; /* [seeds, 2 * blocks]: pair p = 2 * block + q uses words 2q, 2q + 1 */
+};
+
+#define UNIFORM_BLOCKS 16
+
+static void uniform_units(const void *vctx, int64_t u0, int64_t u1) {
+    const struct uniform_job *j = (const struct uniform_job *)vctx;
+    uint32_t words[(UNIFORM_BLOCKS + LANES) * 4];
+    const float inv = 1.0f / 16777216.0f; /* 2**-24: the products below are exact */
+    for (int64_t u = u0; u < u1; u++) {
+        int s = (int)(u / ((j->blocks + UNIFORM_BLOCKS - 1) / UNIFORM_BLOCKS));
+        int64_t b0 = (u % ((j->blocks + UNIFORM_BLOCKS - 1) / UNIFORM_BLOCKS)) * UNIFORM_BLOCKS;
+        int nb = (int)(j->blocks - b0 < UNIFORM_BLOCKS ? j->blocks - b0 : UNIFORM_BLOCKS);
+        philox_blocks(j->block0 + (uint64_t)b0, nb, j->seed_lo[s], j->seed_hi[s], j->pid, j->tag, words);
+        float *o1 = j->u1 + (int64_t)s * 2 * j->blocks + 2 * b0, *o2 = j->u2 + (int64_t)s * 2 * j->blocks + 2 * b0;
+        for (int i = 0; i < 2 * nb; i++) {
+            o1[i] = (float)((words[2 * i] >> 8) + 1u) * inv;
+            o2[i] = (float)(words[2 * i + 1] >> 8) * inv;
+        }
+    }
+}
+
+/* --------------------------------------------------------------------------------- entry points */
+
+enum { DT_F32 = 0, DT_F64 = 1, DT_BF16 = 2, DT_F16 = 3 };
+
+static int64_t units_of(int64_t n) { return (n + BATCH - 1) / BATCH; }
+
+/* out[g, t] = base[t] + scales[g] * u(seeds[which[g]]) at element skip + t from block block0 */
+int zo_rademacher_tiles(int dtype, const void *base, int64_t n, uint64_t block0, uint64_t skip, int seeds,
+                        const uint32_t *seed_lo, const uint32_t *seed_hi, uint32_t pid, uint32_t tag, int groups,
+                        const int32_t *which, const double *scales, void *out, int64_t ostride, int threads) {
+    if (seeds > MAX_SEEDS || dtype < 0 || dtype > 3) return -1;
+    struct job j = {.base = base, .out = out, .n = n, .ostride = ostride, .block0 = block0, .skip = skip,
+                    .seeds = seeds, .groups = groups, .seed_lo = seed_lo, .seed_hi = seed_hi, .pid = pid, .tag = tag,
+                    .which = which, .scales = scales};
+    unit_fn fns[] = {rad_tiles_f32, rad_tiles_f64, rad_tiles_bf16, rad_tiles_f16};
+    parallel_units(fns[dtype], &j, units_of(n), threads);
+    return 0;
+}
+
+/* the same with Gaussian values: vals[s * vstride + skip + t] is element t's value for seed s */
+int zo_gaussian_tiles(int dtype, const void *base, int64_t n, uint64_t skip, const float *vals, int64_t vstride,
+                      int groups, const int32_t *which, const double *scales, void *out, int64_t ostride,
+                      int threads) {
+    if (dtype < 0 || dtype > 3) return -1;
+    struct job j = {.base = base, .out = out, .n = n, .ostride = ostride, .skip = skip, .groups = groups,
+                    .which = which, .scales = scales, .vals = vals, .vstride = vstride};
+    unit_fn fns[] = {gauss_tiles_f32, gauss_tiles_f64, gauss_tiles_bf16, gauss_tiles_f16};
+    parallel_units(fns[dtype], &j, units_of(n), threads);
+    return 0;
+}
+
+/* the float32 Box-Muller inputs of `blocks` Gaussian blocks from block0, for every seed */
+int zo_gaussian_uniforms(uint64_t block0, int64_t blocks, int seeds, const uint32_t *seed_lo,
+                         const uint32_t *seed_hi, uint32_t pid, uint32_t tag, float *u1, float *u2, int threads) {
+    struct uniform_job j = {block0, blocks, seed_lo, seed_hi, pid, tag, seeds, u1, u2};
+    int64_t per_seed = (blocks + UNIFORM_BLOCKS - 1) / UNIFORM_BLOCKS;
+    parallel_units(uniform_units, &j, per_seed * seeds, threads);
+    return 0;
+}
+
+/* param -= lr * (sum_i coefs[i] u_i + wd * param), in place; Rademacher from the stream */
+int zo_rademacher_update(int dtype, void *param, int64_t n, uint64_t block0, uint64_t skip, int seeds,
+                         const uint32_t *seed_lo, const uint32_t *seed_hi, uint32_t pid, uint32_t tag,
+                         const double *coefs, double lr, double wd, int threads) {
+    if (dtype < 0 || dtype > 3) return -1;
+    struct job j = {.out = param, .n = n, .block0 = block0, .skip = skip, .seeds = seeds, .seed_lo = seed_lo,
+                    .seed_hi = seed_hi, .pid = pid, .tag = tag, .scales = coefs, .lr = lr, .wd = wd};
+    unit_fn fns[] = {rad_update_f32, rad_update_f64, rad_update_bf16, rad_update_f16};
+    parallel_units(fns[dtype], &j, units_of(n), threads);
+    return 0;
+}
+
+/* the same with Gaussian directions: vals[i * vstride + skip + t] is element t of direction i */
+int zo_gaussian_update(int dtype, void *param, int64_t n, uint64_t skip, int seeds, const float *vals,
+                       int64_t vstride, const double *coefs, double lr, double wd, int threads) {
+    if (dtype < 0 || dtype > 3) return -1;
+    struct job j = {.out = param, .n = n, .skip = skip, .seeds = seeds, .scales = coefs, .lr = lr, .wd = wd,
+                    .vals = vals, .vstride = vstride};
+    unit_fn fns[] = {gauss_update_f32, gauss_update_f64, gauss_update_bf16, gauss_update_f16};
+    parallel_units(fns[dtype], &j, units_of(n), threads);
+    return 0;
+}
+
+/* out[g, r, :] = table[ids[r], :] + scales[g] * u(seeds[which[g]]) at the row's elements */
+int zo_rademacher_embedding(int dtype, const void *table, int64_t dim, const int64_t *ids, int64_t rows, int seeds,
+                            const uint32_t *seed_lo, const uint32_t *seed_hi, uint32_t pid, uint32_t tag,
+                            int groups, const int32_t *which, const double *scales, void *out, int threads) {
+    if (seeds > MAX_SEEDS || dtype < 0 || dtype > 3) return -1;
+    struct job j = {.base = table, .out = out, .ostride = rows * dim, .seeds = seeds, .groups = groups,
+                    .seed_lo = seed_lo, .seed_hi = seed_hi, .pid = pid, .tag = tag, .which = which,
+                    .scales = scales, .ids = ids, .dim = dim};
+    unit_fn fns[] = {rad_embed_f32, rad_embed_f64, rad_embed_bf16, rad_embed_f16};
+    parallel_units(fns[dtype], &j, rows, threads);
+    return 0;
+}
