@@ -244,3 +244,36 @@ def test_data_dependent_control_flow_is_named_with_what_to_try():
     with pytest.raises(zo_fx.ExportFailedError, match=r"(?s)data-dependent control flow.*What to try") as refused:
         zo_fx.zo_compile(BranchesOnValues(), {"x": torch.randn(3, 4)}, loss=_sum_loss)
     assert refused.value.cause == "data-dependent control flow"
+
+
+class _Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 6)
+
+    def forward(self, input_ids, use_cache=None):
+        return self.embed(input_ids).mean(1)
+
+
+class PassesItsOwnUseCache(nn.Module):
+    """A Hugging Face-style head whose forward takes **kwargs and sets use_cache itself (T5Gemma's heads)."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import PretrainedConfig
+
+        self.config = PretrainedConfig()
+        self.inner = _Inner()
+        self.score = nn.Linear(6, 2)
+
+    def forward(self, input_ids, **kwargs):
+        return self.score(self.inner(input_ids, use_cache=False, **kwargs))
+
+
+def test_a_forward_that_sets_use_cache_itself_is_captured_without_ours():
+    torch.manual_seed(0)
+    model, batch = PassesItsOwnUseCache().double(), {"input_ids": torch.randint(0, 20, (3, 5))}
+    zm = zo_fx.zo_compile(model, batch, loss=_sum_loss)
+    table = _table(3)
+    assert_rel_close(zm.group_losses(batch, table), explicit_group_losses(model, zm, batch, table, _sum_loss),
+                     1e-12, what="own use_cache")

@@ -246,11 +246,20 @@ def capture(model: torch.nn.Module, example_batch: dict, *, extra_kwargs: dict |
         {d: Dim.AUTO for d in dynamic_dims[k]} if k in dynamic_dims else
         {d: Dim.AUTO for d in range(min(example[k].dim(), 2)) if d == 0 or example[k].shape[d] > 1} for k in keys
     )
+    args = tuple(example[k] for k in keys)
     with untouched(model) as state:
         try:
-            with torch.no_grad():
-                ep = torch.export.export(wrapper, tuple(example[k] for k in keys), dynamic_shapes=(dynamic,),
-                                         strict=False)
+            try:
+                with torch.no_grad():
+                    ep = torch.export.export(wrapper, args, dynamic_shapes=(dynamic,), strict=False)
+            except TypeError as err:
+                # a forward that takes **kwargs and already passes use_cache=False on itself (T5Gemma's heads):
+                # the switch was ours to add only where the model leaves it to the caller
+                if "use_cache" not in extra or "multiple values for keyword argument 'use_cache'" not in str(err):
+                    raise
+                del wrapper.extra_kwargs["use_cache"]
+                with torch.no_grad():
+                    ep = torch.export.export(wrapper, args, dynamic_shapes=(dynamic,), strict=False)
         except Exception as err:  # torch.export raises many types; all end here with advice
             raise export_failure(model, err) from err
     if any(_mutates(n) for n in ep.graph.nodes):
