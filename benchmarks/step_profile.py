@@ -106,7 +106,8 @@ def _run(args: argparse.Namespace) -> dict:
     copies = args.directions + 1 if args.method == "fzoo" else 2
     with torch.no_grad():
         results = {
-            f"zo_fx {args.method} {opt.kind}": profile_step(lambda: opt.step(batch), args.top),
+            f"zo_fx {args.method}" + (f" {opt.kind}" if args.kind else ""): profile_step(lambda: opt.step(batch),
+                                                                                         args.top),
             "floor (per copy)": profile_step(lambda: floor_forward(model, batch, copies, "per_copy")),
             "floor (one batch)": profile_step(lambda: floor_forward(model, batch, copies, "one_batch")),
         }

@@ -65,7 +65,7 @@ def test_config_round_trips_through_its_dict():
 
 
 def test_registry_names_every_method_and_refuses_others():
-    assert set(zo_fx.METHODS) == {"fzoo", "mezo", "adamezo", "es", "zosgd_momentum", "zoadam"}
+    assert set(zo_fx.METHODS) == {"fzoo", "mezo", "adamezo", "es", "zosgd_momentum", "zoadam", "hizoo"}
     for name, method in zo_fx.METHODS.items():
         assert method.optimizer.Config is method.config and method.optimizer.method == name
     with pytest.raises(ValueError, match="unknown zeroth-order method 'sgd'"):
