@@ -31,28 +31,7 @@ QUICK = ("--batch-size", "4", "--max-length", "16", "--threads", "1", "--steps",
          "--lr", "0.05", "--n-val", "8", "--n-test", "8")
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    """A tiny Llama (tied embeddings, grouped KV heads) and a word-level tokenizer, as save_pretrained writes them."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    words = {w for line in REVIEWS.read_text().splitlines() for w in json.loads(line)["text"].split()}
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(
-        ["<pad>", "<unk>", "<s>", "</s>", "Review", ":", "It", "was", "terrible", "great", *sorted(words)]))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    folder = tmp_path_factory.mktemp("tiny-llama-peft")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+# model_dir (tests/conftest.py): the CLI tests' tiny Llama and word-level tokenizer
 
 
 def finetune(model_dir: Path, out: Path, *extra: str) -> dict:
@@ -102,8 +81,8 @@ def assert_reload_scores_as_the_run(model_dir: Path, out: Path, metrics: dict) -
 
 @pytest.mark.parametrize("method, peft_type", [("ia3", "IA3"), ("vera", "VERA"), ("dora", "LORA")])
 def test_a_method_beyond_lora_trains_its_adapter_and_the_folder_reloads_to_the_runs_score(
-        llama_dir, tmp_path, method, peft_type):
-    metrics = finetune(llama_dir, tmp_path, "--peft", method)
+        model_dir, tmp_path, method, peft_type):
+    metrics = finetune(model_dir, tmp_path, "--peft", method)
     assert metrics["settings"]["peft"] == method
     assert metrics["model"]["trainable"] < metrics["model"]["parameters"] / 10
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -113,42 +92,42 @@ def test_a_method_beyond_lora_trains_its_adapter_and_the_folder_reloads_to_the_r
     if method == "ia3":  # PEFT's own Llama targets: key, value and the MLP's down projection (scaled on its input)
         assert set(saved["target_modules"]) == {"k_proj", "v_proj", "down_proj"}
         assert saved["feedforward_modules"] == ["down_proj"]
-    assert_reload_scores_as_the_run(llama_dir, tmp_path, metrics)
+    assert_reload_scores_as_the_run(model_dir, tmp_path, metrics)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # --peft-config
 
 
-def test_peft_config_fields_replace_the_defaults_and_override_peft(llama_dir, tmp_path, capsys):
+def test_peft_config_fields_replace_the_defaults_and_override_peft(model_dir, tmp_path, capsys):
     """A JSON of a config's fields (FourierFT with its own frequencies and targets) wins over --peft lora; the
     run's adapter carries those settings, reloads to the run's score, and ``zo-fx replay`` rebuilds it."""
     spec = {"peft_type": "FOURIERFT", "n_frequency": 48, "scaling": 50.0, "target_modules": ["q_proj", "o_proj"]}
     (tmp_path / "fourier.json").write_text(json.dumps(spec))
-    metrics = finetune(llama_dir, tmp_path / "run", "--peft", "lora", "--peft-config", str(tmp_path / "fourier.json"))
+    metrics = finetune(model_dir, tmp_path / "run", "--peft", "lora", "--peft-config", str(tmp_path / "fourier.json"))
     assert metrics["settings"]["peft"] == "fourierft"
     assert metrics["settings"]["peft_fields"] == {k: v for k, v in spec.items() if k != "peft_type"}
     saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "FOURIERFT" and saved["n_frequency"] == 48 and saved["scaling"] == 50.0
     assert set(saved["target_modules"]) == {"q_proj", "o_proj"}
     assert metrics["model"]["trainable"] == 48 * 2 * 2  # n_frequency per targeted layer, 2 layers x 2 modules
-    assert_reload_scores_as_the_run(llama_dir, tmp_path / "run", metrics)
+    assert_reload_scores_as_the_run(model_dir, tmp_path / "run", metrics)
     capsys.readouterr()
     assert main(["replay", str(tmp_path / "run"), "--output-dir", str(tmp_path / "replayed")]) == 0
     assert json.loads(capsys.readouterr().out)["identical_to_the_run"] is True
 
 
-def test_a_saved_adapter_config_json_is_a_peft_config(llama_dir, tmp_path):
+def test_a_saved_adapter_config_json_is_a_peft_config(model_dir, tmp_path):
     """An ``adapter_config.json`` as PEFT writes it (bookkeeping keys included) sets up the same method."""
     from peft import LoHaConfig
 
     LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "up_proj"]).save_pretrained(tmp_path / "given")
-    metrics = finetune(llama_dir, tmp_path / "run", "--peft-config", str(tmp_path / "given" / "adapter_config.json"))
+    metrics = finetune(model_dir, tmp_path / "run", "--peft-config", str(tmp_path / "given" / "adapter_config.json"))
     assert metrics["settings"]["peft"] == "loha"
     saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "LOHA" and saved["r"] == 2 and saved["alpha"] == 4
     assert set(saved["target_modules"]) == {"q_proj", "v_proj", "up_proj"}
-    assert_reload_scores_as_the_run(llama_dir, tmp_path / "run", metrics)
+    assert_reload_scores_as_the_run(model_dir, tmp_path / "run", metrics)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -216,8 +195,8 @@ def test_a_method_whose_layers_gpt2_lacks_is_refused_with_the_methods_that_fit(t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [m for m in PEFTS if m != "none"])
-def test_every_method_reloads_to_the_runs_score(llama_dir, tmp_path, method):
+def test_every_method_reloads_to_the_runs_score(model_dir, tmp_path, method):
     assert method not in REFUSED_PEFT
-    metrics = finetune(llama_dir, tmp_path, "--peft", method)
+    metrics = finetune(model_dir, tmp_path, "--peft", method)
     assert metrics["settings"]["peft"] == method
-    assert_reload_scores_as_the_run(llama_dir, tmp_path, metrics)
+    assert_reload_scores_as_the_run(model_dir, tmp_path, metrics)
