@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # FZOO, low-rank FZOO and MeZO steps with the native kernel and with ZO_FX_NATIVE=0, at 1 and 2 threads
 # (results: benchmarks/results/step_native_smollm2.md)
-cd /work/main
+cd "$(dirname "$0")/.."
 lscpu | grep "Model name"
 for t in 1 2; do
   echo "=== threads $t, native"
