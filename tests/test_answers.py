@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from test_cli import model_dir  # noqa: F401
 
 import zo_fx
 from zo_fx.cli import main

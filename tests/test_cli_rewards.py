@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_cli import model_dir  # noqa: F401
 
 from zo_fx.cli import main
 

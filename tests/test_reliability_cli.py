@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import REVIEWS, ROOT, TEMPLATE, WORDS, _argv, error_of, finetune, model_dir  # noqa: F401
+from test_cli import REVIEWS, ROOT, TEMPLATE, WORDS, _argv, error_of, finetune  # noqa: F401
 
 from zo_fx.cli import main
 from zo_fx.tasks.jsonl import read_jsonl
