@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# the method comparison of issue 22, scoped to the session's time: two tasks, one seed, budget 144 forward passes
+# Every method and direction kind on two tasks (VADER, a jsonl of sums to check), one seed, 144 forward passes
+# each (results: benchmarks/results/convergence_compare_*.{json,png,md})
 set -x
-cd /work/main
+cd "$(dirname "$0")/.."
+.venv/bin/python benchmarks/sums_task.py runs/tasks/sums.jsonl   # the second task, a jsonl file
 M="fzoo fzoo:lowrank2 fzoo:lowrank2:lazy5 mezo mezo:lowrank2 hizoo zoadam es adam"
 COMMON="--threads 2 --seeds 0 --budget 144 --batch-size 8 --max-length 48 --probes 8 --probe-size 32 --n-test 200 --lrs es=1e-4"
 lscpu | grep "Model name"
