@@ -356,8 +356,8 @@ def plot(result: dict, path: Path) -> None:
               "zosgd_momentum": "tab:purple", "zoadam": "tab:brown", "hizoo": "tab:olive", "adam": "tab:gray"}
     for r in result["runs"]:
         style, lw = ("-", 2) if r.get("chosen") else (":", 1)
-        if KIND_SUFFIX in r["method"]:  # low-rank directions: dashed, in the method's colour
-            style = "--" if r.get("chosen") else ":"
+        if KIND_SUFFIX in r["method"]:  # low-rank directions: dashed (lazy: dash-dot), in the method's colour
+            style = ("-." if LAZY_SUFFIX in r["method"] else "--") if r.get("chosen") else ":"
         name = f"{r['method']} lr={label(r['lr'], r.get('schedule', 'constant'))}"
         name += " (steps; backward not counted)" if r["method"] == "adam" else ""
         color = colors[split_entry(r["method"])[0]]
