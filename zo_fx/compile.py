@@ -17,7 +17,7 @@ from .kernels.dispatch import check_impl
 from .kernels.perturb import perturbed
 from .losses import LossFn, default_loss
 from .ops import head_logits, head_readout
-from .passes.capture import DEFAULT_LOSS_KEYS, CapturedModel, ExportFailedError, capture, live_inputs
+from .passes.capture import DEFAULT_LOSS_KEYS, CapturedModel, ExportFailedError, capture, live_inputs, model_input_keys
 from .passes.outputs import check_output_mode
 from .passes.outputs import describe as describe_outputs
 from .passes.readout import Head, cut_head
@@ -319,8 +319,6 @@ def settle_forward(model: torch.nn.Module, example_batch: dict, loss_keys) -> li
     built on first use): what it leaves is what every later eval forward of the model sees,
     so the graph is captured after it. The model's training flag is put back.
     """
-    from .passes.capture import model_input_keys
-
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
     versions = {name: t._version for name, t in tensors.items()}

@@ -22,12 +22,18 @@ def _float(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
+def logits_field(outputs) -> torch.Tensor | None:
+    """The ``logits`` of a Hugging Face output object (or a dict), else None."""
+    logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else None
+
+
 def logits_of(outputs) -> torch.Tensor:
     """The logits in what a loss received: the tensor itself, or the ``logits`` field of a whole output
     object (a model compiled with ``outputs="all"``), or a tuple's first tensor."""
     if isinstance(outputs, torch.Tensor):
         return outputs
-    logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
+    logits = logits_field(outputs)
     if logits is None and isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
         logits = outputs[0]
     if not isinstance(logits, torch.Tensor):

@@ -39,6 +39,22 @@ def estimate(param: torch.Tensor, seeds, coefs, pid: int, kind: str, impl: str) 
     return kernels.fused_update_(g, seeds, coefs, pid, kind, lr=-1.0, impl=impl)  # 0 - (-1) * sum = sum
 
 
+def apply_record(rec: dict, param: torch.Tensor, buffers: dict, pid: int, kind: str, impl: str, weight_decay: float,
+                 betas, adam_eps: float, t: int) -> None:
+    """Stateful record ``rec`` (the ``t``-th update) applied to ``param`` in place, advancing ``buffers``.
+
+    The momentum and ZO-Adam records fold their estimate ``sum_i c_i u_i`` into the buffers; HiZOO's needs the
+    direction ``z`` itself (its curvature EMA reads ``z^2``) with the record's ``curvature`` and ``betas[0]``
+    (its alpha).
+    """
+    if rec["mode"] == "hizoo":
+        z = estimate(param, rec["seeds"], [1.0], pid, kind, impl)
+        apply_hizoo(param, buffers, z, rec["coefs"][0], rec["curvature"], betas[0], rec["lr"], weight_decay)
+        return
+    g = estimate(param, rec["seeds"], rec["coefs"], pid, kind, impl)
+    apply_stateful(rec["mode"], param, buffers, g, rec["lr"], weight_decay, betas, adam_eps, t)
+
+
 def apply_stateful(mode: str, param: torch.Tensor, buffers: dict, g: torch.Tensor, lr: float, weight_decay: float,
                    betas, adam_eps: float, t: int) -> None:
     """One update of ``param`` in place from the estimate ``g``, advancing ``buffers`` (created when empty)."""

@@ -22,7 +22,7 @@ import torch
 from zo_fx import kernels
 from zo_fx.checks import check_int, check_real
 from zo_fx.files import atomic_write_json
-from zo_fx.optim.stateful import STATEFUL_MODES, apply_hizoo, apply_stateful, estimate
+from zo_fx.optim.stateful import STATEFUL_MODES, apply_record
 from zo_fx.streams.layout import KINDS, check_direction_kind
 
 #: 2: parameter shapes, dtypes and tied names, and a checksum of the content
@@ -187,15 +187,8 @@ class Trajectory:
             for spec in self.params:
                 if only is not None and spec.name not in only:
                     continue
-                p = tensors[spec.name].data
-                if rec["mode"] == "hizoo":
-                    z = estimate(p, rec["seeds"], [1.0], spec.pid, self.kind, impl)
-                    apply_hizoo(p, state.setdefault(spec.name, {}), z, rec["coefs"][0], rec["curvature"],
-                                self.betas[0], rec["lr"], self.weight_decay if spec.decay else 0.0)
-                    continue
-                g = estimate(p, rec["seeds"], rec["coefs"], spec.pid, self.kind, impl)
-                apply_stateful(rec["mode"], p, state.setdefault(spec.name, {}), g, rec["lr"],
-                               self.weight_decay if spec.decay else 0.0, self.betas, self.adam_eps, index + 1)
+                apply_record(rec, tensors[spec.name].data, state.setdefault(spec.name, {}), spec.pid, self.kind, impl,
+                             self.weight_decay if spec.decay else 0.0, self.betas, self.adam_eps, index + 1)
 
     @property
     def stateful(self) -> bool:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.export import Dim
 
+from ..losses import logits_of
 from ..streams.ids import assign_param_ids
 from .outputs import OutputStructure, flatten_output
 from .snapshot import untouched
@@ -89,20 +90,15 @@ class _Forward(torch.nn.Module):
 
 
 def model_output_tensor(out):
-    """The tensor a loss reads from a model's output: ``logits`` for Hugging Face outputs."""
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if logits is None and isinstance(out, dict):
-        logits = out.get("logits")
-    if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        logits = out[0]
-    if logits is None:
+    """The tensor a loss reads from a model's output: ``logits`` for Hugging Face outputs
+    (:func:`zo_fx.losses.logits_of`), or an error saying what zo_compile needs."""
+    try:
+        return logits_of(out)
+    except TypeError:
         raise TypeError(
             f"zo_compile needs the model to return a tensor or an output with .logits; got {type(out).__name__}. "
             "Wrap the model in a module whose forward returns the tensor your loss reads."
-        )
-    return logits
+        ) from None
 
 
 #: forward arguments that are switches or caches, never batch tensors

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils import _pytree as pytree
 
+from ..losses import logits_field
+
 #: what the graph returns: the logits alone (``"logits"``), every tensor of the output (``"all"``),
 #: or the logits when the output has them and everything otherwise (``"auto"``)
 OUTPUT_MODES = ("auto", "logits", "all")
@@ -32,13 +34,6 @@ def check_output_mode(mode: str) -> str:
     if mode not in OUTPUT_MODES:
         raise ValueError(f"outputs must be one of {OUTPUT_MODES}; got {mode!r}")
     return mode
-
-
-def _logits_of(out):
-    """The ``logits`` of a Hugging Face output or a dict, else None."""
-    if isinstance(out, dict):  # ModelOutput is an OrderedDict of its non-None fields
-        return out.get("logits")
-    return getattr(out, "logits", None)
 
 
 @dataclass
@@ -90,7 +85,7 @@ def flatten_output(out, mode: str) -> tuple[tuple[torch.Tensor, ...], OutputStru
     """
     if isinstance(out, torch.Tensor):
         return (out,), None
-    logits = _logits_of(out)
+    logits = logits_field(out)
     if mode == "logits" or (mode == "auto" and logits is not None):
         if logits is None:
             raise TypeError(
