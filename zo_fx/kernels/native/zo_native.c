@@ -48,11 +48,42 @@ int zo_abi_version(void) { return 2; }
 typedef uint32_t u32v __attribute__((vector_size(4 * LANES)));
 typedef uint64_t u64v __attribute__((vector_size(8 * LANES)));
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* hi and lo halves of x * m per 32-bit lane: two 32x32->64 multiplies (even and odd lanes, one
+ * uop each) and blends; a plain 64-bit vector product would compile to the slow vpmullq */
+static inline void mulhilo(uint32_t m, u32v x, u32v *hi, u32v *lo) {
+    __m512i xv, mv = _mm512_set1_epi32((int)m);
+    memcpy(&xv, &x, 64);
+    __m512i even = _mm512_mul_epu32(xv, mv), odd = _mm512_mul_epu32(_mm512_srli_epi64(xv, 32), mv);
+    __m512i h = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+    __m512i l = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+    memcpy(hi, &h, 64);
+    memcpy(lo, &l, 64);
+}
+#elif defined(__AVX2__)
+#include <immintrin.h>
+static inline void mulhilo(uint32_t m, u32v x, u32v *hi, u32v *lo) {
+    __m256i mv = _mm256_set1_epi32((int)m), xv[2], h[2], l[2];
+    memcpy(xv, &x, 64);
+    for (int k = 0; k < 2; k++) {
+        __m256i even = _mm256_mul_epu32(xv[k], mv), odd = _mm256_mul_epu32(_mm256_srli_epi64(xv[k], 32), mv);
+        h[k] = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+        l[k] = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+    }
+    memcpy(hi, h, 64);
+    memcpy(lo, l, 64);
+}
+#else
 static inline void mulhilo(uint32_t m, u32v x, u32v *hi, u32v *lo) {
     u64v p = __builtin_convertvector(x, u64v) * (uint64_t)m;
     *hi = __builtin_convertvector(p >> 32, u32v);
     *lo = __builtin_convertvector(p, u32v);
 }
+#endif
+
+static const u32v LANE_LO = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+static const u32v LANE_HI = {16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
 
 /* The four output words of `nb` consecutive blocks from `first`, written word-major per block
  * (out[4*i + w]), i.e. in Rademacher element order: bit j of out[m] is element 32*m + j.
@@ -60,14 +91,11 @@ static inline void mulhilo(uint32_t m, u32v x, u32v *hi, u32v *lo) {
 static void philox_blocks(uint64_t first, int nb, uint32_t seed_lo, uint32_t seed_hi, uint32_t pid, uint32_t tag,
                           uint32_t *out) {
     for (int i0 = 0; i0 < nb; i0 += LANES) {
-        u32v c0, c1, c2, c3;
-        for (int i = 0; i < LANES; i++) {
-            uint64_t b = first + (uint64_t)(i0 + i);
-            c0[i] = (uint32_t)b;
-            c1[i] = (uint32_t)(b >> 32);
-        }
-        c2 = (u32v){0} + seed_hi;
-        c3 = (u32v){0} + tag;
+        uint64_t b = first + (uint64_t)i0;
+        u32v c0 = (u32v){0} + (uint32_t)b + LANE_LO;
+        /* the counter's high word, plus one in the lanes where the low word wrapped */
+        u32v c1 = (u32v){0} + (uint32_t)(b >> 32) - (u32v)(c0 < ((u32v){0} + (uint32_t)b));
+        u32v c2 = (u32v){0} + seed_hi, c3 = (u32v){0} + tag;
         uint32_t k0 = seed_lo, k1 = pid;
         for (int r = 0; r < 10; r++) {
             if (r) {
@@ -82,12 +110,28 @@ static void philox_blocks(uint64_t first, int nb, uint32_t seed_lo, uint32_t see
             c2 = hi0 ^ c3 ^ k1;
             c3 = lo0;
         }
-        int count = nb - i0 < LANES ? nb - i0 : LANES;
-        for (int i = 0; i < count; i++) {
-            out[4 * (i0 + i) + 0] = c0[i];
-            out[4 * (i0 + i) + 1] = c1[i];
-            out[4 * (i0 + i) + 2] = c2[i];
-            out[4 * (i0 + i) + 3] = c3[i];
+        if (nb - i0 >= LANES) {
+            /* 4 x 16 transpose: (c0, c1) and (c2, c3) interleaved by word, then the pairs by 64 bits */
+            u32v a = __builtin_shuffle(c0, c1, (u32v){0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23});
+            u32v bb = __builtin_shuffle(c0, c1, (u32v){8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31});
+            u32v c = __builtin_shuffle(c2, c3, (u32v){0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23});
+            u32v d = __builtin_shuffle(c2, c3, (u32v){8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31});
+            typedef uint64_t q8 __attribute__((vector_size(64)));
+            const q8 first_half = {0, 8, 1, 9, 2, 10, 3, 11}, second_half = {4, 12, 5, 13, 6, 14, 7, 15};
+            q8 r0 = __builtin_shuffle((q8)a, (q8)c, first_half), r1 = __builtin_shuffle((q8)a, (q8)c, second_half);
+            q8 r2 = __builtin_shuffle((q8)bb, (q8)d, first_half), r3 = __builtin_shuffle((q8)bb, (q8)d, second_half);
+            uint32_t *o = out + 4 * i0;
+            memcpy(o, &r0, 64);
+            memcpy(o + 16, &r1, 64);
+            memcpy(o + 32, &r2, 64);
+            memcpy(o + 48, &r3, 64);
+        } else {
+            for (int i = 0; i < nb - i0; i++) {
+                out[4 * (i0 + i) + 0] = c0[i];
+                out[4 * (i0 + i) + 1] = c1[i];
+                out[4 * (i0 + i) + 2] = c2[i];
+                out[4 * (i0 + i) + 3] = c3[i];
+            }
         }
     }
 }
@@ -273,12 +317,72 @@ static inline void store32_f16(const float *restrict v, half_t *restrict o) {
 static inline void load32_f64(const double *restrict b, double *restrict x) { memcpy(x, b, 32 * sizeof(double)); }
 static inline void store32_f64(const double *restrict v, double *restrict o) { memcpy(o, v, 32 * sizeof(double)); }
 
+/* Sign words as sign bits. `x - s` is `x + (-s)` exactly in IEEE arithmetic (signed zeros
+ * included), so a Rademacher `x + s * u` is an add of `s` with its sign bit flipped where the
+ * element's bit is set: one shift, one xor and one add per vector, no compare, no blend. The
+ * helpers below work on 32 elements (one sign word) in GCC vector types, which the compiler maps
+ * to the machine's widest registers (2 x AVX-512, 4 x AVX2, 8 x NEON). */
+typedef float f32v __attribute__((vector_size(64)));
+typedef double f64v __attribute__((vector_size(64)));
+typedef uint64_t u64x8 __attribute__((vector_size(64)));
+static const u64x8 LANE8[4] = {{0, 1, 2, 3, 4, 5, 6, 7},
+                               {8, 9, 10, 11, 12, 13, 14, 15},
+                               {16, 17, 18, 19, 20, 21, 22, 23},
+                               {24, 25, 26, 27, 28, 29, 30, 31}};
+
+static inline uint32_t bits_f32(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+static inline uint64_t bits_f64(double f) {
+    uint64_t u;
+    memcpy(&u, &f, 8);
+    return u;
+}
+
+/* the float32 sign flips of one word: lanes 0-15 and 16-31, 0x80000000 where the bit is set */
+static inline void flips32_f32(uint32_t w, u32v *lo, u32v *hi) {
+    u32v ww = (u32v){0} + w;
+    *lo = ((ww >> LANE_LO) & 1u) << 31;
+    *hi = ((ww >> LANE_HI) & 1u) << 31;
+}
+
+/* acc[0:32] += flip(c, w): `acc + c * u` with u = +/-1, the product exact. AVX-512 takes the
+ * word as two lane masks (a masked xor sets the sign bits); elsewhere shifts make the masks. */
+static inline void add_signed32_f32(f32v *acc, uint32_t w, uint32_t cbits) {
+#if defined(__AVX512F__)
+    __m512i c = _mm512_set1_epi32((int)cbits), sign = _mm512_set1_epi32((int)0x80000000u);
+    __m512 a[2];
+    memcpy(a, acc, sizeof(a));
+    a[0] = _mm512_add_ps(a[0], _mm512_castsi512_ps(_mm512_mask_xor_epi32(c, (__mmask16)w, c, sign)));
+    a[1] = _mm512_add_ps(a[1], _mm512_castsi512_ps(_mm512_mask_xor_epi32(c, (__mmask16)(w >> 16), c, sign)));
+    memcpy(acc, a, sizeof(a));
+#else
+    u32v lo, hi;
+    flips32_f32(w, &lo, &hi);
+    u32v c = (u32v){0} + cbits;
+    acc[0] += (f32v)(c ^ lo);
+    acc[1] += (f32v)(c ^ hi);
+#endif
+}
+static inline void add_signed32_f64(f64v *acc, uint32_t w, uint64_t cbits) {
+    u64x8 ww = (u64x8){0} + (uint64_t)w, c = (u64x8){0} + cbits;
+    for (int q = 0; q < 4; q++) acc[q] += (f64v)(c ^ (((ww >> LANE8[q]) & 1u) << 63));
+}
+
 /* v = neg ? x - s : x + s for the 32 elements of one sign word */
 static inline void blend32_f32(const float *restrict x, uint32_t w, float s, float *restrict v) {
-    for (int j = 0; j < 32; j++) v[j] = ((w >> j) & 1u) ? x[j] - s : x[j] + s;
+    f32v acc[2];
+    memcpy(acc, x, sizeof(acc));
+    add_signed32_f32(acc, w, bits_f32(s));
+    memcpy(v, acc, sizeof(acc));
 }
 static inline void blend32_f64(const double *restrict x, uint32_t w, double s, double *restrict v) {
-    for (int j = 0; j < 32; j++) v[j] = ((w >> j) & 1u) ? x[j] - s : x[j] + s;
+    f64v acc[4];
+    memcpy(acc, x, sizeof(acc));
+    add_signed32_f64(acc, w, bits_f64(s));
+    memcpy(v, acc, sizeof(acc));
 }
 
 /* One run of `len` elements: out = round_T(neg ? b - s : b + s). Whole words through the vector
@@ -370,12 +474,20 @@ DEFINE_GAUSS_TILES(f16, half_t, float)
 
 /* -------------------------------------------------------------------------------------- updates */
 
-/* acc = neg ? acc - c : acc + c over one word: `acc + c * u` with u = +/-1, the product exact */
-static inline void accumulate32_f32(float *restrict acc, uint32_t w, float c) {
-    for (int j = 0; j < 32; j++) acc[j] = ((w >> j) & 1u) ? acc[j] - c : acc[j] + c;
+/* acc[0:32] = sum_i flip(c_i, masks_i[m]) from zero in direction order, for word m of a unit */
+static inline void accumulate_word_f32(float *restrict out, const uint32_t (*masks)[BATCH / 32 + 1], int64_t m,
+                                       const uint32_t *cbits, int seeds, int first) {
+    f32v acc[2] = {{0}, {0}};
+    if (!first) memcpy(acc, out, sizeof(acc));
+    for (int i = 0; i < seeds; i++) add_signed32_f32(acc, masks[i][m], cbits[i]);
+    memcpy(out, acc, sizeof(acc));
 }
-static inline void accumulate32_f64(double *restrict acc, uint32_t w, double c) {
-    for (int j = 0; j < 32; j++) acc[j] = ((w >> j) & 1u) ? acc[j] - c : acc[j] + c;
+static inline void accumulate_word_f64(double *restrict out, const uint32_t (*masks)[BATCH / 32 + 1], int64_t m,
+                                       const uint64_t *cbits, int seeds, int first) {
+    f64v acc[4] = {{0}, {0}, {0}, {0}};
+    if (!first) memcpy(acc, out, sizeof(acc));
+    for (int i = 0; i < seeds; i++) add_signed32_f64(acc, masks[i][m], cbits[i]);
+    memcpy(out, acc, sizeof(acc));
 }
 
 /* p = round_T(p - lr * (acc + wd * p)) over `len` elements */
@@ -401,21 +513,30 @@ DEFINE_FINISH(bf16, uint16_t, float)
 DEFINE_FINISH(f16, half_t, float)
 
 /* param = round_T(p - lr * (acc + wd * p)), acc = sum_i c_i u_i accumulated in direction order
- * from zero, exactly as update.py's `_update_chunk` (acc = acc + c_i * u_i). */
+ * from zero, exactly as update.py's `_update_chunk` (acc = acc + c_i * u_i). Per unit: the sign
+ * words of up to MAX_SEEDS directions, then one pass per word over all of them with the sums in
+ * registers (more directions: the next MAX_SEEDS continue from the stored sums, same order). */
 #define DEFINE_RAD_UPDATE(SUFFIX, T, A, ACC)                                                               \
     static void rad_update_##SUFFIX(const void *vctx, int64_t u0, int64_t u1) {                            \
         const struct job *j = (const struct job *)vctx;                                                    \
-        uint32_t masks[BATCH / 32 + 1];                                                                    \
-        A acc[BATCH];                                                                                      \
+        uint32_t masks[MAX_SEEDS][BATCH / 32 + 1];                                                         \
+        A acc[BATCH] __attribute__((aligned(64)));                                                         \
         for (int64_t u = u0; u < u1; u++) {                                                                \
             int64_t t0 = u * BATCH, len = j->n - t0 < BATCH ? j->n - t0 : BATCH;                           \
             int64_t words = (len + 31) / 32;                                                               \
-            memset(acc, 0, sizeof(acc));                                                                   \
-            for (int i = 0; i < j->seeds; i++) {                                                           \
-                sign_masks(j->block0, j->skip + (uint64_t)t0, len, j->seed_lo[i], j->seed_hi[i], j->pid,   \
-                           j->tag, masks);                                                                 \
-                for (int64_t m = 0; m < words; m++) accumulate32_##ACC(acc + 32 * m, masks[m], (A)j->scales[i]); \
+            for (int i0 = 0; i0 < j->seeds; i0 += MAX_SEEDS) {                                             \
+                int count = j->seeds - i0 < MAX_SEEDS ? j->seeds - i0 : MAX_SEEDS;                         \
+                __typeof__(bits_##ACC(0)) cbits[MAX_SEEDS];                                                \
+                for (int i = 0; i < count; i++) {                                                          \
+                    sign_masks(j->block0, j->skip + (uint64_t)t0, len, j->seed_lo[i0 + i],                 \
+                               j->seed_hi[i0 + i], j->pid, j->tag, masks[i]);                              \
+                    cbits[i] = bits_##ACC((A)j->scales[i0 + i]);                                           \
+                }                                                                                          \
+                for (int64_t m = 0; m < words; m++)                                                        \
+                    accumulate_word_##ACC(acc + 32 * m, (const uint32_t (*)[BATCH / 32 + 1])masks, m, cbits, \
+                                          count, i0 == 0);                                                 \
             }                                                                                              \
+            if (j->seeds == 0) memset(acc, 0, sizeof(acc));                                                \
             finish_##SUFFIX((T *)j->out + t0, acc, len, (A)j->lr, (A)j->wd);                               \
         }                                                                                                  \
     }
