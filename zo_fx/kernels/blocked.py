@@ -148,13 +148,13 @@ def tile_elements(groups: int, itemsize: int) -> int:
 def _perturbed_tiles(base, scales, which, block0, seed_lo, seed_hi, pid, tag, kind: str, out=None):
     """``[G', n]``: ``base + scales[i] * u(seeds[which[i]])`` on one tile, each distinct seed generated once.
 
-    Rademacher tiles: the native kernel (:mod:`zo_fx.kernels.native`) when it can take the tile (the same
-    bits). Gaussian tiles and everything else: the torch function below, compiled for large tiles; the
-    native Gaussian tiles (exact uniforms, torch's transcendental functions) measured slower than the
-    compiled function (MeZO step 4.41 s vs 3.62 s, SmolLM2-135M, 1 thread, EPYC). ``out``: a ``[G', n]``
-    buffer the native kernel may write into (the torch path always returns a new tensor).
+    The native kernel (:mod:`zo_fx.kernels.native`) when it can take the tile: Rademacher bit for bit
+    the torch function below, Gaussian within a few float32 ulps of it (its own log/cos/sin, the same
+    on every CPU; docs/native.md). Anything else: the torch function, compiled for large tiles.
+    ``out``: a ``[G', n]`` buffer the native kernel may write into (the torch path always returns a
+    new tensor).
     """
-    if kind == RADEMACHER and native.usable(base):
+    if native.usable(base):
         tiles = native.perturbed_tiles(base, scales, which, block0, seed_lo, seed_hi, pid, tag, kind, out)
         if tiles is not None:
             return tiles

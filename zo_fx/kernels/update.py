@@ -28,7 +28,6 @@ from collections.abc import Sequence
 import torch
 
 from zo_fx.streams.layout import (
-    RADEMACHER,
     check_kind,
     element_kind,
     is_lazy,
@@ -133,12 +132,12 @@ def fused_update_reference_(param, seeds, coefs, pid, kind, lr, weight_decay=0.0
     flat, dev = param.view(-1), param.device
     lo, hi, pid_t, tag = key_tensors(seeds, pid, kind, dev)
     coefs_t, lr_t, wd_t = _f64([float(c) for c in coefs], dev), _f64(float(lr), dev), _f64(float(weight_decay), dev)
-    # Rademacher only: a Gaussian update's cost is log/sqrt/cos/sin, which the compiled torch chunk
-    # does faster than the native kernel's torch-made values (benchmarks/results/directions_native.md)
-    use_native = kind == RADEMACHER and native.usable(param)
+    # the native kernel when it can take the parameter: Rademacher bit for bit the torch chunk,
+    # Gaussian within a few float32 ulps (the values the native forward tiles use too)
+    use_native = native.usable(param)
     for s, n, cn, b0, skip in shard_chunks(start, flat.numel(), total, chunk, kind):
         view = flat[s : s + n]
-        # the native kernel: the same operations per element (Rademacher bit for bit), in place
+        # the native kernel: the same operations per element, in place
         if use_native and native.update_(view, coefs_t, lr, weight_decay, b0, skip, lo, hi, pid_t, tag, kind):
             continue
         block0 = torch.tensor(b0, dtype=torch.int64, device=dev)

@@ -232,7 +232,16 @@ def normals_from_columns(w0, w1, w2, w3) -> torch.Tensor:
     end: under ``torch.compile`` this is one contiguous vectorised loop, about 5x faster on
     CPU than Box-Muller on the stacked words' strided pairs, and element by element the
     same float32 operations.
+
+    Eager on CPU, the native kernel's Box-Muller runs instead when it is built (the same
+    float32 steps; its log/cos/sin within a few ulps of torch's, docs/native.md), so that
+    every CPU path gives the values the native tiles and updates use.
     """
+    from zo_fx.kernels import native  # the kernels import this module
+
+    values = native.normals_from_words(w0, w1, w2, w3)
+    if values is not None:
+        return values
     values = []
     for even, odd in ((w0, w1), (w2, w3)):
         u1, u2 = box_muller_uniforms(even, odd)

@@ -39,20 +39,19 @@ from pathlib import Path
 
 import torch
 
-from zo_fx.streams.layout import RADEMACHER, TWO_PI_F32
+from zo_fx.streams.layout import GAUSSIAN, RADEMACHER, key_tensors
 
 SOURCE = Path(__file__).with_name("zo_native.c")
 #: flags of every build; -ffp-contract=off keeps products and sums rounded separately, as torch does
-BASE_FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-fast-math")
+BASE_FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-fast-math",
+              "-fno-math-errno")
 #: tried first; a compiler that refuses it gets a build without it
 ARCH_FLAGS = ("-march=native",)
-ABI_VERSION = 2
+ABI_VERSION = 3
 #: dtype codes of the C entry points
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 #: distinct seeds one call of the tile and embedding kernels takes (the C side's MAX_SEEDS)
 MAX_SEEDS = 64
-#: Gaussian values are made in pieces of this many elements (all seeds' values of a piece stay in cache)
-GAUSS_PIECE = 1 << 15
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib": the loaded library or None; "error": why not; "path": the .so
@@ -124,12 +123,14 @@ def _declare(lib) -> None:
                                   ctypes.c_double)
     lib.zo_abi_version.restype = i32
     lib.zo_rademacher_tiles.argtypes = [i32, p, i64, u64, u64, i32, p, p, u32, u32, i32, p, p, p, i64, i32]
-    lib.zo_gaussian_tiles.argtypes = [i32, p, i64, u64, p, i64, i32, p, p, p, i64, i32]
-    lib.zo_gaussian_uniforms.argtypes = [u64, i64, i32, p, p, u32, u32, p, p, i32]
+    lib.zo_gaussian_tiles.argtypes = lib.zo_rademacher_tiles.argtypes
+    lib.zo_gaussian_values.argtypes = [p, i64, u64, u64, u32, u32, u32, u32]
+    lib.zo_normals_from_words.argtypes = [p, p, p, p, i64, p]
     lib.zo_rademacher_update.argtypes = [i32, p, i64, u64, u64, i32, p, p, u32, u32, p, f64, f64, i32]
-    lib.zo_gaussian_update.argtypes = [i32, p, i64, u64, i32, p, i64, p, f64, f64, i32]
+    lib.zo_gaussian_update.argtypes = lib.zo_rademacher_update.argtypes
     lib.zo_rademacher_embedding.argtypes = [i32, p, i64, p, i64, i32, p, p, u32, u32, i32, p, p, p, i32]
-    for name in ("zo_rademacher_tiles", "zo_gaussian_tiles", "zo_gaussian_uniforms", "zo_rademacher_update",
+    for name in ("zo_rademacher_tiles", "zo_gaussian_tiles", "zo_gaussian_values", "zo_normals_from_words",
+                 "zo_rademacher_update",
                  "zo_gaussian_update", "zo_rademacher_embedding"):
         getattr(lib, name).restype = i32
 
@@ -188,14 +189,30 @@ def info() -> dict:
             **{k: v for k, v in _state.items() if k != "lib"}}
 
 
+#: dispatch modes under which tensors are traced or fake: a ctypes call would escape the trace
+_TRACING_MODES = tuple(getattr(torch._C._TorchDispatchModeKey, name) for name in ("PROXY", "FAKE", "FUNCTIONAL")
+                       if hasattr(torch._C._TorchDispatchModeKey, name))
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """A real CPU tensor outside any tracing: not a subclass (fake, functional, DTensor...), no tracing mode on."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+
+
+def _tracing() -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return any(torch._C._get_dispatch_mode(key) is not None for key in _TRACING_MODES)
+
+
 def usable(*tensors: torch.Tensor) -> bool:
     """Whether the kernels can take these tensors now: CPU, a supported dtype, no autograd, not traced."""
     for t in tensors:
-        if t.device.type != "cpu" or t.dtype not in DTYPE_CODES or not t.is_contiguous():
+        if not _plain(t) or t.dtype not in DTYPE_CODES or not t.is_contiguous():
             return False
         if t.requires_grad and torch.is_grad_enabled():
             return False
-    if torch.compiler.is_compiling():
+    if _tracing():
         return False
     return library() is not None
 
@@ -230,27 +247,6 @@ def _scalar(t) -> int:
     return int(t.item()) if isinstance(t, torch.Tensor) else int(t)
 
 
-def _gaussian_values(lib, block0: int, blocks: int, lo, hi, seeds: int, pid: int, tag: int, nthreads: int):
-    """``[seeds, 4 * blocks]`` float32 normals of ``blocks`` Gaussian blocks from ``block0``, in element order.
-
-    The kernel makes the uniforms (exact); ``log``, ``sqrt``, ``cos``, ``sin`` and the products are
-    the torch ops of :func:`zo_fx.streams.layout.normals_from_columns` on contiguous float32
-    tensors, so every value equals the eager torch path's bit for bit.
-    """
-    u1 = torch.empty(seeds, 2 * blocks, dtype=torch.float32)
-    u2 = torch.empty(seeds, 2 * blocks, dtype=torch.float32)
-    lib.zo_gaussian_uniforms(block0, blocks, seeds, lo, hi, pid, tag, _ptr(u1), _ptr(u2), nthreads)
-    r = torch.log(u1)
-    r.mul_(-2.0)
-    torch.sqrt(r, out=r)
-    theta = u2.mul_(TWO_PI_F32)
-    cos_part = torch.cos(theta)
-    cos_part.mul_(r)
-    sin_part = torch.sin(theta, out=u1)
-    sin_part.mul_(r)
-    return torch.stack((cos_part, sin_part), dim=-1).view(seeds, 4 * blocks)  # pair p -> elements 2p, 2p + 1
-
-
 # ------------------------------------------------------------------------------------ entry points
 
 
@@ -273,19 +269,10 @@ def perturbed_tiles(base, scales, which, block0, seed_lo, seed_hi, pid, tag, kin
         return out
     lo, hi, which_a, scales_a = _u32(seed_lo), _u32(seed_hi), _i32(which), _f64(scales)
     b0, pid_i, tag_i = _scalar(block0), _scalar(pid), _scalar(tag)
-    if kind == RADEMACHER:
-        rc = lib.zo_rademacher_tiles(code, _ptr(base), n, b0, skip, seeds, lo, hi, pid_i, tag_i, groups, which_a,
-                                     scales_a, _ptr(out), n, nthreads)
-        return out if rc == 0 else None
-    # Gaussian: GAUSS_PIECE elements (a multiple of 4) at a time, so that the values of every
-    # seed stay in cache while the groups are formed from them
-    for e0 in range(0, n, GAUSS_PIECE):
-        e1 = min(n, e0 + GAUSS_PIECE)
-        first, last = (skip + e0) // 4, (skip + e1 - 1) // 4
-        vals = _gaussian_values(lib, b0 + first, last - first + 1, lo, hi, seeds, pid_i, tag_i, nthreads)
-        lib.zo_gaussian_tiles(code, _ptr(base, e0), e1 - e0, skip + e0 - 4 * first, _ptr(vals), vals.shape[1],
-                              groups, which_a, scales_a, _ptr(out, e0), n, nthreads)
-    return out
+    fn = lib.zo_rademacher_tiles if kind == RADEMACHER else lib.zo_gaussian_tiles
+    rc = fn(code, _ptr(base), n, b0, skip, seeds, lo, hi, pid_i, tag_i, groups, which_a, scales_a, _ptr(out), n,
+            nthreads)
+    return out if rc == 0 else None
 
 
 def update_(view: torch.Tensor, coefs, lr, weight_decay, block0: int, skip: int, seed_lo, seed_hi, pid, tag,
@@ -300,19 +287,48 @@ def update_(view: torch.Tensor, coefs, lr, weight_decay, block0: int, skip: int,
     lo, hi, coefs_a = _u32(seed_lo), _u32(seed_hi), _f64(coefs)
     lr_f, wd_f = float(lr), float(weight_decay)
     pid_i, tag_i = _scalar(pid), _scalar(tag)
-    if kind == RADEMACHER:
-        return lib.zo_rademacher_update(code, _ptr(view), n, block0, skip, seeds, lo, hi, pid_i, tag_i, coefs_a,
-                                        lr_f, wd_f, nthreads) == 0
-    piece = max(4, GAUSS_PIECE // max(1, seeds) // 4 * 4)  # every direction's values of a piece in cache
-    for e0 in range(0, n, piece):
-        e1 = min(n, e0 + piece)
-        first, last = (skip + e0) // 4, (skip + e1 - 1) // 4
-        vals = _gaussian_values(lib, block0 + first, last - first + 1, lo, hi, seeds, pid_i, tag_i, nthreads)
-        rc = lib.zo_gaussian_update(code, _ptr(view, e0), e1 - e0, skip + e0 - 4 * first, seeds, _ptr(vals),
-                                    vals.shape[1], coefs_a, lr_f, wd_f, nthreads)
-        if rc != 0:
-            raise RuntimeError(f"zo_gaussian_update failed ({rc}) after a part of the parameter was updated")
-    return True
+    fn = lib.zo_rademacher_update if kind == RADEMACHER else lib.zo_gaussian_update
+    return fn(code, _ptr(view), n, block0, skip, seeds, lo, hi, pid_i, tag_i, coefs_a, lr_f, wd_f, nthreads) == 0
+
+
+def normals_from_words(w0, w1, w2, w3) -> torch.Tensor | None:
+    """``[..., 4]`` float32 normals of blocks whose Philox words are given (int64 tensors, broadcastable).
+
+    :func:`zo_fx.streams.layout.normals_from_columns` calls this first, so that every eager torch path on
+    CPU (direction(), the per-group and embedding references, the perturbation of small parameters) uses
+    the kernel's Box-Muller too and agrees bit for bit with the native tiles and updates. None when the
+    kernel cannot take them (not plain CPU int64 tensors, being traced, or no library): the caller then
+    runs torch's functions.
+    """
+    words = (w0, w1, w2, w3)
+    if not all(isinstance(w, torch.Tensor) and _plain(w) and w.dtype == torch.int64 for w in words):
+        return None
+    if (any(w.requires_grad for w in words)) or _tracing():
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    columns = [w.contiguous() for w in torch.broadcast_tensors(*words)]
+    out = torch.empty(*columns[0].shape, 4, dtype=torch.float32)
+    if out.numel():
+        lib.zo_normals_from_words(*(_ptr(c) for c in columns), columns[0].numel(), _ptr(out))
+    return out
+
+
+def gaussian_values(seed: int, pid: int, start: int, count: int) -> torch.Tensor | None:
+    """The native kernel's float32 values of Gaussian stream elements ``[start, start + count)``.
+
+    For tests and inspection: the kernels form tiles and updates from these same values. None when
+    the library is not loaded.
+    """
+    lib = library()
+    if lib is None:
+        return None
+    lo, hi, pid_t, tag = key_tensors([seed], pid, GAUSSIAN)
+    out = torch.empty(count, dtype=torch.float32)
+    if count:
+        lib.zo_gaussian_values(_ptr(out), count, start // 4, start % 4, int(lo[0]), int(hi[0]), int(pid_t), int(tag))
+    return out
 
 
 def rademacher_embedding(weight: torch.Tensor, ids: torch.Tensor, pid: int, seed_lo, seed_hi, tag: int, which,
@@ -334,5 +350,5 @@ def rademacher_embedding(weight: torch.Tensor, ids: torch.Tensor, pid: int, seed
     return out if rc == 0 else None
 
 
-__all__ = ["available", "enabled", "info", "library", "perturbed_tiles", "rademacher_embedding", "threads", "update_",
-           "usable"]
+__all__ = ["available", "enabled", "gaussian_values", "info", "library", "normals_from_words", "perturbed_tiles",
+           "rademacher_embedding", "threads", "update_", "usable"]

@@ -37,7 +37,7 @@
 #define MAX_THREADS 256
 #define MAX_SEEDS 64
 
-int zo_abi_version(void) { return 2; }
+int zo_abi_version(void) { return 3; }
 
 /* ------------------------------------------------------------------------------------------ Philox */
 
@@ -85,54 +85,61 @@ static inline void mulhilo(uint32_t m, u32v x, u32v *hi, u32v *lo) {
 static const u32v LANE_LO = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 static const u32v LANE_HI = {16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
 
+/* The four Philox output words of the 16 consecutive blocks from `b`, one vector per word. */
+static inline void philox16(uint64_t b, uint32_t seed_lo, uint32_t seed_hi, uint32_t pid, uint32_t tag, u32v *w) {
+    u32v c0 = (u32v){0} + (uint32_t)b + LANE_LO;
+    /* the counter's high word, plus one in the lanes where the low word wrapped */
+    u32v c1 = (u32v){0} + (uint32_t)(b >> 32) - (u32v)(c0 < ((u32v){0} + (uint32_t)b));
+    u32v c2 = (u32v){0} + seed_hi, c3 = (u32v){0} + tag;
+    uint32_t k0 = seed_lo, k1 = pid;
+    for (int r = 0; r < 10; r++) {
+        if (r) {
+            k0 += PHILOX_W0;
+            k1 += PHILOX_W1;
+        }
+        u32v hi0, lo0, hi1, lo1;
+        mulhilo(PHILOX_M0, c0, &hi0, &lo0);
+        mulhilo(PHILOX_M1, c2, &hi1, &lo1);
+        c0 = hi1 ^ c1 ^ k0;
+        c1 = lo1;
+        c2 = hi0 ^ c3 ^ k1;
+        c3 = lo0;
+    }
+    w[0] = c0;
+    w[1] = c1;
+    w[2] = c2;
+    w[3] = c3;
+}
+
+/* Four 16-lane vectors (word or value w of block i in lane i) to block order: out[4*i + w], for
+ * the first `count` blocks. A whole set is a 4 x 16 transpose in registers: (w0, w1) and (w2, w3)
+ * interleaved by 32 bits, then the pairs by 64 bits. */
+static inline void store_block_order(const u32v *w, int count, uint32_t *out) {
+    if (count >= LANES) {
+        const u32v lo_half = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+        const u32v hi_half = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+        u32v a = __builtin_shuffle(w[0], w[1], lo_half), b = __builtin_shuffle(w[0], w[1], hi_half);
+        u32v c = __builtin_shuffle(w[2], w[3], lo_half), d = __builtin_shuffle(w[2], w[3], hi_half);
+        typedef uint64_t q8 __attribute__((vector_size(64)));
+        const q8 first_half = {0, 8, 1, 9, 2, 10, 3, 11}, second_half = {4, 12, 5, 13, 6, 14, 7, 15};
+        q8 r[4] = {__builtin_shuffle((q8)a, (q8)c, first_half), __builtin_shuffle((q8)a, (q8)c, second_half),
+                   __builtin_shuffle((q8)b, (q8)d, first_half), __builtin_shuffle((q8)b, (q8)d, second_half)};
+        memcpy(out, r, sizeof(r));
+        return;
+    }
+    for (int i = 0; i < count; i++)
+        for (int k = 0; k < 4; k++) out[4 * i + k] = w[k][i];
+}
+
 /* The four output words of `nb` consecutive blocks from `first`, written word-major per block
  * (out[4*i + w]), i.e. in Rademacher element order: bit j of out[m] is element 32*m + j.
  * `out` has room for a whole multiple of LANES blocks. */
 static void philox_blocks(uint64_t first, int nb, uint32_t seed_lo, uint32_t seed_hi, uint32_t pid, uint32_t tag,
                           uint32_t *out) {
     for (int i0 = 0; i0 < nb; i0 += LANES) {
-        uint64_t b = first + (uint64_t)i0;
-        u32v c0 = (u32v){0} + (uint32_t)b + LANE_LO;
-        /* the counter's high word, plus one in the lanes where the low word wrapped */
-        u32v c1 = (u32v){0} + (uint32_t)(b >> 32) - (u32v)(c0 < ((u32v){0} + (uint32_t)b));
-        u32v c2 = (u32v){0} + seed_hi, c3 = (u32v){0} + tag;
-        uint32_t k0 = seed_lo, k1 = pid;
-        for (int r = 0; r < 10; r++) {
-            if (r) {
-                k0 += PHILOX_W0;
-                k1 += PHILOX_W1;
-            }
-            u32v hi0, lo0, hi1, lo1;
-            mulhilo(PHILOX_M0, c0, &hi0, &lo0);
-            mulhilo(PHILOX_M1, c2, &hi1, &lo1);
-            c0 = hi1 ^ c1 ^ k0;
-            c1 = lo1;
-            c2 = hi0 ^ c3 ^ k1;
-            c3 = lo0;
-        }
-        if (nb - i0 >= LANES) {
-            /* 4 x 16 transpose: (c0, c1) and (c2, c3) interleaved by word, then the pairs by 64 bits */
-            u32v a = __builtin_shuffle(c0, c1, (u32v){0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23});
-            u32v bb = __builtin_shuffle(c0, c1, (u32v){8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31});
-            u32v c = __builtin_shuffle(c2, c3, (u32v){0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23});
-            u32v d = __builtin_shuffle(c2, c3, (u32v){8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31});
-            typedef uint64_t q8 __attribute__((vector_size(64)));
-            const q8 first_half = {0, 8, 1, 9, 2, 10, 3, 11}, second_half = {4, 12, 5, 13, 6, 14, 7, 15};
-            q8 r0 = __builtin_shuffle((q8)a, (q8)c, first_half), r1 = __builtin_shuffle((q8)a, (q8)c, second_half);
-            q8 r2 = __builtin_shuffle((q8)bb, (q8)d, first_half), r3 = __builtin_shuffle((q8)bb, (q8)d, second_half);
-            uint32_t *o = out + 4 * i0;
-            memcpy(o, &r0, 64);
-            memcpy(o + 16, &r1, 64);
-            memcpy(o + 32, &r2, 64);
-            memcpy(o + 48, &r3, 64);
-        } else {
-            for (int i = 0; i < nb - i0; i++) {
-                out[4 * (i0 + i) + 0] = c0[i];
-                out[4 * (i0 + i) + 1] = c1[i];
-                out[4 * (i0 + i) + 2] = c2[i];
-                out[4 * (i0 + i) + 3] = c3[i];
-            }
-        }
+        u32v w[4];
+        philox16(first + (uint64_t)i0, seed_lo, seed_hi, pid, tag, w);
+        store_block_order(w, nb - i0, out + 4 * i0);
     }
 }
 
@@ -222,6 +229,159 @@ static inline half_t f32_to_f16(float f) {
 }
 #endif
 
+/* -------------------------------------------------------------------------- Gaussian values */
+
+/* Box-Muller as the frozen layout defines it (docs/directions.md): pair (even, odd) of a block's
+ * words gives u1 = ((even >> 8) + 1) * 2**-24, u2 = (odd >> 8) * 2**-24 (both exact in float32),
+ * then r = sqrt(-2 * log(u1)), theta = u2 * float32(2 pi), values (r cos theta, r sin theta), every
+ * step in float32 like the torch reference. Only log, cos and sin differ from torch's: here they
+ * are evaluated in double precision from IEEE additions, multiplications and one division
+ * (relative error about 1e-14) and rounded once to float32, so they are correctly rounded but for
+ * about one value in 10**6, where a library's float32 functions are within 1 ulp or so. The
+ * result agrees with torch's to a few float32 ulps (tests/test_native_kernel.py measures it), and,
+ * being nothing but IEEE basic operations, it is the same bit for bit on every CPU and build. */
+typedef double d8 __attribute__((vector_size(64)));
+typedef float f32v __attribute__((vector_size(64)));
+typedef int64_t i8v __attribute__((vector_size(64)));
+typedef float f8 __attribute__((vector_size(32)));
+typedef uint32_t u8v __attribute__((vector_size(32)));
+typedef int32_t i8s __attribute__((vector_size(32)));
+
+#define LN2_D 0.693147180559945309417232121458
+#define SQRT2_D 1.41421356237309504880168872421
+#define TWO_OVER_PI_D 0.636619772367581343075535053490
+#define PIO2_HI 1.57079632673412561417e+00 /* pi/2 to 33 bits: n * PIO2_HI is exact for small n */
+#define PIO2_LO 6.07710050650619224932e-11 /* pi/2 - PIO2_HI */
+#define TWO_PI_F32 6.28318548202514648438f  /* float32(2 pi), the layout's constant */
+
+static inline d8 select_d8(i8v mask, d8 a, d8 b) { return (d8)(((i8v)a & mask) | ((i8v)b & ~mask)); }
+
+/* log(k * 2**-24) for integers k in [1, 2**24] held exactly in doubles */
+static inline d8 log_u24(d8 k) {
+    i8v bits = (i8v)k;
+    i8v e = ((bits >> 52) & 0x7FF) - 1023 - 24;
+    d8 m = (d8)((bits & 0x000FFFFFFFFFFFFFLL) | 0x3FF0000000000000LL); /* [1, 2) */
+    i8v big = (i8v)(m > SQRT2_D);                                        /* to [sqrt(1/2), sqrt(2)) */
+    m = select_d8(big, m * 0.5, m);
+    e = e - big;
+    d8 f = m - 1.0, t = f / (f + 2.0), z = t * t; /* log(m) = 2 atanh(t), |t| < 0.172 */
+    d8 p = 1.0 / 17 + z * 0.0;
+    p = 1.0 / 15 + z * p;
+    p = 1.0 / 13 + z * p;
+    p = 1.0 / 11 + z * p;
+    p = 1.0 / 9 + z * p;
+    p = 1.0 / 7 + z * p;
+    p = 1.0 / 5 + z * p;
+    p = 1.0 / 3 + z * p;
+    p = 1.0 + z * p;
+    return __builtin_convertvector(e, d8) * LN2_D + (t + t) * p;
+}
+
+/* cos and sin of x in [0, 2 pi): the quadrant n = round(x / (pi/2)) and the remainder in
+ * [-pi/4, pi/4] (two-part pi/2), Taylor series to r**14 and r**15 there, then the quadrant's swap
+ * and signs. */
+static inline void sincos_d8(d8 x, d8 *c, d8 *s) {
+    i8v n = __builtin_convertvector(x * TWO_OVER_PI_D + 0.5, i8v); /* x >= 0: truncation rounds */
+    d8 nd = __builtin_convertvector(n, d8);
+    d8 r = (x - nd * PIO2_HI) - nd * PIO2_LO, z = r * r;
+    d8 ps = -1.0 / 1307674368000.0 + z * 0.0; /* -1/15! */
+    ps = 1.0 / 6227020800.0 + z * ps;
+    ps = -1.0 / 39916800.0 + z * ps;
+    ps = 1.0 / 362880.0 + z * ps;
+    ps = -1.0 / 5040.0 + z * ps;
+    ps = 1.0 / 120.0 + z * ps;
+    ps = -1.0 / 6.0 + z * ps;
+    d8 sr = r + r * (z * ps);
+    d8 pc = -1.0 / 87178291200.0 + z * 0.0; /* -1/14! */
+    pc = 1.0 / 479001600.0 + z * pc;
+    pc = -1.0 / 3628800.0 + z * pc;
+    pc = 1.0 / 40320.0 + z * pc;
+    pc = -1.0 / 720.0 + z * pc;
+    pc = 1.0 / 24.0 + z * pc;
+    pc = -0.5 + z * pc;
+    d8 cr = 1.0 + z * pc;
+    i8v swap = -(n & 1), cos_neg = ((n + 1) & 2) << 62, sin_neg = (n & 2) << 62;
+    *c = (d8)((i8v)select_d8(swap, sr, cr) ^ cos_neg);
+    *s = (d8)((i8v)select_d8(swap, cr, sr) ^ sin_neg);
+}
+
+/* 16 lanes of float32 as two halves of 8, and back */
+static inline void split16(u32v x, u8v *lo, u8v *hi) {
+    memcpy(lo, &x, 32);
+    memcpy(hi, (const char *)&x + 32, 32);
+}
+static inline f32v join16(f8 lo, f8 hi) {
+    f32v out;
+    memcpy(&out, &lo, 32);
+    memcpy((char *)&out + 32, &hi, 32);
+    return out;
+}
+
+/* r = sqrt(-2 log(u1)) of 16 even words, float32 as in the layout */
+static inline f32v radius16(u32v even) {
+    u8v h[2];
+    f8 r[2];
+    split16(even, &h[0], &h[1]);
+    for (int k = 0; k < 2; k++) {
+        f8 lg = __builtin_convertvector(log_u24(__builtin_convertvector((h[k] >> 8) + 1u, d8)), f8);
+        f8 x = -2.0f * lg;
+#if defined(__AVX__)
+        __m256 v;
+        memcpy(&v, &x, 32);
+        v = _mm256_sqrt_ps(v);
+        memcpy(&r[k], &v, 32);
+#else
+        for (int i = 0; i < 8; i++) r[k][i] = __builtin_sqrtf(x[i]); /* IEEE sqrt (no errno: -fno-math-errno) */
+#endif
+    }
+    return join16(r[0], r[1]);
+}
+
+/* cos and sin of theta = u2 * float32(2 pi) (float32 product) for 16 odd words */
+static inline void trig16(u32v odd, f32v *cos_v, f32v *sin_v) {
+    u8v h[2];
+    f8 c[2], sn[2];
+    split16(odd, &h[0], &h[1]);
+    for (int k = 0; k < 2; k++) {
+        f8 theta = (__builtin_convertvector((i8s)(h[k] >> 8), f8) * (1.0f / 16777216.0f)) * TWO_PI_F32;
+        d8 cd, sd;
+        sincos_d8(__builtin_convertvector(theta, d8), &cd, &sd);
+        c[k] = __builtin_convertvector(cd, f8);
+        sn[k] = __builtin_convertvector(sd, f8);
+    }
+    *cos_v = join16(c[0], c[1]);
+    *sin_v = join16(sn[0], sn[1]);
+}
+
+/* pair q of a block gives its values 2q (r cos) and 2q + 1 (r sin); `count` blocks in element order */
+static inline void store_values16(const f32v *r, const f32v *c, const f32v *sn, int count, float *out) {
+    f32v v[4] = {r[0] * c[0], r[0] * sn[0], r[1] * c[1], r[1] * sn[1]};
+    u32v bits[4];
+    memcpy(bits, v, sizeof(bits));
+    store_block_order(bits, count, (uint32_t *)out);
+}
+
+#define GAUSS_SETS ((BATCH / 4 + 1 + LANES - 1) / LANES)
+/* Values of `count` (<= BATCH) consecutive elements starting `q0` elements after block `block0`.
+ * Each step is a pass over all the piece's 16-block sets, so that the long dependency chains of
+ * the polynomials of independent sets overlap in the CPU's pipelines. */
+static void gauss_values(uint64_t block0, uint64_t q0, int64_t count, uint32_t seed_lo, uint32_t seed_hi, uint32_t pid,
+                         uint32_t tag, float *vals) {
+    u32v w[GAUSS_SETS][4];
+    f32v r[GAUSS_SETS][2], c[GAUSS_SETS][2], sn[GAUSS_SETS][2];
+    float buf[GAUSS_SETS * LANES * 4] __attribute__((aligned(64)));
+    uint64_t first = q0 / 4, last = (q0 + (uint64_t)count - 1) / 4;
+    int nb = (int)(last - first + 1), sets = (nb + LANES - 1) / LANES;
+    for (int k = 0; k < sets; k++) philox16(block0 + first + (uint64_t)(k * LANES), seed_lo, seed_hi, pid, tag, w[k]);
+    for (int k = 0; k < sets; k++)
+        for (int q = 0; q < 2; q++) r[k][q] = radius16(w[k][2 * q]);
+    for (int k = 0; k < sets; k++)
+        for (int q = 0; q < 2; q++) trig16(w[k][2 * q + 1], &c[k][q], &sn[k][q]);
+    for (int k = 0; k < sets; k++)
+        store_values16(r[k], c[k], sn[k], nb - k * LANES, buf + 4 * LANES * k);
+    memcpy(vals, buf + q0 % 4, (size_t)count * sizeof(float));
+}
+
 /* --------------------------------------------------------------------------------------- threads */
 
 typedef void (*unit_fn)(const void *ctx, int64_t u0, int64_t u1);
@@ -280,8 +440,6 @@ struct job {
     const int32_t *which;  /* group -> distinct seed */
     const double *scales;  /* one per group (tile kernels) or per direction (update: coefs) */
     double lr, wd;         /* update */
-    const float *vals;     /* Gaussian: [seeds, vstride] normals in element order */
-    int64_t vstride;
     const int64_t *ids;    /* embedding: row ids */
     int64_t dim;           /* embedding: D */
 };
@@ -322,7 +480,6 @@ static inline void store32_f64(const double *restrict v, double *restrict o) { m
  * element's bit is set: one shift, one xor and one add per vector, no compare, no blend. The
  * helpers below work on 32 elements (one sign word) in GCC vector types, which the compiler maps
  * to the machine's widest registers (2 x AVX-512, 4 x AVX2, 8 x NEON). */
-typedef float f32v __attribute__((vector_size(64)));
 typedef double f64v __attribute__((vector_size(64)));
 typedef uint64_t u64x8 __attribute__((vector_size(64)));
 static const u64x8 LANE8[4] = {{0, 1, 2, 3, 4, 5, 6, 7},
@@ -430,29 +587,34 @@ DEFINE_RAD_TILES(f64, double, double)
 DEFINE_RAD_TILES(bf16, uint16_t, float)
 DEFINE_RAD_TILES(f16, half_t, float)
 
-/* Gaussian tiles: out = round_T(b + s * (A)u), u read from the Box-Muller values of the seed
- * (`vals`, one row of `vstride` values per seed, in element order from stream position 0) */
+/* Gaussian tiles: out = round_T(b + s * (A)u), u the seed's float32 value. Per unit: each distinct
+ * seed's values once (in cache), then every group that uses the seed. */
 #define DEFINE_GAUSS_TILES(SUFFIX, T, A)                                                                   \
     static void gauss_tiles_##SUFFIX(const void *vctx, int64_t u0, int64_t u1) {                           \
         const struct job *j = (const struct job *)vctx;                                                    \
+        float val[BATCH] __attribute__((aligned(64)));                                                     \
         A x[32], v[32];                                                                                    \
         for (int64_t u = u0; u < u1; u++) {                                                                \
-            int64_t t0 = u * BATCH, t1 = j->n - t0 < BATCH ? j->n : t0 + BATCH;                            \
-            for (int g = 0; g < j->groups; g++) {                                                          \
-                A s = (A)j->scales[g];                                                                     \
-                const float *restrict val = j->vals + j->which[g] * j->vstride + j->skip;                  \
-                const T *b = (const T *)j->base;                                                           \
-                T *o = (T *)j->out + g * j->ostride;                                                       \
-                int64_t t = t0;                                                                            \
-                for (; t + 32 <= t1; t += 32) {                                                            \
-                    load32_##SUFFIX(b + t, x);                                                             \
-                    for (int e = 0; e < 32; e++) v[e] = x[e] + s * (A)val[t + e];                          \
-                    store32_##SUFFIX(v, o + t);                                                            \
-                }                                                                                          \
-                for (; t < t1; t++) {                                                                      \
-                    A y;                                                                                   \
-                    load1_##SUFFIX(b + t, &y);                                                             \
-                    store1_##SUFFIX(y + s * (A)val[t], o + t);                                             \
+            int64_t t0 = u * BATCH, len = j->n - t0 < BATCH ? j->n - t0 : BATCH;                           \
+            const T *b = (const T *)j->base + t0;                                                          \
+            for (int sd = 0; sd < j->seeds; sd++) {                                                        \
+                gauss_values(j->block0, j->skip + (uint64_t)t0, len, j->seed_lo[sd], j->seed_hi[sd],       \
+                             j->pid, j->tag, val);                                                         \
+                for (int g = 0; g < j->groups; g++) {                                                      \
+                    if (j->which[g] != sd) continue;                                                       \
+                    A s = (A)j->scales[g];                                                                 \
+                    T *o = (T *)j->out + g * j->ostride + t0;                                              \
+                    int64_t t = 0;                                                                         \
+                    for (; t + 32 <= len; t += 32) {                                                       \
+                        load32_##SUFFIX(b + t, x);                                                         \
+                        for (int e = 0; e < 32; e++) v[e] = x[e] + s * (A)val[t + e];                      \
+                        store32_##SUFFIX(v, o + t);                                                        \
+                    }                                                                                      \
+                    for (; t < len; t++) {                                                                 \
+                        A y;                                                                               \
+                        load1_##SUFFIX(b + t, &y);                                                         \
+                        store1_##SUFFIX(y + s * (A)val[t], o + t);                                         \
+                    }                                                                                      \
                 }                                                                                          \
             }                                                                                              \
         }                                                                                                  \
@@ -549,13 +711,15 @@ DEFINE_RAD_UPDATE(f16, half_t, float, f32)
 #define DEFINE_GAUSS_UPDATE(SUFFIX, T, A)                                                                  \
     static void gauss_update_##SUFFIX(const void *vctx, int64_t u0, int64_t u1) {                          \
         const struct job *j = (const struct job *)vctx;                                                    \
-        A acc[BATCH];                                                                                      \
+        float val[BATCH] __attribute__((aligned(64)));                                                     \
+        A acc[BATCH] __attribute__((aligned(64)));                                                         \
         for (int64_t u = u0; u < u1; u++) {                                                                \
             int64_t t0 = u * BATCH, len = j->n - t0 < BATCH ? j->n - t0 : BATCH;                           \
             memset(acc, 0, sizeof(acc));                                                                   \
             for (int i = 0; i < j->seeds; i++) {                                                           \
                 A c = (A)j->scales[i];                                                                     \
-                const float *restrict val = j->vals + i * j->vstride + j->skip + t0;                       \
+                gauss_values(j->block0, j->skip + (uint64_t)t0, len, j->seed_lo[i], j->seed_hi[i], j->pid, \
+                             j->tag, val);                                                                 \
                 for (int64_t t = 0; t < len; t++) acc[t] = acc[t] + c * (A)val[t];                         \
             }                                                                                              \
             finish_##SUFFIX((T *)j->out + t0, acc, len, (A)j->lr, (A)j->wd);                               \
@@ -594,36 +758,6 @@ DEFINE_RAD_EMBED(f64, double, double)
 DEFINE_RAD_EMBED(bf16, uint16_t, float)
 DEFINE_RAD_EMBED(f16, half_t, float)
 
-/* ------------------------------------------------------------------------------ Gaussian inputs */
-
-struct uniform_job {
-    uint64_t block0;
-    int64_t blocks;
-    const uint32_t *seed_lo, *seed_hi;
-    uint32_t pid, tag;
-    int seeds;
-    float *u1, *u2; /* [seeds, 2 * blocks]: pair p = 2 * block + q uses words 2q, 2q + 1 */
-};
-
-#define UNIFORM_BLOCKS 16
-
-static void uniform_units(const void *vctx, int64_t u0, int64_t u1) {
-    const struct uniform_job *j = (const struct uniform_job *)vctx;
-    uint32_t words[(UNIFORM_BLOCKS + LANES) * 4];
-    const float inv = 1.0f / 16777216.0f; /* 2**-24: the products below are exact */
-    for (int64_t u = u0; u < u1; u++) {
-        int s = (int)(u / ((j->blocks + UNIFORM_BLOCKS - 1) / UNIFORM_BLOCKS));
-        int64_t b0 = (u % ((j->blocks + UNIFORM_BLOCKS - 1) / UNIFORM_BLOCKS)) * UNIFORM_BLOCKS;
-        int nb = (int)(j->blocks - b0 < UNIFORM_BLOCKS ? j->blocks - b0 : UNIFORM_BLOCKS);
-        philox_blocks(j->block0 + (uint64_t)b0, nb, j->seed_lo[s], j->seed_hi[s], j->pid, j->tag, words);
-        float *o1 = j->u1 + (int64_t)s * 2 * j->blocks + 2 * b0, *o2 = j->u2 + (int64_t)s * 2 * j->blocks + 2 * b0;
-        for (int i = 0; i < 2 * nb; i++) {
-            o1[i] = (float)((words[2 * i] >> 8) + 1u) * inv;
-            o2[i] = (float)(words[2 * i + 1] >> 8) * inv;
-        }
-    }
-}
-
 /* --------------------------------------------------------------------------------- entry points */
 
 enum { DT_F32 = 0, DT_F64 = 1, DT_BF16 = 2, DT_F16 = 3 };
@@ -643,24 +777,46 @@ int zo_rademacher_tiles(int dtype, const void *base, int64_t n, uint64_t block0,
     return 0;
 }
 
-/* the same with Gaussian values: vals[s * vstride + skip + t] is element t's value for seed s */
-int zo_gaussian_tiles(int dtype, const void *base, int64_t n, uint64_t skip, const float *vals, int64_t vstride,
-                      int groups, const int32_t *which, const double *scales, void *out, int64_t ostride,
-                      int threads) {
+/* the same with Gaussian directions (float32 Box-Muller values made here) */
+int zo_gaussian_tiles(int dtype, const void *base, int64_t n, uint64_t block0, uint64_t skip, int seeds,
+                      const uint32_t *seed_lo, const uint32_t *seed_hi, uint32_t pid, uint32_t tag, int groups,
+                      const int32_t *which, const double *scales, void *out, int64_t ostride, int threads) {
     if (dtype < 0 || dtype > 3) return -1;
-    struct job j = {.base = base, .out = out, .n = n, .ostride = ostride, .skip = skip, .groups = groups,
-                    .which = which, .scales = scales, .vals = vals, .vstride = vstride};
+    struct job j = {.base = base, .out = out, .n = n, .ostride = ostride, .block0 = block0, .skip = skip,
+                    .seeds = seeds, .groups = groups, .seed_lo = seed_lo, .seed_hi = seed_hi, .pid = pid, .tag = tag,
+                    .which = which, .scales = scales};
     unit_fn fns[] = {gauss_tiles_f32, gauss_tiles_f64, gauss_tiles_bf16, gauss_tiles_f16};
     parallel_units(fns[dtype], &j, units_of(n), threads);
     return 0;
 }
 
-/* the float32 Box-Muller inputs of `blocks` Gaussian blocks from block0, for every seed */
-int zo_gaussian_uniforms(uint64_t block0, int64_t blocks, int seeds, const uint32_t *seed_lo,
-                         const uint32_t *seed_hi, uint32_t pid, uint32_t tag, float *u1, float *u2, int threads) {
-    struct uniform_job j = {block0, blocks, seed_lo, seed_hi, pid, tag, seeds, u1, u2};
-    int64_t per_seed = (blocks + UNIFORM_BLOCKS - 1) / UNIFORM_BLOCKS;
-    parallel_units(uniform_units, &j, per_seed * seeds, threads);
+/* float32 Gaussian values of elements [skip, skip + n) of a stream from block0, for tests */
+int zo_gaussian_values(float *out, int64_t n, uint64_t block0, uint64_t skip, uint32_t seed_lo, uint32_t seed_hi,
+                       uint32_t pid, uint32_t tag) {
+    for (int64_t t0 = 0; t0 < n; t0 += BATCH)
+        gauss_values(block0, skip + (uint64_t)t0, n - t0 < BATCH ? n - t0 : BATCH, seed_lo, seed_hi, pid, tag,
+                     out + t0);
+    return 0;
+}
+
+/* Box-Muller of `n` blocks whose four words are given as int64 columns (the torch reference's
+ * words): out[4*i + k] is value k of block i. Lets torch's own Gaussian paths use these values. */
+int zo_normals_from_words(const int64_t *w0, const int64_t *w1, const int64_t *w2, const int64_t *w3, int64_t n,
+                          float *out) {
+    for (int64_t i0 = 0; i0 < n; i0 += LANES) {
+        int count = n - i0 < LANES ? (int)(n - i0) : LANES;
+        u32v w[4] = {{0}, {0}, {0}, {0}};
+        for (int i = 0; i < count; i++) {
+            w[0][i] = (uint32_t)w0[i0 + i];
+            w[1][i] = (uint32_t)w1[i0 + i];
+            w[2][i] = (uint32_t)w2[i0 + i];
+            w[3][i] = (uint32_t)w3[i0 + i];
+        }
+        f32v r[2] = {radius16(w[0]), radius16(w[2])}, c[2], sn[2];
+        trig16(w[1], &c[0], &sn[0]);
+        trig16(w[3], &c[1], &sn[1]);
+        store_values16(r, c, sn, count, out + 4 * i0);
+    }
     return 0;
 }
 
@@ -676,12 +832,13 @@ int zo_rademacher_update(int dtype, void *param, int64_t n, uint64_t block0, uin
     return 0;
 }
 
-/* the same with Gaussian directions: vals[i * vstride + skip + t] is element t of direction i */
-int zo_gaussian_update(int dtype, void *param, int64_t n, uint64_t skip, int seeds, const float *vals,
-                       int64_t vstride, const double *coefs, double lr, double wd, int threads) {
+/* the same with Gaussian directions (float32 Box-Muller values made here) */
+int zo_gaussian_update(int dtype, void *param, int64_t n, uint64_t block0, uint64_t skip, int seeds,
+                       const uint32_t *seed_lo, const uint32_t *seed_hi, uint32_t pid, uint32_t tag,
+                       const double *coefs, double lr, double wd, int threads) {
     if (dtype < 0 || dtype > 3) return -1;
-    struct job j = {.out = param, .n = n, .skip = skip, .seeds = seeds, .scales = coefs, .lr = lr, .wd = wd,
-                    .vals = vals, .vstride = vstride};
+    struct job j = {.out = param, .n = n, .block0 = block0, .skip = skip, .seeds = seeds, .seed_lo = seed_lo,
+                    .seed_hi = seed_hi, .pid = pid, .tag = tag, .scales = coefs, .lr = lr, .wd = wd};
     unit_fn fns[] = {gauss_update_f32, gauss_update_f64, gauss_update_bf16, gauss_update_f16};
     parallel_units(fns[dtype], &j, units_of(n), threads);
     return 0;
