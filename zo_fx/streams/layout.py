@@ -220,6 +220,21 @@ def box_muller_uniforms(w_even: torch.Tensor, w_odd: torch.Tensor) -> tuple[torc
     return u1, u2
 
 
+#: words -> normals from a faster implementation of the same Box-Muller, or None where it cannot run
+_normals_provider = None
+
+
+def register_normals_provider(provider) -> None:
+    """Route :func:`normals_from_columns` through ``provider(w0, w1, w2, w3)`` first (None: torch's ops run).
+
+    zo_fx.kernels.native registers its kernel here when it is imported (the package's import does
+    that), so that the kernels' Gaussian values and every eager torch path's agree bit for bit; the
+    streams layer itself depends on nothing above it.
+    """
+    global _normals_provider
+    _normals_provider = provider
+
+
 def normals_from_words(words: torch.Tensor) -> torch.Tensor:
     """[..., 4] words -> [..., 4] float32 normals: pair q of words gives (r cos, r sin)."""
     return normals_from_columns(*words.unbind(-1))
@@ -235,13 +250,13 @@ def normals_from_columns(w0, w1, w2, w3) -> torch.Tensor:
 
     Eager on CPU, the native kernel's Box-Muller runs instead when it is built (the same
     float32 steps; its log/cos/sin within a few ulps of torch's, docs/native.md), so that
-    every CPU path gives the values the native tiles and updates use.
+    every CPU path gives the values the native tiles and updates use: see
+    :func:`register_normals_provider`.
     """
-    from zo_fx.kernels import native  # the kernels import this module
-
-    values = native.normals_from_words(w0, w1, w2, w3)
-    if values is not None:
-        return values
+    if _normals_provider is not None:
+        values = _normals_provider(w0, w1, w2, w3)
+        if values is not None:
+            return values
     values = []
     for even, odd in ((w0, w1), (w2, w3)):
         u1, u2 = box_muller_uniforms(even, odd)

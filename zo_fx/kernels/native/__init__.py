@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from zo_fx.streams import layout
 from zo_fx.streams.layout import GAUSSIAN, RADEMACHER, key_tensors
 
 SOURCE = Path(__file__).with_name("zo_native.c")
@@ -349,6 +350,8 @@ def rademacher_embedding(weight: torch.Tensor, ids: torch.Tensor, pid: int, seed
                                      _ptr(out), threads())
     return out if rc == 0 else None
 
+
+layout.register_normals_provider(normals_from_words)  # eager CPU Gaussian values are the kernel's too
 
 __all__ = ["available", "enabled", "gaussian_values", "info", "library", "normals_from_words", "perturbed_tiles",
            "rademacher_embedding", "threads", "update_", "usable"]
