@@ -257,7 +257,7 @@ typedef int32_t i8s __attribute__((vector_size(32)));
 static inline d8 select_d8(i8v mask, d8 a, d8 b) { return (d8)(((i8v)a & mask) | ((i8v)b & ~mask)); }
 
 /* log(k * 2**-24) for integers k in [1, 2**24] held exactly in doubles */
-static inline d8 log_u24(d8 k) {
+static inline __attribute__((always_inline)) d8 log_u24(d8 k) {
     i8v bits = (i8v)k;
     i8v e = ((bits >> 52) & 0x7FF) - 1023 - 24;
     d8 m = (d8)((bits & 0x000FFFFFFFFFFFFFLL) | 0x3FF0000000000000LL); /* [1, 2) */
@@ -280,7 +280,7 @@ static inline d8 log_u24(d8 k) {
 /* cos and sin of x in [0, 2 pi): the quadrant n = round(x / (pi/2)) and the remainder in
  * [-pi/4, pi/4] (two-part pi/2), Taylor series to r**14 and r**15 there, then the quadrant's swap
  * and signs. */
-static inline void sincos_d8(d8 x, d8 *c, d8 *s) {
+static inline __attribute__((always_inline)) void sincos_d8(d8 x, d8 *c, d8 *s) {
     i8v n = __builtin_convertvector(x * TWO_OVER_PI_D + 0.5, i8v); /* x >= 0: truncation rounds */
     d8 nd = __builtin_convertvector(n, d8);
     d8 r = (x - nd * PIO2_HI) - nd * PIO2_LO, z = r * r;
@@ -318,7 +318,7 @@ static inline f32v join16(f8 lo, f8 hi) {
 }
 
 /* r = sqrt(-2 log(u1)) of 16 even words, float32 as in the layout */
-static inline f32v radius16(u32v even) {
+static inline __attribute__((always_inline)) f32v radius16(u32v even) {
     u8v h[2];
     f8 r[2];
     split16(even, &h[0], &h[1]);
@@ -338,7 +338,7 @@ static inline f32v radius16(u32v even) {
 }
 
 /* cos and sin of theta = u2 * float32(2 pi) (float32 product) for 16 odd words */
-static inline void trig16(u32v odd, f32v *cos_v, f32v *sin_v) {
+static inline __attribute__((always_inline)) void trig16(u32v odd, f32v *cos_v, f32v *sin_v) {
     u8v h[2];
     f8 c[2], sn[2];
     split16(odd, &h[0], &h[1]);
@@ -354,7 +354,7 @@ static inline void trig16(u32v odd, f32v *cos_v, f32v *sin_v) {
 }
 
 /* pair q of a block gives its values 2q (r cos) and 2q + 1 (r sin); `count` blocks in element order */
-static inline void store_values16(const f32v *r, const f32v *c, const f32v *sn, int count, float *out) {
+static inline __attribute__((always_inline)) void store_values16(const f32v *r, const f32v *c, const f32v *sn, int count, float *out) {
     f32v v[4] = {r[0] * c[0], r[0] * sn[0], r[1] * c[1], r[1] * sn[1]};
     u32v bits[4];
     memcpy(bits, v, sizeof(bits));
