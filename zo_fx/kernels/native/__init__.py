@@ -14,9 +14,11 @@ What it computes (docs/native.md):
 * Rademacher perturbed tiles, the fused Rademacher update and Rademacher embedding rows:
   bit for bit what the torch references give (signs from the frozen layout, the same
   float operations in the same order, one rounding to the weight's dtype).
-* Gaussian: the kernel makes the Philox words and the exact float32 Box-Muller inputs;
-  ``log``, ``sqrt``, ``cos`` and ``sin`` then run as the same torch ops the reference
-  uses (so the values equal the eager torch path's bit for bit), and the kernel blends.
+* Gaussian: the kernel's own Box-Muller (log, cos and sin in double precision, rounded once to
+  float32; the layout's float32 steps around them): within a few float32 ulps of torch's
+  functions and the same bits on every CPU. The eager torch paths take their Gaussian values
+  from it too (:func:`normals_from_words`, registered with the layout), so the kernels, the
+  references and ``direction()`` agree bit for bit on CPU.
 
 Switches: ``ZO_FX_NATIVE=0`` turns the native path off (every caller then runs the torch
 reference). A machine where the source does not compile warns once, with the compiler's
@@ -131,8 +133,7 @@ def _declare(lib) -> None:
     lib.zo_gaussian_update.argtypes = lib.zo_rademacher_update.argtypes
     lib.zo_rademacher_embedding.argtypes = [i32, p, i64, p, i64, i32, p, p, u32, u32, i32, p, p, p, i32]
     for name in ("zo_rademacher_tiles", "zo_gaussian_tiles", "zo_gaussian_values", "zo_normals_from_words",
-                 "zo_rademacher_update",
-                 "zo_gaussian_update", "zo_rademacher_embedding"):
+                 "zo_rademacher_update", "zo_gaussian_update", "zo_rademacher_embedding"):
         getattr(lib, name).restype = i32
 
 
