@@ -168,6 +168,17 @@ static void sign_masks(uint64_t block0, uint64_t q0, int64_t count, uint32_t see
 
 /* ----------------------------------------------------------------------------------- conversions */
 
+static inline uint32_t bits_f32(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+static inline uint64_t bits_f64(double f) {
+    uint64_t u;
+    memcpy(&u, &f, 8);
+    return u;
+}
+
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -177,8 +188,7 @@ static inline float bf16_to_f32(uint16_t h) {
 
 /* round to nearest even on the bits, NaN to the canonical quiet NaN (c10::BFloat16's rule) */
 static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
+    uint32_t u = bits_f32(f);
     uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     return f != f ? (uint16_t)0x7FC0 : (uint16_t)r;
 }
@@ -487,16 +497,6 @@ static const u64x8 LANE8[4] = {{0, 1, 2, 3, 4, 5, 6, 7},
                                {16, 17, 18, 19, 20, 21, 22, 23},
                                {24, 25, 26, 27, 28, 29, 30, 31}};
 
-static inline uint32_t bits_f32(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return u;
-}
-static inline uint64_t bits_f64(double f) {
-    uint64_t u;
-    memcpy(&u, &f, 8);
-    return u;
-}
 
 /* the float32 sign flips of one word: lanes 0-15 and 16-31, 0x80000000 where the bit is set */
 static inline void flips32_f32(uint32_t w, u32v *lo, u32v *hi) {
