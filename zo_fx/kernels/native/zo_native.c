@@ -244,127 +244,100 @@ static inline half_t f32_to_f16(float f) {
 /* Box-Muller as the frozen layout defines it (docs/directions.md): pair (even, odd) of a block's
  * words gives u1 = ((even >> 8) + 1) * 2**-24, u2 = (odd >> 8) * 2**-24 (both exact in float32),
  * then r = sqrt(-2 * log(u1)), theta = u2 * float32(2 pi), values (r cos theta, r sin theta), every
- * step in float32 like the torch reference. Only log, cos and sin differ from torch's: here they
- * are evaluated in double precision from IEEE additions, multiplications and one division
- * (relative error about 1e-14) and rounded once to float32, so they are correctly rounded but for
- * about one value in 10**6, where a library's float32 functions are within 1 ulp or so. The
- * result agrees with torch's to a few float32 ulps (tests/test_native_kernel.py measures it), and,
- * being nothing but IEEE basic operations, it is the same bit for bit on every CPU and build. */
+ * step in float32 like the torch reference. Only log, cos and sin differ from torch's: log is
+ * fdlibm's logf (its reduction and polynomial, under 1 ulp), cos and sin are Cephes' float32
+ * polynomials on a remainder that is reduced in double precision (a float32 reduction would lose
+ * the remainder's relative accuracy where cos or sin crosses zero). 16 lanes of float32 at a time.
+ * The values agree with torch's to a few float32 ulps (tests/test_native_kernel.py measures it)
+ * and, being nothing but IEEE basic operations and conversions, are the same bit for bit on every
+ * CPU and build. */
 typedef double d8 __attribute__((vector_size(64)));
 typedef float f32v __attribute__((vector_size(64)));
 typedef int64_t i8v __attribute__((vector_size(64)));
 typedef float f8 __attribute__((vector_size(32)));
-typedef uint32_t u8v __attribute__((vector_size(32)));
 typedef int32_t i8s __attribute__((vector_size(32)));
 
-#define LN2_D 0.693147180559945309417232121458
-#define SQRT2_D 1.41421356237309504880168872421
 #define TWO_OVER_PI_D 0.636619772367581343075535053490
 #define PIO2_HI 1.57079632673412561417e+00 /* pi/2 to 33 bits: n * PIO2_HI is exact for small n */
 #define PIO2_LO 6.07710050650619224932e-11 /* pi/2 - PIO2_HI */
 #define TWO_PI_F32 6.28318548202514648438f  /* float32(2 pi), the layout's constant */
 
-static inline d8 select_d8(i8v mask, d8 a, d8 b) { return (d8)(((i8v)a & mask) | ((i8v)b & ~mask)); }
+typedef int32_t i32v __attribute__((vector_size(64)));
 
-/* log(k * 2**-24) for integers k in [1, 2**24] held exactly in doubles */
-static inline __attribute__((always_inline)) d8 log_u24(d8 k) {
-    i8v bits = (i8v)k;
-    i8v e = ((bits >> 52) & 0x7FF) - 1023 - 24;
-    d8 m = (d8)((bits & 0x000FFFFFFFFFFFFFLL) | 0x3FF0000000000000LL); /* [1, 2) */
-    i8v big = (i8v)(m > SQRT2_D);                                        /* to [sqrt(1/2), sqrt(2)) */
-    m = select_d8(big, m * 0.5, m);
-    e = e - big;
-    d8 f = m - 1.0, t = f / (f + 2.0), z = t * t; /* log(m) = 2 atanh(t), |t| < 0.172 */
-    d8 p = 1.0 / 17 + z * 0.0;
-    p = 1.0 / 15 + z * p;
-    p = 1.0 / 13 + z * p;
-    p = 1.0 / 11 + z * p;
-    p = 1.0 / 9 + z * p;
-    p = 1.0 / 7 + z * p;
-    p = 1.0 / 5 + z * p;
-    p = 1.0 / 3 + z * p;
-    p = 1.0 + z * p;
-    return __builtin_convertvector(e, d8) * LN2_D + (t + t) * p;
+/* a where mask is all ones, else b */
+static inline __attribute__((always_inline)) f32v select_f32(i32v mask, f32v a, f32v b) {
+    return (f32v)(((i32v)a & mask) | ((i32v)b & ~mask));
 }
 
-/* cos and sin of x in [0, 2 pi): the quadrant n = round(x / (pi/2)) and the remainder in
- * [-pi/4, pi/4] (two-part pi/2), Taylor series to r**14 and r**15 there, then the quadrant's swap
- * and signs. */
-static inline __attribute__((always_inline)) void sincos_d8(d8 x, d8 *c, d8 *s) {
-    i8v n = __builtin_convertvector(x * TWO_OVER_PI_D + 0.5, i8v); /* x >= 0: truncation rounds */
-    d8 nd = __builtin_convertvector(n, d8);
-    d8 r = (x - nd * PIO2_HI) - nd * PIO2_LO, z = r * r;
-    d8 ps = -1.0 / 1307674368000.0 + z * 0.0; /* -1/15! */
-    ps = 1.0 / 6227020800.0 + z * ps;
-    ps = -1.0 / 39916800.0 + z * ps;
-    ps = 1.0 / 362880.0 + z * ps;
-    ps = -1.0 / 5040.0 + z * ps;
-    ps = 1.0 / 120.0 + z * ps;
-    ps = -1.0 / 6.0 + z * ps;
-    d8 sr = r + r * (z * ps);
-    d8 pc = -1.0 / 87178291200.0 + z * 0.0; /* -1/14! */
-    pc = 1.0 / 479001600.0 + z * pc;
-    pc = -1.0 / 3628800.0 + z * pc;
-    pc = 1.0 / 40320.0 + z * pc;
-    pc = -1.0 / 720.0 + z * pc;
-    pc = 1.0 / 24.0 + z * pc;
-    pc = -0.5 + z * pc;
-    d8 cr = 1.0 + z * pc;
-    i8v swap = -(n & 1), cos_neg = ((n + 1) & 2) << 62, sin_neg = (n & 2) << 62;
-    *c = (d8)((i8v)select_d8(swap, sr, cr) ^ cos_neg);
-    *s = (d8)((i8v)select_d8(swap, cr, sr) ^ sin_neg);
+/* log(u1) for u1 = k * 2**-24, k in [1, 2**24]: fdlibm's e_logf reduction and polynomial (< 1 ulp) */
+static inline __attribute__((always_inline)) f32v logf16(f32v x) {
+    i32v ix = (i32v)x;
+    i32v k = (ix >> 23) - 127;
+    ix &= 0x007FFFFF;
+    i32v i = (ix + (0x95F64 << 3)) & 0x800000; /* m >= sqrt(2): halve it */
+    f32v m = (f32v)(ix | (i ^ 0x3F800000));
+    k += i >> 23;
+    f32v f = m - 1.0f;
+    f32v sq = f / (2.0f + f), dk = __builtin_convertvector(k, f32v);
+    f32v z = sq * sq, w = z * z;
+    f32v t1 = w * (4.0000000596e-01f + w * 2.2222198546e-01f);
+    f32v t2 = z * (6.6666668653e-01f + w * 2.8571429849e-01f);
+    f32v hfsq = 0.5f * f * f;
+    return dk * 6.9313812256e-01f - ((hfsq - (sq * (hfsq + (t2 + t1)) + dk * 9.0580006145e-06f)) - f);
 }
 
-/* 16 lanes of float32 as two halves of 8, and back */
-static inline void split16(u32v x, u8v *lo, u8v *hi) {
-    memcpy(lo, &x, 32);
-    memcpy(hi, (const char *)&x + 32, 32);
-}
-static inline f32v join16(f8 lo, f8 hi) {
-    f32v out;
-    memcpy(&out, &lo, 32);
-    memcpy((char *)&out + 32, &hi, 32);
-    return out;
-}
-
-/* r = sqrt(-2 log(u1)) of 16 even words, float32 as in the layout */
-static inline __attribute__((always_inline)) f32v radius16(u32v even) {
-    u8v h[2];
-    f8 r[2];
-    split16(even, &h[0], &h[1]);
-    for (int k = 0; k < 2; k++) {
-        f8 lg = __builtin_convertvector(log_u24(__builtin_convertvector((h[k] >> 8) + 1u, d8)), f8);
-        f8 x = -2.0f * lg;
-#if defined(__AVX__)
-        __m256 v;
-        memcpy(&v, &x, 32);
-        v = _mm256_sqrt_ps(v);
-        memcpy(&r[k], &v, 32);
+static inline __attribute__((always_inline)) f32v radius16f(u32v even) {
+    f32v u1 = __builtin_convertvector((even >> 8) + 1u, f32v) * (1.0f / 16777216.0f);
+    f32v x = -2.0f * logf16(u1);
+#if defined(__AVX512F__)
+    __m512 v;
+    memcpy(&v, &x, 64);
+    v = _mm512_sqrt_ps(v);
+    memcpy(&x, &v, 64);
 #else
-        for (int i = 0; i < 8; i++) r[k][i] = __builtin_sqrtf(x[i]); /* IEEE sqrt (no errno: -fno-math-errno) */
+    for (int i = 0; i < 16; i++) x[i] = __builtin_sqrtf(x[i]);
 #endif
-    }
-    return join16(r[0], r[1]);
+    return x;
 }
 
-/* cos and sin of theta = u2 * float32(2 pi) (float32 product) for 16 odd words */
-static inline __attribute__((always_inline)) void trig16(u32v odd, f32v *cos_v, f32v *sin_v) {
-    u8v h[2];
-    f8 c[2], sn[2];
-    split16(odd, &h[0], &h[1]);
+/* cos and sin of theta in [0, 2 pi): the quadrant and the remainder r in [-pi/4, pi/4] taken in double (a
+ * float32 reduction loses r's relative accuracy where cos or sin crosses zero), r rounded to float32,
+ * then Cephes' float32 polynomials on it */
+static inline __attribute__((always_inline)) void trig16f(u32v odd, f32v *cos_v, f32v *sin_v) {
+    f32v theta = (__builtin_convertvector((i32v)(odd >> 8), f32v) * (1.0f / 16777216.0f)) * TWO_PI_F32;
+    f8 half[2];
+    i8s nh[2];
+    memcpy(half, &theta, 64);
+    f8 rh[2], rl[2];
     for (int k = 0; k < 2; k++) {
-        f8 theta = (__builtin_convertvector((i8s)(h[k] >> 8), f8) * (1.0f / 16777216.0f)) * TWO_PI_F32;
-        d8 cd, sd;
-        sincos_d8(__builtin_convertvector(theta, d8), &cd, &sd);
-        c[k] = __builtin_convertvector(cd, f8);
-        sn[k] = __builtin_convertvector(sd, f8);
+        d8 x = __builtin_convertvector(half[k], d8);
+        i8v n = __builtin_convertvector(x * TWO_OVER_PI_D + 0.5, i8v); /* x >= 0: truncation rounds */
+        d8 nd = __builtin_convertvector(n, d8);
+        d8 rd = (x - nd * PIO2_HI) - nd * PIO2_LO;
+        rh[k] = __builtin_convertvector(rd, f8);
+        rl[k] = __builtin_convertvector(rd - __builtin_convertvector(rh[k], d8), f8); /* what rounding r lost */
+        nh[k] = __builtin_convertvector(n, i8s);
     }
-    *cos_v = join16(c[0], c[1]);
-    *sin_v = join16(sn[0], sn[1]);
+    f32v r, lo;
+    i32v n;
+    memcpy(&r, rh, 64);
+    memcpy(&lo, rl, 64);
+    memcpy(&n, nh, 64);
+    /* sin(r + lo) = r + (lo + r z P(z)), cos(r + lo) = 1 - z/2 + z^2 Q(z) - r lo, the 1 - z/2 with its rounding
+     * error carried (fdlibm's kernel_cos) */
+    f32v z = r * r;
+    f32v sr = r + (lo + r * z * (-1.6666654611e-1f + z * (8.3321608736e-3f + z * -1.9515295891e-4f)));
+    f32v pc = 4.166664568298827e-2f + z * (-1.388731625493765e-3f + z * 2.443315711809948e-5f);
+    f32v hz = 0.5f * z, one_hz = 1.0f - hz;
+    f32v cr = one_hz + (((1.0f - one_hz) - hz) + (z * z * pc - r * lo));
+    i32v swap = -(n & 1), cos_neg = ((n + 1) & 2) << 30, sin_neg = (n & 2) << 30;
+    *cos_v = (f32v)((i32v)select_f32(swap, sr, cr) ^ cos_neg);
+    *sin_v = (f32v)((i32v)select_f32(swap, cr, sr) ^ sin_neg);
 }
 
 /* pair q of a block gives its values 2q (r cos) and 2q + 1 (r sin); `count` blocks in element order */
-static inline __attribute__((always_inline)) void store_values16(const f32v *r, const f32v *c, const f32v *sn, int count, float *out) {
+static inline __attribute__((always_inline)) void store_values16(const f32v *r, const f32v *c, const f32v *sn,
+                                                                 int count, float *out) {
     f32v v[4] = {r[0] * c[0], r[0] * sn[0], r[1] * c[1], r[1] * sn[1]};
     u32v bits[4];
     memcpy(bits, v, sizeof(bits));
@@ -384,9 +357,9 @@ static void gauss_values(uint64_t block0, uint64_t q0, int64_t count, uint32_t s
     int nb = (int)(last - first + 1), sets = (nb + LANES - 1) / LANES;
     for (int k = 0; k < sets; k++) philox16(block0 + first + (uint64_t)(k * LANES), seed_lo, seed_hi, pid, tag, w[k]);
     for (int k = 0; k < sets; k++)
-        for (int q = 0; q < 2; q++) r[k][q] = radius16(w[k][2 * q]);
+        for (int q = 0; q < 2; q++) r[k][q] = radius16f(w[k][2 * q]);
     for (int k = 0; k < sets; k++)
-        for (int q = 0; q < 2; q++) trig16(w[k][2 * q + 1], &c[k][q], &sn[k][q]);
+        for (int q = 0; q < 2; q++) trig16f(w[k][2 * q + 1], &c[k][q], &sn[k][q]);
     for (int k = 0; k < sets; k++)
         store_values16(r[k], c[k], sn[k], nb - k * LANES, buf + 4 * LANES * k);
     memcpy(vals, buf + q0 % 4, (size_t)count * sizeof(float));
@@ -812,9 +785,9 @@ int zo_normals_from_words(const int64_t *w0, const int64_t *w1, const int64_t *w
             w[2][i] = (uint32_t)w2[i0 + i];
             w[3][i] = (uint32_t)w3[i0 + i];
         }
-        f32v r[2] = {radius16(w[0]), radius16(w[2])}, c[2], sn[2];
-        trig16(w[1], &c[0], &sn[0]);
-        trig16(w[3], &c[1], &sn[1]);
+        f32v r[2] = {radius16f(w[0]), radius16f(w[2])}, c[2], sn[2];
+        trig16f(w[1], &c[0], &sn[0]);
+        trig16f(w[3], &c[1], &sn[1]);
         store_values16(r, c, sn, count, out + 4 * i0);
     }
     return 0;
