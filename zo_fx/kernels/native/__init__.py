@@ -50,6 +50,8 @@ BASE_FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-ffp-contrac
               "-fno-math-errno")
 #: tried first; a compiler that refuses it gets a build without it
 ARCH_FLAGS = ("-march=native",)
+#: tried first too: the kernel's threads are then torch's own OpenMP pool (zo_native.c, parallel_units)
+OPENMP_FLAGS = ("-fopenmp",)
 ABI_VERSION = 3
 #: dtype codes of the C entry points
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -143,7 +145,7 @@ def _load():
     source = SOURCE.read_bytes()
     version = _compiler_version(cc)
     errors = []
-    for flags in (BASE_FLAGS + ARCH_FLAGS, BASE_FLAGS):
+    for flags in (BASE_FLAGS + ARCH_FLAGS + OPENMP_FLAGS, BASE_FLAGS + ARCH_FLAGS, BASE_FLAGS):
         key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), cc.encode(), version.encode(),
                                          _cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:20]
         path = cache_dir() / f"zo_native-{key}.so"

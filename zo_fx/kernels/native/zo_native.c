@@ -369,6 +369,31 @@ static void gauss_values(uint64_t block0, uint64_t q0, int64_t count, uint32_t s
 
 typedef void (*unit_fn)(const void *ctx, int64_t u0, int64_t u1);
 
+/* units [0, units) split into `threads` contiguous shares; the caller runs the first one.
+ *
+ * Built with -fopenmp, the shares run as one OpenMP parallel region: the library then links the
+ * libgomp.so.1 that torch has already loaded (the loader matches the soname), so the kernel's threads
+ * are torch's own pool. That matters at all cores: after each GEMM torch's OpenMP workers keep
+ * spinning for a while, and a pthread of ours started then would fight one of them for a core.
+ * Without OpenMP, a pthread per extra share (created and joined per call). Either way the per-element
+ * arithmetic does not depend on the split. */
+#if defined(_OPENMP)
+#include <omp.h>
+static void parallel_units(unit_fn fn, const void *ctx, int64_t units, int threads) {
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > units) threads = (int)units;
+    if (threads <= 1) {
+        if (units > 0) fn(ctx, 0, units);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+        int64_t u0 = units * t / n, u1 = units * (t + 1) / n;
+        if (u1 > u0) fn(ctx, u0, u1);
+    }
+}
+#else
 struct share {
     unit_fn fn;
     const void *ctx;
@@ -381,7 +406,6 @@ static void *run_share(void *p) {
     return NULL;
 }
 
-/* units [0, units) split into `threads` contiguous shares; the caller runs the first one */
 static void parallel_units(unit_fn fn, const void *ctx, int64_t units, int threads) {
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > units) threads = (int)units;
@@ -407,6 +431,7 @@ static void parallel_units(unit_fn fn, const void *ctx, int64_t units, int threa
             run_share(&shares[t]); /* no thread to be had: do its share here, same arithmetic */
     }
 }
+#endif
 
 /* ----------------------------------------------------------------------------- perturbed tiles */
 
