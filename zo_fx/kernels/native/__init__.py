@@ -14,8 +14,9 @@ What it computes (docs/native.md):
 * Rademacher perturbed tiles, the fused Rademacher update and Rademacher embedding rows:
   bit for bit what the torch references give (signs from the frozen layout, the same
   float operations in the same order, one rounding to the weight's dtype).
-* Gaussian: the kernel's own Box-Muller (log, cos and sin in double precision, rounded once to
-  float32; the layout's float32 steps around them): within a few float32 ulps of torch's
+* Gaussian: the kernel's own Box-Muller (fdlibm's logf, Cephes' float32 sin/cos on a remainder
+  reduced in double precision, each within 1 ulp of correctly rounded; the layout's float32 steps
+  around them): within a few float32 ulps of torch's
   functions and the same bits on every CPU. The eager torch paths take their Gaussian values
   from it too (:func:`normals_from_words`, registered with the layout), so the kernels, the
   references and ``direction()`` agree bit for bit on CPU.
@@ -305,9 +306,7 @@ def normals_from_words(w0, w1, w2, w3) -> torch.Tensor | None:
     runs torch's functions.
     """
     words = (w0, w1, w2, w3)
-    if not all(isinstance(w, torch.Tensor) and _plain(w) and w.dtype == torch.int64 for w in words):
-        return None
-    if (any(w.requires_grad for w in words)) or _tracing():
+    if not all(_plain(w) and w.dtype == torch.int64 for w in words) or _tracing():
         return None
     lib = library()
     if lib is None:

@@ -178,13 +178,13 @@ static inline uint64_t bits_f64(double f) {
     memcpy(&u, &f, 8);
     return u;
 }
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
+static inline float f32_from_bits(uint32_t u) {
     float f;
     memcpy(&f, &u, 4);
     return f;
 }
+
+static inline float bf16_to_f32(uint16_t h) { return f32_from_bits((uint32_t)h << 16); }
 
 /* round to nearest even on the bits, NaN to the canonical quiet NaN (c10::BFloat16's rule) */
 static inline uint16_t f32_to_bf16(float f) {
@@ -216,13 +216,10 @@ static inline float f16_to_f32(half_t h) {
     } else {
         u = sign;
     }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
+    return f32_from_bits(u);
 }
 static inline half_t f32_to_f16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
+    uint32_t u = bits_f32(f);
     uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7FFFFFFFu;
     if (a >= 0x7F800000u) return (half_t)(sign | 0x7C00u | (a > 0x7F800000u ? 0x200u : 0));
     if (a >= 0x477FF000u) return (half_t)(sign | 0x7C00u); /* rounds to infinity */
