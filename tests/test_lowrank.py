@@ -16,6 +16,7 @@ from model_zoo import causal_batch, tiny_llama
 
 import zo_fx
 from zo_fx import kernels
+from zo_fx.kernels import lowrank
 from zo_fx.streams import GroupTable
 from zo_fx.streams.layout import factor_signs, lowrank_direction, lowrank_factors, rademacher
 from zo_fx.streams.philox import philox_words
@@ -59,7 +60,7 @@ def test_kind_and_rank_are_checked_and_kept_canonical():
     assert zo_fx.FZOOConfig.from_dict(config.to_dict()) == config
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_the_update_equals_the_naive_dense_formula(dtype):
     g = torch.Generator().manual_seed(3)
     param = torch.randn(70, 33, generator=g, dtype=torch.float64).to(dtype)
@@ -69,12 +70,27 @@ def test_the_update_equals_the_naive_dense_formula(dtype):
     got = kernels.fused_update_(param.clone(), seeds, coefs, 8, "lowrank:3", lr, wd)
     if dtype == torch.float64:
         assert_rel_close(got, expected, 1e-12)
-    else:  # accumulated in float32 and rounded once: within a few float32 ulps of the weights' scale
+    elif dtype == torch.float32:  # accumulated in float32 and rounded once: a few ulps of the weights' scale
         torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+    else:  # rounded once to bfloat16 from the float32 result: within half a bfloat16 ulp
+        torch.testing.assert_close(got.double(), expected, rtol=2.0**-8 * 1.01, atol=1e-6)
     vector = torch.randn(33, generator=g, dtype=dtype)
     assert_bitwise_equal(kernels.fused_update_(vector.clone(), seeds, coefs, 8, "lowrank:3", lr, wd),
                          kernels.fused_update_(vector.clone(), seeds, coefs, 8, "rademacher", lr, wd),
                          what="a vector under low-rank directions takes the Rademacher update")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_row_tiles_do_not_change_the_update(dtype, monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    param = torch.randn(70, 33, generator=g, dtype=torch.float64).to(dtype)
+    seeds, coefs = [4, 2**63 + 5], [0.5, -1.25]
+    for wd in (0.0, 0.1):
+        whole = kernels.fused_update_(param.clone(), seeds, coefs, 8, "lowrank:2", 0.01, wd)
+        with monkeypatch.context() as m:
+            m.setattr(lowrank, "TILE_NUMEL", 33 * 16)  # tiles of 16 rows, the last one of 6
+            tiled = kernels.fused_update_(param.clone(), seeds, coefs, 8, "lowrank:2", 0.01, wd)
+        assert_bitwise_equal(tiled, whole, what=f"row tiles, weight decay {wd}")
 
 
 def test_the_adamezo_update_equals_its_formula_on_dense_directions():

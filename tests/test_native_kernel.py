@@ -262,6 +262,18 @@ def test_tile_budget_is_read_from_the_machine():
     assert "tile budget" in blocked.describe_tiles()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_low_rank_factor_signs_equal_the_torch_stream(dtype, monkeypatch):
+    for count in (1, 127, 129, 3 * 577):
+        for factor in (0, 1):
+            got = layout.factor_signs(SEEDS, 2**31 + 7, count, factor, dtype=dtype)
+            with monkeypatch.context() as m:
+                m.setattr(layout, "_signs_provider", None)
+                want = layout.factor_signs(SEEDS, 2**31 + 7, count, factor, dtype=dtype)
+            assert_bits_equal(got, want, f"factor {factor} signs, {count} elements")
+    assert native.rademacher_signs(list(range(native.MAX_SEEDS + 1)), 3, 2, 10, dtype) is None  # torch's turn
+
+
 def test_traced_or_fake_tensors_never_reach_the_kernel():
     """Under fake tensors or make_fx the Gaussian values stay torch ops: a ctypes call would escape the trace."""
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -150,10 +150,26 @@ def update_(param: torch.Tensor, seeds, coefs, pid: int, rank: int, lr: float, w
         a_cat = (a * c.view(-1, 1, 1)).permute(1, 0, 2).reshape(param.shape[0], n_dir * rank)
         b_cat = b.permute(1, 0, 2).reshape(param.shape[1], n_dir * rank)
     lr_t, wd_t = torch.tensor(float(lr), dtype=acc), torch.tensor(float(weight_decay), dtype=acc)
+    # ``p - lr * (step + wd * p)`` with the same roundings as written, in place on two tile buffers
+    # reused across tiles: a fresh multi-MiB temporary per operation costs its page faults every time
+    step_buf = wd_buf = None
     for rows in _row_tiles(param):
-        p = param[rows].to(acc)
-        step = a_cat[rows] @ b_cat.t() if n_dir else torch.zeros_like(p)
-        param[rows] = (p - lr_t * (step + wd_t * p)).to(param.dtype)
+        target = param[rows]
+        p = target.to(acc)
+        if step_buf is None or step_buf.shape != p.shape:
+            step_buf = torch.empty_like(p)
+            wd_buf = torch.empty_like(p) if weight_decay != 0.0 else None
+        if n_dir:
+            step = torch.mm(a_cat[rows], b_cat.t(), out=step_buf)
+        else:
+            step = step_buf.zero_()
+        if wd_buf is not None:
+            step.add_(torch.mul(p, wd_t, out=wd_buf))
+        step.mul_(lr_t)
+        if p.data_ptr() == target.data_ptr():  # the parameter is in the accumulation dtype: in place
+            target.sub_(step)
+        else:
+            target.copy_(torch.sub(p, step, out=step))
     return param
 
 

@@ -235,6 +235,20 @@ def register_normals_provider(provider) -> None:
     _normals_provider = provider
 
 
+#: (seeds, pid, tag, count, dtype) -> ``[G, count]`` Rademacher signs of a stream from element 0, or None
+_signs_provider = None
+
+
+def register_signs_provider(provider) -> None:
+    """Route :func:`factor_signs` through ``provider`` first (None: torch's ops run).
+
+    Rademacher signs are exact, so a provider changes speed only: it must give the same values
+    (the native kernel's are bit-identical, tested).
+    """
+    global _signs_provider
+    _signs_provider = provider
+
+
 def normals_from_words(words: torch.Tensor) -> torch.Tensor:
     """[..., 4] words -> [..., 4] float32 normals: pair q of words gives (r cos, r sin)."""
     return normals_from_columns(*words.unbind(-1))
@@ -346,8 +360,14 @@ def factor_signs(seeds, pid, count: int, factor: int, *, dtype=torch.float32, de
     """``[G, count]`` signs of low-rank factor ``factor`` (0: A, 1: B) of parameter ``pid``, one row per seed.
 
     Element ``i * r + t`` is entry ``(i, t)`` of the factor (row-major ``[rows, r]``); the signs are the
-    Rademacher expansion of the Philox stream whose tag is ``LOWRANK_FACTOR_TAGS[factor]``.
+    Rademacher expansion of the Philox stream whose tag is ``LOWRANK_FACTOR_TAGS[factor]``. On CPU a
+    registered signs provider (the native kernel) makes them in one call: a few hundred torch ops per
+    matrix otherwise, which at small matrices cost more than the step's GEMMs on them.
     """
+    if _signs_provider is not None and (device is None or torch.device(device).type == "cpu"):
+        made = _signs_provider(list(seeds), check_pid(pid), LOWRANK_FACTOR_TAGS[factor], count, dtype)
+        if made is not None:
+            return made
     words = [seed_words(s) for s in seeds]
     lo = torch.tensor([w[0] for w in words], dtype=torch.int64, device=device).unsqueeze(1)
     hi = torch.tensor([w[1] for w in words], dtype=torch.int64, device=device).unsqueeze(1)

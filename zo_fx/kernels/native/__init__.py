@@ -353,7 +353,29 @@ def rademacher_embedding(weight: torch.Tensor, ids: torch.Tensor, pid: int, seed
     return out if rc == 0 else None
 
 
+def rademacher_signs(seeds, pid: int, tag: int, count: int, dtype) -> torch.Tensor | None:
+    """``[G, count]`` Rademacher signs (+-1 in ``dtype``) of elements ``[0, count)`` of stream ``tag``, per seed.
+
+    The tile kernel on a zero base with unit scales: ``0 + (+-1)`` is the sign exactly. Registered as
+    :mod:`zo_fx.streams.layout`'s signs provider (low-rank factors). None when the kernel cannot run.
+    """
+    lib = library()
+    if lib is None or dtype not in DTYPE_CODES or len(seeds) > MAX_SEEDS or _tracing():
+        return None
+    groups = len(seeds)
+    out = torch.empty(groups, count, dtype=dtype)
+    if out.numel() == 0:
+        return out
+    words = [layout.seed_words(s) for s in seeds]
+    base = torch.zeros(count, dtype=dtype)
+    rc = lib.zo_rademacher_tiles(DTYPE_CODES[dtype], _ptr(base), count, 0, 0, groups, _u32([w[0] for w in words]),
+                                 _u32([w[1] for w in words]), pid, tag, groups, _i32(range(groups)),
+                                 _f64([1.0] * groups), _ptr(out), count, threads())
+    return out if rc == 0 else None
+
+
 layout.register_normals_provider(normals_from_words)  # eager CPU Gaussian values are the kernel's too
+layout.register_signs_provider(rademacher_signs)  # low-rank factors in one call instead of a few hundred ops
 
 __all__ = ["available", "enabled", "gaussian_values", "info", "library", "normals_from_words", "perturbed_tiles",
-           "rademacher_embedding", "threads", "update_", "usable"]
+           "rademacher_embedding", "rademacher_signs", "threads", "update_", "usable"]
