@@ -206,17 +206,24 @@ def test_a_classification_readout_perturbs_only_the_label_rows_exactly():
 
 def test_the_factor_cache_returns_the_generated_factors_and_stays_bounded(monkeypatch):
     from zo_fx.kernels import lowrank
+    from zo_fx.kernels._slab_cache import SlabCache
     from zo_fx.streams.layout import lowrank_factors
 
-    monkeypatch.setattr(lowrank, "FACTOR_CACHE_ENTRIES", 3)
-    monkeypatch.setattr(lowrank, "_factor_cache", type(lowrank._factor_cache)())
-    for pid in range(5):
+    slab = 4096  # bytes: each set below (two factors of 2 x 6 x 2 and 2 x 4 x 2 float32) takes 192 of them
+    monkeypatch.setattr(lowrank, "_factor_cache", SlabCache(budget_bytes=2 * slab, slab_bytes=slab))
+    for pid in range(50):
         a, b = lowrank.factors([7, 9], pid, (6, 4), 2, torch.float32, "cpu")
         fresh = lowrank_factors([7, 9], pid, (6, 4), 2)
         assert torch.equal(a, fresh[0]) and torch.equal(b, fresh[1])
-    assert len(lowrank._factor_cache) == 3
-    again = lowrank.factors([7, 9], 4, (6, 4), 2, torch.float32, "cpu")
-    assert again[0] is lowrank.factors([7, 9], 4, (6, 4), 2, torch.float32, "cpu")[0]
+    cache = lowrank._factor_cache
+    assert cache.slabs() == 2 and 0 < len(cache) <= 2 * slab // 192  # whole slabs evicted, oldest first
+    assert cache.get(((7, 9), 0, (6, 4), 2, torch.float32, "cpu", False)) is None
+    again = lowrank.factors([7, 9], 49, (6, 4), 2, torch.float32, "cpu")
+    assert again[0] is lowrank.factors([7, 9], 49, (6, 4), 2, torch.float32, "cpu")[0]
+    storages = {t.untyped_storage().data_ptr() for key in list(cache._entries) for t in cache.get(key)}
+    assert len(storages) == 2  # the kept factors live in the two slabs, not in allocations of their own
+    big = lowrank.factors([7, 9], 0, (300, 200), 2, torch.float32, "cpu")  # over a quarter slab: not kept
+    assert torch.equal(big[0], lowrank_factors([7, 9], 0, (300, 200), 2)[0]) and len(cache) <= 2 * slab // 192
 
 
 # ---------------------------------------------------------------- lazy factors (LOZO)

@@ -20,38 +20,34 @@ parameter used through a reshape is perturbed densely in its stored shape by
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 import torch.nn.functional as F
 
 from zo_fx.streams.layout import inv_sqrt_rank, lowrank_factors
 
 from ._chunks import accumulation_dtype
+from ._slab_cache import SlabCache
 
 #: elements of one update tile (rows x columns): the scratch a low-rank update holds
 TILE_NUMEL = 1 << 20
-#: factor sets kept for reuse (one per matrix and group table): every decoding step of a ``generate``
-#: call, and every forward of a step, asks for the same factors; (m + n) * r * G values each, small
-FACTOR_CACHE_ENTRIES = 4096
-_factor_cache: OrderedDict = OrderedDict()
+#: bytes of factor sets kept for reuse (one set per matrix and group table): every decoding step of a
+#: ``generate`` call, and the forward and the update of a step, ask for the same factors
+FACTOR_CACHE_BYTES = 256 << 20
+_factor_cache = SlabCache(FACTOR_CACHE_BYTES)
 
 
 def factors(seeds, pid: int, shape, rank: int, dtype, device, lazy: bool = False):
-    """``lowrank_factors`` of these seeds, kept in a bounded LRU cache (a pure function of its key).
+    """``lowrank_factors`` of these seeds, kept in a bounded cache (a pure function of its key).
 
-    The returned tensors are shared between callers: never write into them.
+    The cache packs the factors into a few large slabs (:mod:`._slab_cache` says why). The returned
+    tensors are shared between callers: never write into them.
     """
     key = (tuple(int(s) for s in seeds), int(pid), tuple(shape), int(rank), dtype, str(device), bool(lazy))
     hit = _factor_cache.get(key)
     if hit is not None:
-        _factor_cache.move_to_end(key)
         return hit
     made = lowrank_factors(list(key[0]), pid, shape, rank, dtype=dtype, device=device, lazy=lazy)
-    _factor_cache[key] = made
-    if len(_factor_cache) > FACTOR_CACHE_ENTRIES:
-        _factor_cache.popitem(last=False)
-    return made
+    return _factor_cache.put(key, made)
 
 
 def is_matrix(param: torch.Tensor) -> bool:
