@@ -8,6 +8,7 @@ output): the model's initialisation seed, the batch's seed and each group table,
 failure can be rerun exactly as it happened.
 """
 
+import math
 import random
 import zlib
 
@@ -371,19 +372,26 @@ def test_bad_arguments():
         zo_fx.zo_compile(frozen, batch)
 
 
-def test_head_is_fused_into_the_loss_one_group_at_a_time():
-    """No tensor holds the logits of all groups at once; the result equals the unfused graph."""
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian", "lowrank:2"])
+def test_the_head_runs_a_few_groups_at_a_time_within_its_logits_budget(kind, monkeypatch):
+    """No tensor holds more logits than the budget allows; the result equals the unfused graph."""
+    from zo_fx import ops
+
     model, batch = _model(tiny_llama), _batch()
     groups, (b, t), vocab = 5, batch["input_ids"].shape, model.config.vocab_size
-    table = _group_table(list(range(groups)), [0.0, 1.0, -1.0, 0.5, 2.0], 1e-3)
+    table = _group_table(list(range(groups)), [0.0, 1.0, -1.0, 0.5, 2.0], 1e-3, kind)
     fused = zo_fx.zo_compile(model, batch)
     assert fused.head is not None and fused.head.weight == "model.embed_tokens.weight"
-    result = {}
-    shapes = _shapes_allocated(lambda: result.setdefault("losses", fused.group_losses(batch, table)))
-    got = result["losses"]
-    assert (groups * b, t, vocab) not in shapes and (b, t, vocab) in shapes
     unfused = zo_fx.zo_compile(model, batch, fuse_head=False).group_losses(batch, table)
-    assert_rel_close(got, unfused, REL_TOL)
+    per_group = b * t * vocab * 8  # float64 logits of one group
+    for allowed in (1, 2, groups):
+        monkeypatch.setattr(ops, "head_logits_budget", lambda weight, n=allowed: n * per_group)
+        result = {}
+        shapes = _shapes_allocated(lambda: result.setdefault("losses", fused.group_losses(batch, table)))
+        rows = [math.prod(s[:-1]) for s in shapes if s and s[-1] == vocab]
+        logits = [r * vocab for r in rows if r % (b * t) == 0]  # not the head's own [D, V] view
+        assert max(logits) == allowed * b * t * vocab, f"{allowed} group(s) per head call"
+        assert_rel_close(result["losses"], unfused, REL_TOL, what=f"{allowed} group(s) per head call")
 
 
 def test_classification_reads_out_only_label_word_rows():

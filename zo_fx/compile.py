@@ -16,7 +16,7 @@ import torch
 from .kernels.dispatch import check_impl
 from .kernels.perturb import perturbed
 from .losses import LossFn, default_loss
-from .ops import head_logits, head_readout
+from .ops import head_calls, head_readout
 from .passes.capture import DEFAULT_LOSS_KEYS, CapturedModel, ExportFailedError, capture, live_inputs, model_input_keys
 from .passes.outputs import check_output_mode
 from .passes.outputs import describe as describe_outputs
@@ -168,7 +168,12 @@ class ZOModule:
         return losses.view(table.groups, batch_size)
 
     def _head_losses(self, batch: dict, table: GroupTable, batch_size: int) -> torch.Tensor:
-        """Run the graph up to the head, then each group's head and loss in turn (one group's logits alive)."""
+        """Run the graph up to the head, then the head and the loss a few groups at a time.
+
+        As many groups share one head call as keep their logits within :func:`zo_fx.ops.head_logits_budget`
+        (one group at a time for a large vocabulary over many rows, every group at once for a few
+        rows): the head's weight is read once per call, and the logits never outgrow it.
+        """
         hidden = self._run(batch, table, headless=True)
         head = self.head
         params = self.captured.params
@@ -181,20 +186,20 @@ class ZOModule:
             rows = torch.arange(batch_size, device=hidden.device)
         out = []
         with torch.no_grad():
-            for g, h in enumerate(hidden.chunk(table.groups, dim=0)):
-                seed, scale = table.seeds[g], table.scales[g]
-                if readout:
-                    logits = head_readout(h[rows, positions], weight, bias, w_pid, b_pid, seed, scale, table.kind,
-                                          head.layout, token_ids)
+            if readout:
+                for g, h in enumerate(hidden.chunk(table.groups, dim=0)):
+                    logits = head_readout(h[rows, positions], weight, bias, w_pid, b_pid, table.seeds[g],
+                                          table.scales[g], table.kind, head.layout, token_ids)
                     out.append(self.loss_fn.from_readout(logits, batch))
-                    continue
-                logits = head_logits(h, weight, bias, w_pid, b_pid, seed, scale, table.kind, head.layout)
+                return torch.cat(out)
+            for g0, g1, logits in head_calls(hidden, weight, bias, w_pid, b_pid, table, head.layout):
                 if head.out_dtype is not None:
                     logits = logits.to(head.out_dtype)
                 outputs = self.captured.outputs.rebuild((logits,)) if self.captured.outputs else logits
-                losses = self.loss_fn(outputs, batch)
-                check_per_example(losses, 1, batch_size)
-                out.append(losses)
+                chunk_batch = batch if g1 - g0 == 1 else repeat_batch(batch, g1 - g0, batch_size)
+                losses = self.loss_fn(outputs, chunk_batch)
+                check_per_example(losses, g1 - g0, batch_size)
+                out.append(losses.reshape(-1))
                 del logits, outputs
         return torch.cat(out)
 

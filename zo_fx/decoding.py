@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .checks import check_int, check_real
-from .ops import head_logits
+from .ops import head_calls
 from .passes.capture import capture, live_inputs
 from .passes.readout import cut_head
 from .passes.rewrite import rewrite
@@ -242,9 +242,8 @@ class Decoder:
         weight, bias = params[head.weight], params[head.bias] if head.bias else None
         pids = self.zm.pids
         rows = []
-        for g, h in enumerate(last.chunk(table.groups, dim=0)):
-            logits = head_logits(h, weight, bias, pids.get(head.weight), pids.get(head.bias) if head.bias else None,
-                                 table.seeds[g], table.scales[g], table.kind, head.layout)
+        b_pid = pids.get(head.bias) if head.bias else None
+        for _, _, logits in head_calls(last, weight, bias, pids.get(head.weight), b_pid, table, head.layout):
             if head.out_dtype is not None:
                 logits = logits.to(head.out_dtype)
             rows.append(logits.float())

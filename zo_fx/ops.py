@@ -233,6 +233,69 @@ def head_logits(x: torch.Tensor, weight, bias, w_pid, b_pid, seed: int, scale: f
     return y[0].view(*x.shape[:-1], y.shape[-1])
 
 
+#: the logits of one head call may take this much memory even where the head's weight is smaller
+HEAD_LOGITS_MIN_BYTES = 64 << 20
+
+
+def head_logits_budget(weight: torch.Tensor) -> int:
+    """Bytes the logits of one head call may take: the head's weight size, at least HEAD_LOGITS_MIN_BYTES.
+
+    The step already holds the weight, so logits of its size at most keep the step's memory at the
+    inference level; a head larger than its logits per group (a large vocabulary over a few rows)
+    is then read once for several groups instead of once per group.
+    """
+    return max(HEAD_LOGITS_MIN_BYTES, weight.numel() * weight.element_size())
+
+
+def groups_per_head_call(groups: int, hidden: torch.Tensor, weight: torch.Tensor, layout: str) -> int:
+    """How many groups share one head call: as many as keep their logits within :func:`head_logits_budget`."""
+    rows = hidden.numel() // max(1, hidden.shape[-1]) // max(1, groups)
+    n_out = weight.shape[0] if layout == "out_in" else weight.shape[1]
+    per_group = rows * n_out * max(weight.element_size(), 4)  # float32 logits at least
+    return max(1, min(groups, head_logits_budget(weight) // max(1, per_group)))
+
+
+def head_calls(hidden: torch.Tensor, weight, bias, w_pid, b_pid, table, layout: str):
+    """``(g0, g1, logits of groups g0..g1-1)`` over the groups of ``table``, as many per call as
+    :func:`groups_per_head_call` allows; ``hidden`` holds every group's rows group-major along dim 0."""
+    per_call = groups_per_head_call(table.groups, hidden, weight, layout)
+    rows = hidden.shape[0] // table.groups
+    for g0 in range(0, table.groups, per_call):
+        g1 = min(table.groups, g0 + per_call)
+        yield g0, g1, grouped_head_logits(hidden[g0 * rows : g1 * rows], weight, bias, w_pid, b_pid,
+                                          list(table.seeds[g0:g1]), list(table.scales[g0:g1]), table.kind, layout)
+
+
+def grouped_head_logits(x: torch.Tensor, weight, bias, w_pid, b_pid, seeds: list[int], scales: list[float], kind: str,
+                        layout: str) -> torch.Tensor:
+    """Several groups' output heads at once: ``x`` holds their rows group-major along dim 0.
+
+    One read of the head's weight serves every group of the call (a large vocabulary's head is
+    the model's largest matrix: per group, it would be read G times), each distinct direction
+    is generated once, and the groups' rows share one GEMM where the kind allows it (low-rank,
+    a frozen head). Returns ``[G * B, ..., V]`` in ``x``'s order.
+    """
+    groups = len(seeds)
+    if groups == 1 or x.dim() < 2:
+        return torch.cat([head_logits(h, weight, bias, w_pid, b_pid, seeds[g], scales[g], kind, layout)
+                          for g, h in enumerate(x.chunk(groups, dim=0))])
+    n_out = weight.shape[0] if layout == "out_in" else weight.shape[1]
+    xs = x.reshape(groups, -1, x.shape[-1])
+    if is_lowrank(kind):
+        if w_pid is not None:
+            y = lowrank.grouped_linear(xs, weight, seeds, scales, w_pid, rank_of(kind), groups, False, 0, layout,
+                                       is_lazy(kind))
+            _add_group_bias(y, bias, b_pid, seeds, scales, element_kind(kind))
+            return y.view(*x.shape[:-1], n_out)
+        kind = element_kind(kind)
+    if not blocked.supports(weight, layout, x, bias) or scaling.applies(w_pid, b_pid):
+        return torch.cat([head_logits(h, weight, bias, w_pid, b_pid, seeds[g], scales[g], kind, layout)
+                          for g, h in enumerate(x.chunk(groups, dim=0))])
+    y = blocked.blocked_grouped_matmul(xs, weight, w_pid, seeds, scales, kind, layout, shared_input=False)
+    _add_group_bias(y, bias, b_pid, seeds, scales, kind)
+    return y.view(*x.shape[:-1], n_out)
+
+
 def head_readout(x_rows: torch.Tensor, weight, bias, w_pid, b_pid, seed: int, scale: float, kind: str,
                  layout: str, token_ids: torch.Tensor) -> torch.Tensor:
     """One group's logits of ``token_ids`` only: the head's rows for those tokens, perturbed there only."""
