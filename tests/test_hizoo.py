@@ -21,6 +21,7 @@ from explicit import explicit_group_losses
 from model_zoo import causal_batch, tiny_gpt2, tiny_llama, tiny_lora_llama
 
 import zo_fx
+from zo_fx.kernels import blocked
 from zo_fx.kernels.scaling import scaled_directions
 from zo_fx.optim import load_checkpoint, save_checkpoint
 from zo_fx.optim.base import direction_seed
@@ -35,7 +36,13 @@ def _random_curvature(zm, seed=0):
 
 
 @pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2, tiny_lora_llama])
-def test_scaled_group_losses_equal_the_explicitly_perturbed_model(make_model):
+@pytest.mark.parametrize("tile", [None, 256])
+def test_scaled_group_losses_equal_the_explicitly_perturbed_model(make_model, tile, monkeypatch):
+    """The blocked GEMM applies the scale tile by tile (``tile`` elements: many tiles per weight)."""
+    monkeypatch.setattr(blocked, "TILE_ELEMENTS", tile)
+    scaled_tiles = []
+    original = blocked._scaled_tiles
+    monkeypatch.setattr(blocked, "_scaled_tiles", lambda *a: scaled_tiles.append(1) or original(*a))
     model, batch = make_model(), causal_batch()
     zm = zo_fx.zo_compile(model, batch)
     rng = random.Random(1)
@@ -45,6 +52,7 @@ def test_scaled_group_losses_equal_the_explicitly_perturbed_model(make_model):
         got = zm.group_losses(batch, table)
         expected = explicit_group_losses(model, zm, batch, table)  # zm.direction is scaled here too
     assert_rel_close(got, expected, 1e-10, what=make_model.__name__)
+    assert scaled_tiles, "the scaled weights took the blocked GEMM"
     assert not torch.allclose(got, zm.group_losses(batch, table), rtol=1e-6, atol=0), "the scale reaches the loss"
 
 

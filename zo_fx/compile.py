@@ -235,7 +235,7 @@ class ZOModule:
                                 + ", ".join(self.captured.undone))
         if self.head is not None:
             how = "label-word rows at one position" if hasattr(self.loss_fn, "from_readout") else "all rows"
-            report.notes.append(f"output head {self.head.weight} fused into the loss, one group at a time ({how})")
+            report.notes.append(f"output head {self.head.weight} fused into the loss, a few groups per call ({how})")
         if self._decoder is not None:
             report.notes.append(self._decoder.describe())
         return report

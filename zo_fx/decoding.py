@@ -6,7 +6,7 @@ tensors of a step are *grouped* (G slices of G*B rows, group-major): the model i
 once more for decoding (with ``position_ids`` where the forward takes them, computed from
 the attention mask as Hugging Face ``generate`` does for left-padded prompts) and rewritten
 with grouped inputs. Each step runs the graph up to the output head on the whole sequence
-and the head at the last position only, one group at a time.
+and the head at the last position only, every group in one call while their logits fit (`ops.head_calls`).
 
 Models that cannot be captured with a KV cache decode **without one**: step t re-runs the prompt and the t-1
 tokens before it, so a completion of n tokens costs about ``n * (T + n/2)`` token positions

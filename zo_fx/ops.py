@@ -33,6 +33,7 @@ from torch.utils import _pytree as pytree
 
 from . import kernels
 from .kernels import blocked, lowrank, scaling
+from .kernels._chunks import accumulation_dtype
 from .kernels.dispatch import pick
 from .kernels.linear import perturbed_linear
 from .kernels.perturb import perturbed_groups, perturbed_or_base
@@ -133,7 +134,7 @@ def grouped_linear(
                                weight_layout, weight_shape)
     if weight_shape is not None:
         weight = weight.view(weight_shape)
-    # a per-element direction scale (HiZOO) is applied by the per-group torch path alone
+    # a per-element direction scale (HiZOO) is applied by the blocked and the per-group torch paths
     fused = not scaling.applies(w_pid, b_pid)
     kernel = _kernel(impl, "grouped_linear", x, weight, bias) if fused else None
     if kernel is not None and x.dim() >= 2 and out_dim == 0:
@@ -144,11 +145,11 @@ def grouped_linear(
         if shared:
             lead[0] = lead[0] * groups
         return y.reshape(*lead, y.shape[-1])
-    if fused and out_dim == 0 and x.dim() >= 2 and blocked.supports(weight, weight_layout, x, bias):
+    if out_dim == 0 and x.dim() >= 2 and blocked.supports(weight, weight_layout, x, bias):
         k = x.shape[-1]
         xs = x.reshape(-1, k) if shared else x.reshape(groups, -1, k)
         y = blocked.blocked_grouped_matmul(xs, weight, w_pid, seed_list, scale_list, kind, weight_layout,
-                                           shared_input=shared)
+                                           shared_input=shared, factor=_direction_factor(weight, w_pid))
         _add_group_bias(y, bias, b_pid, seed_list, scale_list, kind)
         lead = list(x.shape[:-1])
         lead[0] *= groups if shared else 1
@@ -200,6 +201,11 @@ def _lowrank_linear(x, weight, bias, w_pid, b_pid, seeds: list[int], scales: lis
     return y.reshape(*moved[:-1], y.shape[-1]).movedim(0, x_bdim)
 
 
+def _direction_factor(weight: torch.Tensor, w_pid) -> torch.Tensor | None:
+    """The weight's per-element direction scale (HiZOO's ``1 / sqrt(H)``) when one is active now, else None."""
+    return scaling.factor_for(w_pid, accumulation_dtype(weight.dtype))
+
+
 def _add_group_bias(y: torch.Tensor, bias, b_pid, seeds: list[int], scales: list[float], kind: str) -> None:
     """``y[g] += b_g`` for a ``[G, rows, N]`` product: the perturbed biases from one generator call."""
     if bias is None:
@@ -225,10 +231,11 @@ def head_logits(x: torch.Tensor, weight, bias, w_pid, b_pid, seed: int, scale: f
             _add_group_bias(y, bias, b_pid, [seed], [scale], element_kind(kind))
             return y[0].view(*x.shape[:-1], y.shape[-1])
         kind = element_kind(kind) if w_pid is None else kind
-    if x.dim() < 2 or not blocked.supports(weight, layout, x, bias) or scaling.applies(w_pid, b_pid):
+    if x.dim() < 2 or not blocked.supports(weight, layout, x, bias):
         return perturbed_linear(x, weight, bias, w_pid, b_pid, seed, scale, kind, layout)
     rows = x.reshape(-1, x.shape[-1])
-    y = blocked.blocked_grouped_matmul(rows, weight, w_pid, [seed], [scale], kind, layout, shared_input=True)
+    y = blocked.blocked_grouped_matmul(rows, weight, w_pid, [seed], [scale], kind, layout, shared_input=True,
+                                       factor=_direction_factor(weight, w_pid) if scale != 0.0 else None)
     _add_group_bias(y, bias, b_pid, [seed], [scale], kind)
     return y[0].view(*x.shape[:-1], y.shape[-1])
 
@@ -288,10 +295,12 @@ def grouped_head_logits(x: torch.Tensor, weight, bias, w_pid, b_pid, seeds: list
             _add_group_bias(y, bias, b_pid, seeds, scales, element_kind(kind))
             return y.view(*x.shape[:-1], n_out)
         kind = element_kind(kind)
-    if not blocked.supports(weight, layout, x, bias) or scaling.applies(w_pid, b_pid):
+    if not blocked.supports(weight, layout, x, bias):
         return torch.cat([head_logits(h, weight, bias, w_pid, b_pid, seeds[g], scales[g], kind, layout)
                           for g, h in enumerate(x.chunk(groups, dim=0))])
-    y = blocked.blocked_grouped_matmul(xs, weight, w_pid, seeds, scales, kind, layout, shared_input=False)
+    moved = any(s != 0.0 for s in scales)
+    y = blocked.blocked_grouped_matmul(xs, weight, w_pid, seeds, scales, kind, layout, shared_input=False,
+                                       factor=_direction_factor(weight, w_pid) if moved else None)
     _add_group_bias(y, bias, b_pid, seeds, scales, kind)
     return y.view(*x.shape[:-1], n_out)
 

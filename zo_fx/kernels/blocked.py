@@ -38,6 +38,7 @@ from zo_fx.streams.layout import (
     normals_from_columns,
     per_block,
     philox_block_words,
+    sample,
     sign_bits_from_words,
 )
 
@@ -181,6 +182,20 @@ def _perturbed_tiles_torch(base, scales, which, block0, seed_lo, seed_hi, pid, t
     return (b + s * u[which]).to(base.dtype)
 
 
+def _scaled_tiles(base, factor, scales, which, seeds, pid: int, start: int, kind: str) -> torch.Tensor:
+    """``[G', n]``: ``base + scales[i] * (factor * u(seeds[which[i]]))`` on one tile, each distinct seed made once.
+
+    The per-element scale of :mod:`zo_fx.kernels.scaling`, with the roundings of the per-group path
+    (``perturb._scaled``): the values in ``factor``'s dtype, times the factor, times the scale, plus the
+    base, rounded once to the weight's dtype.
+    """
+    n = base.numel()
+    acc = factor.dtype
+    u = torch.stack([sample(seed, pid, start, n, kind, dtype=acc) for seed in seeds])
+    v = factor.unsqueeze(0) * u
+    return (base.to(acc).unsqueeze(0) + scales.to(acc).unsqueeze(1) * v[which]).to(base.dtype)
+
+
 def tile_rows(rows: int, cols: int, kind: str, tile: int) -> int:
     """Stored rows per tile: about ``tile`` elements, and every tile starts on a Philox block."""
     pb = per_block(kind)
@@ -214,6 +229,7 @@ def blocked_grouped_matmul(
     *,
     shared_input: bool,
     tile: int | None = None,
+    factor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[G, R, N]``: group g's rows times ``W + scales[g] * U(seeds[g])`` (no bias).
 
@@ -224,6 +240,10 @@ def blocked_grouped_matmul(
         w_pid: the weight's stream id; None for a frozen weight (every group plain).
         seeds, scales: one per group; a zero scale is the plain weight.
         tile: elements per tile; default :func:`tile_elements` for the moved groups.
+        factor: a per-element direction scale shaped like ``weight`` in the accumulation dtype
+            (HiZOO's ``1 / sqrt(H)``, :mod:`zo_fx.kernels.scaling`): group g's tile is then
+            ``W + scales[g] * (factor * U(seeds[g]))``, rounded as :func:`zo_fx.kernels.perturb.perturbed`
+            rounds it.
     """
     kind = check_kind(kind)
     groups = len(seeds)
@@ -259,7 +279,11 @@ def blocked_grouped_matmul(
         base = flat[r0 * cols_w : r1 * cols_w]
         block0 = torch.tensor(r0 * cols_w // pb, dtype=torch.int64, device=x.device)
         buffer = None if scratch is None else scratch[: len(moved) * base.numel()].view(len(moved), base.numel())
-        tiles = _perturbed_tiles(base, scale_t, which, block0, lo, hi, pid_t, tag, kind, buffer)
+        if factor is None:
+            tiles = _perturbed_tiles(base, scale_t, which, block0, lo, hi, pid_t, tag, kind, buffer)
+        else:
+            tiles = _scaled_tiles(base, factor.reshape(-1)[r0 * cols_w : r1 * cols_w], scale_t, which, distinct,
+                                  w_pid, r0 * cols_w, kind)
         if scratch is None and tiles.is_contiguous():
             scratch = tiles.view(-1)
         tiles = tiles.view(len(moved), r1 - r0, cols_w)

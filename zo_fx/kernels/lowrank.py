@@ -96,7 +96,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, seeds, scales, w_pid: 
     # output-sized temporary per term and no separate pass to add it
     if shared:
         t = (rows @ p.permute(1, 0, 2).reshape(k, -1)).view(rows.shape[0], groups, rank).transpose(0, 1)
-        if groups == 1:  # the fused output head, one group at a time: the base product is this group's
+        if groups == 1:  # one group (a head call of one group): the base product is this group's
             return base.addmm_(t[0], q[0].t()).unsqueeze(0)
         return torch.baddbmm(base.unsqueeze(0).expand(groups, *base.shape), t, q.transpose(1, 2))
     return base.baddbmm_(torch.bmm(rows, p), q.transpose(1, 2))

@@ -3,11 +3,11 @@
 A diagonal preconditioner makes every element's step its own size, so the perturbed
 copies are ``theta + s_g * d * u(seed_g)`` with ``d = 1 / sqrt(H)`` a stored tensor per
 parameter. The rewritten graph does not change: the torch paths that form a perturbation
-(a per-group weight, a looked-up embedding row, the output head's rows, a small
-parameter's copies) multiply the generated values by ``d`` when :func:`scaled_directions`
-is active for that parameter, and the paths that generate inside a fused kernel (the
-blocked GEMM, the Triton kernels, low-rank factors) step aside for the per-group torch
-path, which has the scaled values exactly.
+(a per-group weight, the blocked GEMM's tiles, a looked-up embedding row, the output head's
+rows, a small parameter's copies) multiply the generated values by ``d`` when
+:func:`scaled_directions` is active for that parameter, and the paths that generate inside a
+fused kernel (the Triton kernels, the native tile kernel, low-rank factors) step aside for
+one of those, which have the scaled values exactly.
 
 Every parameter given a scale must be perturbed through one of those paths during the
 forward: :meth:`DirectionScaling.check_all_applied` fails loudly when one was not, so a

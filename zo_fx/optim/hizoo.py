@@ -18,8 +18,9 @@ and a low-rank ``A B^T`` scaled element by element is no longer low rank, so bot
 
 Memory: ``H`` is one float32 tensor per trainable parameter (float64 for float64 ones), stored and
 checkpointed (``state.safetensors``): the weights' size once more in float32. During the forward each
-perturbed use of a parameter forms ``1 / sqrt(H)`` of it transiently, and the scaled parameters take
-the per-group torch path (no blocked or Triton GEMM). What a bit-exact replay needs: every record
+perturbed use of a parameter forms ``1 / sqrt(H)`` of it transiently; a scaled weight takes the
+blocked GEMM on CPU (the scaled direction made tile by tile, one read of the weight for the three
+groups) or the per-group torch path (no Triton GEMM). What a bit-exact replay needs: every record
 (seed, ``p``, ``c``, lr) from the first, ``alpha`` and the weight decay; ``H`` is rebuilt as the run
 built it, so replay starts at record 0.
 """
