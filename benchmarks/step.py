@@ -14,6 +14,9 @@ Methods (``--methods``, comma separated; default all), with their forward passes
 * ``zo_fx_mezo`` (2): ``zo_fx.MeZO(zm, kind="gaussian").step(batch)``
 * ``zo_fx_adamezo`` (2): ``zo_fx.AdaMeZO(zm, horizon=K).step(batch)``, timed after K un-timed steps
   have filled its window (before that it runs plain MeZO steps)
+* ``zo_fx_hizoo`` (3), ``zo_fx_zoadam`` (2), ``zo_fx_zosgd_momentum`` (2), ``zo_fx_es`` (2 * (N // 2)):
+  the other estimators of the registry at their defaults (Gaussian directions; ES with N // 2
+  antithetic pairs)
 * ``reference_fzoo`` (N+1), ``reference_mezo`` (2): the algorithms as the reference code runs them
   (``reference.py``)
 * ``adam`` (1): an AdamW backprop step, forward+backward counted as one pass
@@ -86,7 +89,8 @@ from reference import adam_step, floor_forward, reference_fzoo_step, reference_m
 from zo_fx.finetune.model import LORA_ALPHA, LORA_RANK  # noqa: E402
 from zo_fx.models import load_model, synthetic_batch  # noqa: E402
 
-ZO_FX_METHODS = ("zo_fx_fzoo", "zo_fx_fzoo_lowrank1", "zo_fx_fzoo_lowrank4", "zo_fx_mezo", "zo_fx_adamezo")
+ZO_FX_METHODS = ("zo_fx_fzoo", "zo_fx_fzoo_lowrank1", "zo_fx_fzoo_lowrank4", "zo_fx_mezo", "zo_fx_adamezo",
+                 "zo_fx_hizoo", "zo_fx_zoadam", "zo_fx_zosgd_momentum", "zo_fx_es")
 METHODS = (*ZO_FX_METHODS, "reference_fzoo", "reference_mezo", "adam", "floor", "floor_per_copy")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FLOORS = ("floor", "floor_per_copy")
@@ -209,6 +213,10 @@ def forward_passes(name: str, n_directions: int) -> int:
     """Forward passes over B examples per step (adam: forward+backward counted as one)."""
     if name.startswith("zo_fx_fzoo") or name in ("reference_fzoo", "floor", "floor_per_copy"):
         return n_directions + 1
+    if name == "zo_fx_es":  # N/2 antithetic pairs
+        return 2 * (n_directions // 2)
+    if name == "zo_fx_hizoo":  # theta, theta + eps u, theta - eps u
+        return 3
     return 1 if name == "adam" else 2
 
 
@@ -224,7 +232,8 @@ def _build_step(
         compile_s = time.perf_counter() - t
         method, _, rank = name.removeprefix("zo_fx_").partition("_lowrank")
         extra = {"fzoo": {"n_directions": n}, "mezo": {"kind": "gaussian"},
-                 "adamezo": {"horizon": args.adamezo_horizon}}[method]
+                 "adamezo": {"horizon": args.adamezo_horizon}, "hizoo": {}, "zoadam": {"kind": "gaussian"},
+                 "zosgd_momentum": {"kind": "gaussian"}, "es": {"n_directions": n // 2}}[method]
         if rank:
             extra = {**extra, "kind": "lowrank", "rank": int(rank)}
         opt = api["build_optimizer"](method, zm, lr=lr, eps=eps, seed=0, **extra)
@@ -364,6 +373,7 @@ def run_method(
 
     With ``report``, a zo_fx method also records the head of ``zm.report()`` (after the measurements).
     """
+    _drop_zo_fx_caches()  # what an earlier method (or caller) cached is not this method's memory
     model = copy.deepcopy(master).to(args.device)
     step, facts = _build_step(name, model, batch, args)
     bar.set_description(name)
@@ -407,6 +417,13 @@ def run_method(
     if args.device == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def _drop_zo_fx_caches() -> None:
+    if "zo_fx" in sys.modules:
+        from zo_fx.kernels import lowrank
+
+        lowrank.clear_factor_cache()
 
 
 def _error(e: BaseException) -> str:

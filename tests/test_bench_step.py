@@ -40,6 +40,8 @@ SETTINGS_KEYS |= {"torch", "transformers", "zo_fx", "peak_mem_measure", "floor_r
 # forward passes per step at N=2
 FORWARDS = dict(zo_fx_fzoo=3, reference_fzoo=3, floor=3, floor_per_copy=3)
 FORWARDS |= dict(zo_fx_mezo=2, zo_fx_adamezo=2, reference_mezo=2, adam=1)
+FORWARDS |= dict(zo_fx_fzoo_lowrank1=3, zo_fx_fzoo_lowrank4=3, zo_fx_hizoo=3, zo_fx_zoadam=2, zo_fx_zosgd_momentum=2,
+                 zo_fx_es=2)  # ES: N // 2 = 1 antithetic pair
 
 
 def _smoke(tmp_path, methods):

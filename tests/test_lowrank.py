@@ -210,7 +210,8 @@ def test_the_factor_cache_returns_the_generated_factors_and_stays_bounded(monkey
     from zo_fx.streams.layout import lowrank_factors
 
     slab = 4096  # bytes: each set below (two factors of 2 x 6 x 2 and 2 x 4 x 2 float32) takes 192 of them
-    monkeypatch.setattr(lowrank, "_factor_cache", SlabCache(budget_bytes=2 * slab, slab_bytes=slab))
+    monkeypatch.setattr(lowrank, "_factor_cache", SlabCache(budget_bytes=2 * slab, slab_bytes=slab,
+                                                            first_slab_bytes=slab))
     for pid in range(50):
         a, b = lowrank.factors([7, 9], pid, (6, 4), 2, torch.float32, "cpu")
         fresh = lowrank_factors([7, 9], pid, (6, 4), 2)
@@ -224,6 +225,20 @@ def test_the_factor_cache_returns_the_generated_factors_and_stays_bounded(monkey
     assert len(storages) == 2  # the kept factors live in the two slabs, not in allocations of their own
     big = lowrank.factors([7, 9], 0, (300, 200), 2, torch.float32, "cpu")  # over a quarter slab: not kept
     assert torch.equal(big[0], lowrank_factors([7, 9], 0, (300, 200), 2)[0]) and len(cache) <= 2 * slab // 192
+
+
+def test_cache_slabs_start_small_and_double_up_to_the_largest():
+    from zo_fx.kernels._slab_cache import SlabCache
+
+    cache = SlabCache(budget_bytes=1 << 16, slab_bytes=1 << 14, first_slab_bytes=1 << 12)
+    for i in range(200):
+        cache.put(i, (torch.full((240,), float(i)),))  # 960 bytes, 1024 with the alignment
+    sizes = [storage.numel() for storage, _ in cache._slabs.values()]
+    assert sizes[-1] == 1 << 14 and cache.nbytes() <= 1 << 16
+    assert torch.equal(cache.get(199)[0], torch.full((240,), 199.0)) and cache.get(0) is None
+    fresh = SlabCache(budget_bytes=1 << 16, slab_bytes=1 << 14, first_slab_bytes=1 << 12)
+    fresh.put("a", (torch.zeros(10),))
+    assert fresh.nbytes() == 1 << 12  # a small model's cache stays small
 
 
 # ---------------------------------------------------------------- lazy factors (LOZO)

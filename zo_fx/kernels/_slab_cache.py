@@ -9,9 +9,11 @@ and stayed flat without them. Copying each cached tensor into a slab of :data:`S
 (allocated whole, so the allocator maps it apart from the heap) keeps the heap free to shrink,
 and evicting a whole slab at a time returns its memory at once.
 
-Eviction is by slab, oldest first, when the slabs together would pass the byte budget; a hit
-moves nothing (the entry stays where it was copied). Entries larger than a quarter slab are
-returned as made and not kept: they are large enough for the allocator to map on their own.
+Slabs start at :data:`FIRST_SLAB_BYTES` and double up to :data:`SLAB_BYTES`, so a small model's
+cache stays small. Eviction is by slab, oldest first, when the slabs together would pass the byte
+budget; a hit moves nothing (the entry stays where it was copied). Entries larger than a quarter
+of the largest slab are returned as made and not kept: they are large enough for the allocator to
+map on their own.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from collections import OrderedDict
 
 import torch
 
-#: bytes of one slab; large enough that every allocator maps it outside its heap
+#: bytes of the largest slab; large enough that every allocator maps it outside its heap
 SLAB_BYTES = 64 << 20
+#: bytes of the first slab; each later one doubles, up to the largest
+FIRST_SLAB_BYTES = 1 << 20
 #: alignment of every entry inside a slab (a cache line; enough for every dtype and vector load)
 ALIGN = 64
 
@@ -29,10 +33,12 @@ ALIGN = 64
 class SlabCache:
     """``key -> tuple of tensors``, copied into slabs; at most ``budget_bytes`` of slabs alive."""
 
-    def __init__(self, budget_bytes: int, slab_bytes: int = SLAB_BYTES):
-        if slab_bytes <= 0 or budget_bytes < slab_bytes:
-            raise ValueError(f"the budget ({budget_bytes} bytes) must hold at least one slab of {slab_bytes} bytes")
+    def __init__(self, budget_bytes: int, slab_bytes: int = SLAB_BYTES, first_slab_bytes: int = FIRST_SLAB_BYTES):
+        if not 0 < first_slab_bytes <= slab_bytes or budget_bytes < slab_bytes:
+            raise ValueError(f"the budget ({budget_bytes} bytes) must hold at least one slab of {slab_bytes} bytes, "
+                             f"and the first slab ({first_slab_bytes} bytes) be no larger")
         self.budget_bytes, self.slab_bytes = int(budget_bytes), int(slab_bytes)
+        self._next_bytes = int(first_slab_bytes)
         self._entries: OrderedDict = OrderedDict()  # key -> (tensors, slab id)
         self._slabs: OrderedDict = OrderedDict()  # slab id -> [uint8 storage tensor, bytes used]
         self._current: dict[str, int] = {}  # device -> id of the slab new entries go to
@@ -47,6 +53,10 @@ class SlabCache:
 
     def slabs(self) -> int:
         return len(self._slabs)
+
+    def nbytes(self) -> int:
+        """Bytes of the slabs alive."""
+        return sum(storage.numel() for storage, _ in self._slabs.values())
 
     def put(self, key, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """Keep a packed copy of ``tensors`` under ``key`` and return it (or ``tensors`` when too large to keep)."""
@@ -75,12 +85,16 @@ class SlabCache:
     def _room(self, device: str, nbytes: int) -> int:
         """The id of a slab on ``device`` with ``nbytes`` free, opening one (and evicting the oldest) if needed."""
         slab_id = self._current.get(device)
-        if slab_id is not None and slab_id in self._slabs and self._slabs[slab_id][1] + nbytes <= self.slab_bytes:
-            return slab_id
-        while self._slabs and (len(self._slabs) + 1) * self.slab_bytes > self.budget_bytes:
+        if slab_id is not None and slab_id in self._slabs:
+            storage, used = self._slabs[slab_id]
+            if used + nbytes <= storage.numel():
+                return slab_id
+        size = max(self._next_bytes, 1 << max(0, nbytes - 1).bit_length())
+        self._next_bytes = min(self.slab_bytes, 2 * size)
+        while self._slabs and self.nbytes() + size > self.budget_bytes:
             self._evict_oldest()
         slab_id, self._next_id = self._next_id, self._next_id + 1
-        self._slabs[slab_id] = [torch.empty(self.slab_bytes, dtype=torch.uint8, device=device), 0]
+        self._slabs[slab_id] = [torch.empty(size, dtype=torch.uint8, device=device), 0]
         self._current[device] = slab_id
         return slab_id
 

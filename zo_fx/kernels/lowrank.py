@@ -50,6 +50,11 @@ def factors(seeds, pid: int, shape, rank: int, dtype, device, lazy: bool = False
     return _factor_cache.put(key, made)
 
 
+def clear_factor_cache() -> None:
+    """Drop every kept factor set (their slabs are freed once no caller holds a view of them)."""
+    _factor_cache.clear()
+
+
 def is_matrix(param: torch.Tensor) -> bool:
     """Whether ``param`` takes a low-rank direction (a 2-D parameter) rather than the Rademacher stream."""
     return param.dim() == 2
@@ -194,5 +199,5 @@ def adamezo_update_(param: torch.Tensor, seeds, coefs, pid: int, rank: int, lr: 
     return param
 
 
-__all__ = ["adamezo_update_", "embedding_rows", "grouped_linear", "is_matrix", "perturbed_matrix",
+__all__ = ["adamezo_update_", "clear_factor_cache", "embedding_rows", "grouped_linear", "is_matrix", "perturbed_matrix",
            "readout_rows", "update_"]
