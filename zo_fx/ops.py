@@ -283,9 +283,13 @@ def grouped_head_logits(x: torch.Tensor, weight, bias, w_pid, b_pid, seeds: list
     a frozen head). Returns ``[G * B, ..., V]`` in ``x``'s order.
     """
     groups = len(seeds)
-    if groups == 1 or x.dim() < 2:
+
+    def one_group_at_a_time():
         return torch.cat([head_logits(h, weight, bias, w_pid, b_pid, seeds[g], scales[g], kind, layout)
                           for g, h in enumerate(x.chunk(groups, dim=0))])
+
+    if groups == 1 or x.dim() < 2:
+        return one_group_at_a_time()
     n_out = weight.shape[0] if layout == "out_in" else weight.shape[1]
     xs = x.reshape(groups, -1, x.shape[-1])
     if is_lowrank(kind):
@@ -296,8 +300,7 @@ def grouped_head_logits(x: torch.Tensor, weight, bias, w_pid, b_pid, seeds: list
             return y.view(*x.shape[:-1], n_out)
         kind = element_kind(kind)
     if not blocked.supports(weight, layout, x, bias):
-        return torch.cat([head_logits(h, weight, bias, w_pid, b_pid, seeds[g], scales[g], kind, layout)
-                          for g, h in enumerate(x.chunk(groups, dim=0))])
+        return one_group_at_a_time()
     moved = any(s != 0.0 for s in scales)
     y = blocked.blocked_grouped_matmul(xs, weight, w_pid, seeds, scales, kind, layout, shared_input=False,
                                        factor=_direction_factor(weight, w_pid) if moved else None)
