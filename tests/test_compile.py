@@ -372,7 +372,7 @@ def test_bad_arguments():
         zo_fx.zo_compile(frozen, batch)
 
 
-@pytest.mark.parametrize("kind", ["rademacher", "gaussian", "lowrank:2"])
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian", "lowrank:1", "lowrank:2"])
 def test_the_head_runs_a_few_groups_at_a_time_within_its_logits_budget(kind, monkeypatch):
     """No tensor holds more logits than the budget allows; the result equals the unfused graph."""
     from zo_fx import ops

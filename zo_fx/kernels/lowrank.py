@@ -98,12 +98,20 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, seeds, scales, w_pid: 
     base = F.linear(rows, weight) if layout == "out_in" else rows @ weight
     p, q = _scaled_factors(weight, w_pid, seeds, scales, rank, x.dtype, layout, lazy)
     # the groups' terms are accumulated into the base product by the GEMM itself (beta = 1): no
-    # output-sized temporary per term and no separate pass to add it
+    # output-sized temporary per term and no separate pass to add it. At rank 1 the term is an outer
+    # product, which the GEMM libraries run as a K = 1 GEMM at a tenth of an element-wise pass's speed
+    # (measured: 2.3 ms against 0.2 ms for 9 x 384 x 1536 on 2 EPYC threads): addcmul instead.
     if shared:
         t = (rows @ p.permute(1, 0, 2).reshape(k, -1)).view(rows.shape[0], groups, rank).transpose(0, 1)
         if groups == 1:  # one group (a head call of one group): the base product is this group's
+            if rank == 1:
+                return base.addcmul_(t[0], q[0].t()).unsqueeze(0)
             return base.addmm_(t[0], q[0].t()).unsqueeze(0)
+        if rank == 1:
+            return torch.addcmul(base.unsqueeze(0), t, q.transpose(1, 2))
         return torch.baddbmm(base.unsqueeze(0).expand(groups, *base.shape), t, q.transpose(1, 2))
+    if rank == 1:
+        return base.addcmul_(torch.bmm(rows, p), q.transpose(1, 2))
     return base.baddbmm_(torch.bmm(rows, p), q.transpose(1, 2))
 
 
