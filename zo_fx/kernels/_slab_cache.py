@@ -5,9 +5,9 @@ scatters them through the allocator's heap between the step's much larger activa
 each one pins the heap around it: glibc cannot hand the freed activations back or reuse their
 space for the next, differently sized ones. Measured on the low-rank FZOO step at SmolLM2-135M
 (B=16, T=24), the process grew by 1.3 GiB per step with 4096 separately allocated factor sets
-and stayed flat without them. Copying each cached tensor into a slab of :data:`SLAB_BYTES`
-(allocated whole, so the allocator maps it apart from the heap) keeps the heap free to shrink,
-and evicting a whole slab at a time returns its memory at once.
+and stayed flat without them. Copying each cached tensor into one of a few slabs (allocated
+whole; the large ones mapped apart from the heap) keeps the heap free to shrink, and evicting a
+whole slab at a time returns its memory at once.
 
 Slabs start at :data:`FIRST_SLAB_BYTES` and double up to :data:`SLAB_BYTES`, so a small model's
 cache stays small. Eviction is by slab, oldest first, when the slabs together would pass the byte
