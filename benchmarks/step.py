@@ -44,7 +44,8 @@ Peak memory is measured in one more, un-timed step, so that instrumentation cann
 * CUDA: ``torch.cuda.max_memory_allocated()`` after a reset (the master weights stay on the CPU, so
   only this method's copy and what it allocates count).
 * CPU: bytes of every live CPU tensor storage when the step starts (found through ``gc``; the master
-  copy of the weights excluded), plus the peak of the running sum of CPU allocator events recorded
+  copy of the weights and whatever the process held before the benchmark began excluded), plus the
+  peak of the running sum of CPU allocator events recorded
   by ``torch.profiler`` (``profile_memory=True``) during the step. The allocator sees every
   ``c10`` allocation, including buffers inside ``torch.compile``-d kernels, which a
   ``TorchDispatchMode`` would miss (and under such a mode compiled code falls back to eager ops, so
@@ -657,8 +658,12 @@ def main(argv: list[str] | None = None) -> dict:
         result["settings"].update(load_average_1min_start=load_start, load_average_1min_end=os.getloadavg()[0])
         return result
     # The master copy stays on the CPU: every method gets a deepcopy on --device.
+    # what the process held before (a caller's tensors, a test session's leftovers) is no method's memory
+    _drop_zo_fx_caches()
+    gc.collect()
+    held_before = set(_live_storages("cpu", set()))
     master, _ = load_model(args.model, DTYPES[args.dtype])
-    exclude = _storage_ptrs(master)
+    exclude = _storage_ptrs(master) | held_before
     batch = {
         k: v.to(args.device)
         for k, v in synthetic_batch(master.config.vocab_size, args.batch_size, args.seq_len).items()
