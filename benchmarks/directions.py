@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import time
@@ -67,6 +68,7 @@ def _best(fn, repeats: int, min_seconds: float = 0.1) -> float:
 
 
 def cpu_model() -> str:
+    """The CPU's model name, for every benchmark's output (lscpu, then /proc/cpuinfo, then platform)."""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
         for line in out.splitlines():
@@ -74,7 +76,13 @@ def cpu_model() -> str:
                 return line.split(":", 1)[1].strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def _tile_case(n: int, groups: int, kind: str, dtype):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -37,22 +36,13 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from directions import cpu_model  # noqa: E402
 from step import _cpu_peak  # noqa: E402
 
 import zo_fx  # noqa: E402
 from zo_fx.models import load_smollm2  # noqa: E402
 from zo_fx.optim.base import direction_seed  # noqa: E402
 from zo_fx.tasks.countdown import countdown_task  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def median_seconds(fn, repeats: int) -> float:

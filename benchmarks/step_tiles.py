@@ -14,24 +14,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import platform
-import subprocess
 import time
 
 import torch
+from directions import cpu_model  # benchmarks/ is on sys.path when this runs as a script
 
 import zo_fx
 from zo_fx.kernels import blocked, native
 from zo_fx.models import load_model, synthetic_batch
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
-                    platform.processor())
-    except OSError:
-        return platform.processor()
 
 
 def main(argv=None) -> dict:
