@@ -55,10 +55,17 @@ def _field(outputs, name: str, position: int) -> torch.Tensor:
     return value
 
 
-def _token_mean(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _token_mean(logits: torch.Tensor, labels: torch.Tensor, positions: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy per example over labels != -100, of the first ``positions`` positions (default all).
+
+    The cross-entropy runs on all of ``logits`` (contiguous as the head wrote them): a sliced view of
+    a vocabulary-wide tensor would be copied whole by the reshape, and its rows' losses are the same.
+    """
     n, t, v = logits.shape
     tok = F.cross_entropy(_float(logits).reshape(n * t, v), labels.reshape(n * t), ignore_index=IGNORE_INDEX,
                           reduction="none").view(n, t)
+    if positions is not None:
+        tok, labels = tok[:, :positions], labels[:, :positions]
     valid = (labels != IGNORE_INDEX).sum(1).clamp(min=1)
     return tok.sum(1) / valid.to(tok.dtype)
 
@@ -70,7 +77,9 @@ def causal_lm_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     extra = logits.shape[1] - labels.shape[1]
     if extra > 0:  # virtual tokens prepended by prompt tuning: they have no label, as PEFT pads them
         labels = torch.cat([labels.new_full((labels.shape[0], extra), IGNORE_INDEX), labels], dim=1)
-    return _token_mean(logits[:, :-1], labels[:, 1:])
+    # position t predicts token t + 1; the last position predicts nothing (its target is ignored)
+    targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+    return _token_mean(logits, targets, positions=logits.shape[1] - 1)
 
 
 def masked_lm_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:

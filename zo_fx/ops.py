@@ -285,6 +285,8 @@ def grouped_head_logits(x: torch.Tensor, weight, bias, w_pid, b_pid, seeds: list
     groups = len(seeds)
 
     def one_group_at_a_time():
+        if groups == 1:  # no cat: it would copy a vocabulary-wide tensor
+            return head_logits(x, weight, bias, w_pid, b_pid, seeds[0], scales[0], kind, layout)
         return torch.cat([head_logits(h, weight, bias, w_pid, b_pid, seeds[g], scales[g], kind, layout)
                           for g, h in enumerate(x.chunk(groups, dim=0))])
 

@@ -314,10 +314,10 @@ def _plain_products(x, weight, out, plain: list[int], out_in: bool, shared_input
     if not plain:
         return
     w_t = weight.t() if out_in else weight
-    if shared_input:
-        y = x @ w_t
-        for g in plain:
-            out[g] = y
+    if shared_input:  # one product, written into the first plain group's slice and copied to the others
+        torch.matmul(x, w_t, out=out[plain[0]])
+        for g in plain[1:]:
+            out[g] = out[plain[0]]
         return
     if plain == list(range(plain[0], plain[-1] + 1)):
         rows = x[plain[0] : plain[-1] + 1]
