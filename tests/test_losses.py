@@ -125,6 +125,22 @@ def test_causal_lm_loss_shifts_by_one(dtype):
     assert got[3].item() == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+def test_causal_lm_loss_on_whole_logits_equals_the_sliced_formula_bit_for_bit(dtype):
+    """The loss reads the head's logits whole (the last position's target ignored) instead of a sliced
+    copy: every value must equal the cross-entropy of the slice, mean over its labels, to the bit."""
+    g = torch.Generator().manual_seed(5)
+    for n, t, v in [(1, 2, 3), (4, 7, 50), (9, 33, 257), (3, 64, 1000)]:
+        logits = (3 * torch.randn(n, t, v, generator=g)).to(dtype)
+        labels = torch.randint(0, v, (n, t), generator=g)
+        labels[torch.rand(n, t, generator=g) < 0.3] = IGNORE_INDEX
+        sliced, targets = logits[:, :-1].float() if dtype != torch.float64 else logits[:, :-1], labels[:, 1:]
+        tok = torch.nn.functional.cross_entropy(sliced.reshape(-1, v), targets.reshape(-1), reduction="none",
+                                                ignore_index=IGNORE_INDEX).view(n, t - 1)
+        want = tok.sum(1) / (targets != IGNORE_INDEX).sum(1).clamp(min=1).to(tok.dtype)
+        assert torch.equal(causal_lm_loss(logits, {"labels": labels}), want), (n, t, v)
+
+
 def test_causal_lm_loss_skips_virtual_tokens():
     """Prompt tuning prepends k virtual tokens to the logits only: they get no label."""
     g = torch.Generator().manual_seed(4)
