@@ -422,9 +422,10 @@ def run_method(
 
 def _drop_zo_fx_caches() -> None:
     if "zo_fx" in sys.modules:
-        from zo_fx.kernels import lowrank
+        from zo_fx.kernels import blocked, lowrank
 
         lowrank.clear_factor_cache()
+        blocked.clear_tile_scratch()
 
 
 def _error(e: BaseException) -> str:

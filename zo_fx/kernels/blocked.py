@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -271,9 +272,8 @@ def blocked_grouped_matmul(
     else:  # the moved groups' rows: a view when they are consecutive (FZOO's 1..N, MeZO's both)
         xs = x[moved[0] : moved[-1] + 1] if contiguous_moved else x[index]
     acc = None if out_in else torch.zeros(len(moved), r, n_out, dtype=out.dtype, device=x.device)
-    # the first (largest) tile's storage serves every later tile of the walk: the native kernel
-    # writes into it, so no tile after the first pays a fresh allocation and its page faults
-    scratch = None
+    scratch = (tile_scratch(len(moved) * min(step, rows_w) * cols_w, weight.dtype, x.device)
+               if factor is None and native.usable(weight) else None)
     for r0 in range(0, rows_w, step):
         r1 = min(rows_w, r0 + step)
         base = flat[r0 * cols_w : r1 * cols_w]
@@ -284,8 +284,6 @@ def blocked_grouped_matmul(
         else:
             tiles = _scaled_tiles(base, factor.reshape(-1)[r0 * cols_w : r1 * cols_w], scale_t, which, distinct,
                                   w_pid, r0 * cols_w, kind)
-        if scratch is None and tiles.is_contiguous():
-            scratch = tiles.view(-1)
         tiles = tiles.view(len(moved), r1 - r0, cols_w)
         if out_in:  # tile rows are output features r0..r1: written in place, no temporary
             _tile_products(xs, tiles, out, moved, index, contiguous_moved, r0, r1, shared_input)
@@ -298,6 +296,34 @@ def blocked_grouped_matmul(
     if acc is not None:
         out[index] = acc
     return out
+
+
+_scratch = threading.local()
+
+
+def tile_scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """A flat CPU buffer of ``numel`` elements that the native kernel writes the perturbed tiles into.
+
+    One buffer per dtype and thread, kept between calls and grown to the largest request (at most
+    the tile budget's worth of tiles). A fresh tensor per call costs more than forming the tiles
+    themselves: a weight that is one tile (every weight of a small model under a large budget) gets
+    a new multi-MiB allocation per group step, which the allocator maps and the kernel zero-fills
+    page by page (0.43 s of page faults in a 5 s FZOO step of SmolLM2-135M). The tiles never
+    outlive the call that forms them, so the buffer is free again when the call returns.
+    None off the CPU (the native kernel is CPU-only). :func:`clear_tile_scratch` lets it go.
+    """
+    if device.type != "cpu":
+        return None
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buffers[dtype] = buf = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+def clear_tile_scratch() -> None:
+    """Release this thread's tile buffers (benchmarks call it so one method's buffer is not another's memory)."""
+    _scratch.__dict__.pop("buffers", None)
 
 
 def _tile_products(xs, tiles, out, moved, index, contiguous_moved: bool, r0: int, r1: int, shared: bool) -> None:
@@ -327,5 +353,5 @@ def _plain_products(x, weight, out, plain: list[int], out_in: bool, shared_input
         torch.mm(x[g], w_t, out=out[g])
 
 
-__all__ = ["TILE_BYTES", "blocked_grouped_matmul", "describe_tiles", "supports", "tile_budget", "tile_elements",
-           "tile_rows"]
+__all__ = ["TILE_BYTES", "blocked_grouped_matmul", "clear_tile_scratch", "describe_tiles", "supports", "tile_budget",
+           "tile_elements", "tile_rows", "tile_scratch"]

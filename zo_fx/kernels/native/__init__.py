@@ -51,6 +51,11 @@ BASE_FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-ffp-contrac
               "-fno-math-errno")
 #: tried first; a compiler that refuses it gets a build without it
 ARCH_FLAGS = ("-march=native",)
+#: on x86, tried before ARCH_FLAGS alone: gcc's tuning for AVX-512 CPUs vectorises loops in 256-bit
+#: halves, and a 512-bit load of what two 256-bit stores just wrote stalls on store forwarding (the
+#: Rademacher bf16 tiles ran at 1.5 instead of 6.6 G elements/s on an Intel Xeon). Without AVX-512 the
+#: preference changes nothing.
+WIDE_VECTOR_FLAGS = ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64", "i686") else ()
 #: tried first too: the kernel's threads are then torch's own OpenMP pool (zo_native.c, parallel_units)
 OPENMP_FLAGS = ("-fopenmp",)
 ABI_VERSION = 3
@@ -146,7 +151,9 @@ def _load():
     source = SOURCE.read_bytes()
     version = _compiler_version(cc)
     errors = []
-    for flags in (BASE_FLAGS + ARCH_FLAGS + OPENMP_FLAGS, BASE_FLAGS + ARCH_FLAGS, BASE_FLAGS):
+    tiers = [BASE_FLAGS + ARCH_FLAGS + WIDE_VECTOR_FLAGS + OPENMP_FLAGS] if WIDE_VECTOR_FLAGS else []
+    tiers += [BASE_FLAGS + ARCH_FLAGS + OPENMP_FLAGS, BASE_FLAGS + ARCH_FLAGS, BASE_FLAGS]
+    for flags in tiers:
         key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), cc.encode(), version.encode(),
                                          _cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:20]
         path = cache_dir() / f"zo_native-{key}.so"

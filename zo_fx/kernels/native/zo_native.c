@@ -452,8 +452,19 @@ struct job {
 /* Loads and stores of 32 consecutive elements between a storage type and float/double. Written
  * as plain loops over restrict pointers so that the compiler vectorises them; float16 uses the
  * F16C conversion instructions where the machine has them (round to nearest even, as torch). */
-static inline void load32_f32(const float *restrict b, float *restrict x) { memcpy(x, b, 32 * sizeof(float)); }
-static inline void store32_f32(const float *restrict v, float *restrict o) { memcpy(o, v, 32 * sizeof(float)); }
+#if defined(__AVX512F__)
+/* Two full-width moves. A 128-byte memcpy is expanded in 256-bit pieces under gcc's default tuning for
+ * AVX-512 CPUs, and the 512-bit loads of the helpers below then read each pair of them back from the
+ * stack: a store-forwarding stall per vector (on an Intel Xeon, 3.4 instead of 9 G elements/s). */
+static inline void copy32_f32(const float *restrict src, float *restrict dst) {
+    _mm512_storeu_ps(dst, _mm512_loadu_ps(src));
+    _mm512_storeu_ps(dst + 16, _mm512_loadu_ps(src + 16));
+}
+#else
+static inline void copy32_f32(const float *restrict src, float *restrict dst) { memcpy(dst, src, 32 * sizeof(float)); }
+#endif
+static inline void load32_f32(const float *restrict b, float *restrict x) { copy32_f32(b, x); }
+static inline void store32_f32(const float *restrict v, float *restrict o) { copy32_f32(v, o); }
 static inline void load32_bf16(const uint16_t *restrict b, float *restrict x) {
     for (int j = 0; j < 32; j++) x[j] = bf16_to_f32(b[j]);
 }
@@ -477,8 +488,15 @@ static inline void store32_f16(const float *restrict v, half_t *restrict o) {
     for (int j = 0; j < 32; j++) o[j] = f32_to_f16(v[j]);
 }
 #endif
-static inline void load32_f64(const double *restrict b, double *restrict x) { memcpy(x, b, 32 * sizeof(double)); }
-static inline void store32_f64(const double *restrict v, double *restrict o) { memcpy(o, v, 32 * sizeof(double)); }
+static inline void copy32_f64(const double *restrict src, double *restrict dst) {
+#if defined(__AVX512F__)
+    for (int k = 0; k < 32; k += 8) _mm512_storeu_pd(dst + k, _mm512_loadu_pd(src + k));
+#else
+    memcpy(dst, src, 32 * sizeof(double));
+#endif
+}
+static inline void load32_f64(const double *restrict b, double *restrict x) { copy32_f64(b, x); }
+static inline void store32_f64(const double *restrict v, double *restrict o) { copy32_f64(v, o); }
 
 /* Sign words as sign bits. `x - s` is `x + (-s)` exactly in IEEE arithmetic (signed zeros
  * included), so a Rademacher `x + s * u` is an add of `s` with its sign bit flipped where the
