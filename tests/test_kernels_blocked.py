@@ -90,6 +90,33 @@ def test_groups_sharing_a_seed_generate_its_direction_once(monkeypatch):
     assert len(calls) == 64 * 32 // 512
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_the_reused_tile_buffer_is_never_shared_with_a_result(dtype):
+    """The tiles of every call are written into one kept buffer: a second call (other seeds, other
+    shapes, a weight of one tile and of many) must leave the first call's result as it was, and
+    each result must still equal the reference."""
+    blocked.clear_tile_scratch()
+    results = []
+    for i, (shape, tile) in enumerate([((64, 48), None), ((37, 131), 1024), ((96, 48), None), ((64, 48), 512)]):
+        weight, gen = _case(shape, dtype, seed=20 + i)
+        x = _inputs(gen, 4, 5, shape[1], dtype, shared=False)
+        seeds, scales = [i + 1, 2**33 + i, i + 1, 7 * i + 5], [0.1, -0.2, -0.1, 0.05]
+        got = blocked.blocked_grouped_matmul(x, weight, 3, seeds, scales, "rademacher", "out_in", shared_input=False,
+                                             tile=tile)
+        results.append((got, got.clone(), x, weight, seeds, scales))
+    for got, kept, x, weight, seeds, scales in results:
+        assert torch.equal(got, kept), "a later call wrote into an earlier result"
+        if dtype != torch.bfloat16:
+            want = grouped_linear_reference(x, weight, None, 3, None, seeds, scales, "rademacher", shared_input=False,
+                                            weight_layout="out_in")
+            assert_close(got, want, **TOLERANCE[dtype], what="after the buffer's reuse")
+    buffers = blocked._scratch.__dict__.get("buffers", {})
+    if blocked.native.available():
+        assert dtype in buffers, "the native path keeps its tile buffer between calls"
+    blocked.clear_tile_scratch()
+    assert not blocked._scratch.__dict__.get("buffers")
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_graph_op_with_bias_equals_the_reference(kind):
     """ops.grouped_linear (what the rewritten graph calls) on the blocked path, with a perturbed bias."""
