@@ -302,24 +302,55 @@ static inline __attribute__((always_inline)) f32v radius16f(u32v even) {
  * then Cephes' float32 polynomials on it */
 static inline __attribute__((always_inline)) void trig16f(u32v odd, f32v *cos_v, f32v *sin_v) {
     f32v theta = (__builtin_convertvector((i32v)(odd >> 8), f32v) * (1.0f / 16777216.0f)) * TWO_PI_F32;
+    f32v r, lo;
+    i32v n;
+#if defined(__AVX512F__)
+    /* the same operations on the two halves in 512-bit registers: halves split and joined by
+     * extract/insert (through memory, 256-bit stores read back as one 512-bit vector stall on
+     * store forwarding) */
+    __m512 th;
+    memcpy(&th, &theta, 64);
+    __m512d xd[2] = {_mm512_cvtps_pd(_mm512_castps512_ps256(th)),
+                     _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(th), 1)))};
+    __m256 rh[2], rl[2];
+    __m256i nh[2];
+    for (int k = 0; k < 2; k++) {
+        __m512d x = xd[k];
+        /* x >= 0: truncation rounds; n <= 4 fits int32, so the int32 truncation is the int64 one */
+        nh[k] = _mm512_cvttpd_epi32(_mm512_add_pd(_mm512_mul_pd(x, _mm512_set1_pd(TWO_OVER_PI_D)),
+                                                  _mm512_set1_pd(0.5)));
+        __m512d nd = _mm512_cvtepi32_pd(nh[k]);
+        __m512d rd = _mm512_sub_pd(_mm512_sub_pd(x, _mm512_mul_pd(nd, _mm512_set1_pd(PIO2_HI))),
+                                   _mm512_mul_pd(nd, _mm512_set1_pd(PIO2_LO)));
+        rh[k] = _mm512_cvtpd_ps(rd);
+        rl[k] = _mm512_cvtpd_ps(_mm512_sub_pd(rd, _mm512_cvtps_pd(rh[k]))); /* what rounding r lost */
+    }
+    __m512 rv = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(rh[0])),
+                                                    _mm256_castps_pd(rh[1]), 1));
+    __m512 lv = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(rl[0])),
+                                                    _mm256_castps_pd(rl[1]), 1));
+    __m512i nv = _mm512_inserti64x4(_mm512_castsi256_si512(nh[0]), nh[1], 1);
+    memcpy(&r, &rv, 64);
+    memcpy(&lo, &lv, 64);
+    memcpy(&n, &nv, 64);
+#else
     f8 half[2];
     i8s nh[2];
     memcpy(half, &theta, 64);
     f8 rh[2], rl[2];
     for (int k = 0; k < 2; k++) {
         d8 x = __builtin_convertvector(half[k], d8);
-        i8v n = __builtin_convertvector(x * TWO_OVER_PI_D + 0.5, i8v); /* x >= 0: truncation rounds */
-        d8 nd = __builtin_convertvector(n, d8);
+        i8v nk = __builtin_convertvector(x * TWO_OVER_PI_D + 0.5, i8v); /* x >= 0: truncation rounds */
+        d8 nd = __builtin_convertvector(nk, d8);
         d8 rd = (x - nd * PIO2_HI) - nd * PIO2_LO;
         rh[k] = __builtin_convertvector(rd, f8);
         rl[k] = __builtin_convertvector(rd - __builtin_convertvector(rh[k], d8), f8); /* what rounding r lost */
-        nh[k] = __builtin_convertvector(n, i8s);
+        nh[k] = __builtin_convertvector(nk, i8s);
     }
-    f32v r, lo;
-    i32v n;
     memcpy(&r, rh, 64);
     memcpy(&lo, rl, 64);
     memcpy(&n, nh, 64);
+#endif
     /* sin(r + lo) = r + (lo + r z P(z)), cos(r + lo) = 1 - z/2 + z^2 Q(z) - r lo, the 1 - z/2 with its rounding
      * error carried (fdlibm's kernel_cos) */
     f32v z = r * r;
