@@ -226,6 +226,7 @@ def test_model_that_cannot_be_exported_gives_the_documented_error():
 _GENERATORS = {
     # the perturbed tiles of a linear's or the head's weight (the blocked GEMM's generator)
     ("zo_fx.kernels.blocked", "_perturbed_tiles"): "tiles",
+    ("zo_fx.kernels.blocked", "tile_scratch"): "tiles",  # the kept buffer the native kernel writes the tiles into
     ("zo_fx.ops", "perturbed_groups"): "perturbed_groups",  # G copies of a norm weight / bias at once
     ("zo_fx.ops", "sample_at"): "sample_at",  # the direction at the looked-up embedding rows only
 }
@@ -253,6 +254,10 @@ def _direction_scratch(fn, monkeypatch) -> dict[str, tuple[int, tuple, torch.dty
     for (module, name), source in _GENERATORS.items():
         mod = importlib.import_module(module)
         monkeypatch.setattr(mod, name, wrap(getattr(mod, name), source))  # raises if the name is gone
+
+    from zo_fx.kernels import blocked
+
+    blocked.clear_tile_scratch()  # a buffer kept from an earlier call would be allocated unseen
 
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
