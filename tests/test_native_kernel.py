@@ -185,15 +185,33 @@ def test_the_reference_update_with_native_on_and_off(kind, monkeypatch):
     assert_bits_equal(on[1], on[0][130:300], "a shard equals the same elements of the whole update")
 
 
+@pytest.mark.parametrize("dim", [131, 2500])  # rows start anywhere inside a block; 2500 spans two pieces
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_embedding_rows_equal_the_reference(dtype, monkeypatch):
-    table = torch.randn(37, 131, dtype=torch.float64).to(dtype)  # rows start anywhere inside a block
+def test_embedding_rows_equal_the_reference(dtype, dim, monkeypatch):
+    table = torch.randn(37, dim, dtype=torch.float64).to(dtype)
     ids = torch.tensor([[0, 36, 5], [5, 17, 1]])
     seeds, scales = [7, 2**40 + 1, 7, 9], [1e-2, 0.0, -1e-2, 0.5]
     got = embedding.grouped_embedding_reference(table, ids, 99, seeds, scales, "rademacher")
     monkeypatch.setenv("ZO_FX_NATIVE", "0")
     want = embedding.grouped_embedding_reference(table, ids, 99, seeds, scales, "rademacher")
     assert_bits_equal(got, want, f"embedding {dtype}")
+
+
+@pytest.mark.parametrize("dim", [131, 2500])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gaussian_embedding_rows_equal_the_reference_on_the_same_values(dtype, dim, monkeypatch):
+    """The kernel's rows against the reference's torch arithmetic on the same (the kernel's) values."""
+    table = torch.randn(37, dim, dtype=torch.float64).to(dtype)
+    ids = torch.tensor([[0, 36, 5], [5, 17, 1]])
+    seeds, scales = [7, 2**40 + 1, 7, 9], [1e-2, 0.0, -1e-2, 0.5]
+    calls = []
+    real = native.embedding
+    monkeypatch.setattr(native, "embedding", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    got = embedding.grouped_embedding_reference(table, ids, 99, seeds, scales, "gaussian")
+    assert calls == ["gaussian"], "the Gaussian rows did not go through the native kernel"
+    monkeypatch.setattr(embedding, "_native", lambda *a: None)  # the torch arithmetic, values still the kernel's
+    want = embedding.grouped_embedding_reference(table, ids, 99, seeds, scales, "gaussian")
+    assert_bits_equal(got, want, f"gaussian embedding {dtype}")
 
 
 @pytest.mark.parametrize("kind", KINDS)

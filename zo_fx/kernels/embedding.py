@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from zo_fx.streams.layout import RADEMACHER, check_kind, check_pid, key_tensors, sample_at
+from zo_fx.streams.layout import check_kind, check_pid, key_tensors, sample_at
 
 from . import native
 from ._support import interpreting, key_words, tl, triton
@@ -39,7 +39,7 @@ def grouped_embedding_reference(
     kind = check_kind(kind)
     _check(weight, ids, seeds, scales)
     d = weight.shape[1]
-    out = _native_rademacher(weight, ids, pid, seeds, scales) if kind == RADEMACHER else None
+    out = _native(weight, ids, pid, seeds, scales, kind)
     if out is not None:
         return out
     rows = weight[ids]  # [*, D]
@@ -52,7 +52,7 @@ def grouped_embedding_reference(
     return torch.stack(outs)
 
 
-def _native_rademacher(weight, ids, pid, seeds, scales):
+def _native(weight, ids, pid, seeds, scales, kind: str):
     """The reference's result from the native kernel (bit for bit), or None when it cannot take the call.
 
     Only ids inside ``[0, V)`` go native: anything else keeps the reference's own indexing and errors.
@@ -62,10 +62,10 @@ def _native_rademacher(weight, ids, pid, seeds, scales):
     if int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]:
         return None
     distinct = sorted(set(int(s) for s in seeds))
-    lo, hi, _, tag = key_tensors(distinct, pid, RADEMACHER)
+    lo, hi, _, tag = key_tensors(distinct, pid, kind)
     which = torch.tensor([distinct.index(int(s)) for s in seeds], dtype=torch.int32)
     scales_t = torch.tensor([float(s) for s in scales], dtype=torch.float64)
-    out = native.rademacher_embedding(weight, ids, check_pid(pid), lo, hi, int(tag), which, scales_t)
+    out = native.embedding(weight, ids, check_pid(pid), lo, hi, int(tag), which, scales_t, kind)
     return None if out is None else out.view(len(seeds), *ids.shape, weight.shape[1])
 
 

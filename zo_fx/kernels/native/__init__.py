@@ -58,7 +58,7 @@ ARCH_FLAGS = ("-march=native",)
 WIDE_VECTOR_FLAGS = ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64", "i686") else ()
 #: tried first too: the kernel's threads are then torch's own OpenMP pool (zo_native.c, parallel_units)
 OPENMP_FLAGS = ("-fopenmp",)
-ABI_VERSION = 3
+ABI_VERSION = 4
 #: dtype codes of the C entry points
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 #: distinct seeds one call of the tile and embedding kernels takes (the C side's MAX_SEEDS)
@@ -140,8 +140,9 @@ def _declare(lib) -> None:
     lib.zo_rademacher_update.argtypes = [i32, p, i64, u64, u64, i32, p, p, u32, u32, p, f64, f64, i32]
     lib.zo_gaussian_update.argtypes = lib.zo_rademacher_update.argtypes
     lib.zo_rademacher_embedding.argtypes = [i32, p, i64, p, i64, i32, p, p, u32, u32, i32, p, p, p, i32]
+    lib.zo_gaussian_embedding.argtypes = lib.zo_rademacher_embedding.argtypes
     for name in ("zo_rademacher_tiles", "zo_gaussian_tiles", "zo_gaussian_values", "zo_normals_from_words",
-                 "zo_rademacher_update", "zo_gaussian_update", "zo_rademacher_embedding"):
+                 "zo_rademacher_update", "zo_gaussian_update", "zo_rademacher_embedding", "zo_gaussian_embedding"):
         getattr(lib, name).restype = i32
 
 
@@ -341,9 +342,13 @@ def gaussian_values(seed: int, pid: int, start: int, count: int) -> torch.Tensor
     return out
 
 
-def rademacher_embedding(weight: torch.Tensor, ids: torch.Tensor, pid: int, seed_lo, seed_hi, tag: int, which,
-                         scales) -> torch.Tensor | None:
-    """``[G, T, D]``: rows ``ids`` (flat, in range) of ``weight`` plus each group's Rademacher direction."""
+def embedding(weight: torch.Tensor, ids: torch.Tensor, pid: int, seed_lo, seed_hi, tag: int, which, scales,
+              kind: str) -> torch.Tensor | None:
+    """``[G, T, D]``: rows ``ids`` (flat, in range) of ``weight`` plus each group's direction of ``kind``.
+
+    Rademacher bit for bit the torch reference; Gaussian from the kernel's Box-Muller, which the reference
+    takes its values from too (:func:`normals_from_words`), with the reference's arithmetic on them.
+    """
     lib = library()
     seeds = seed_lo.numel()
     if lib is None or seeds > MAX_SEEDS:
@@ -354,9 +359,9 @@ def rademacher_embedding(weight: torch.Tensor, ids: torch.Tensor, pid: int, seed
     out = torch.empty(groups, flat.numel(), d, dtype=weight.dtype)
     if out.numel() == 0:
         return out
-    rc = lib.zo_rademacher_embedding(DTYPE_CODES[weight.dtype], _ptr(weight), d, _ptr(flat), flat.numel(), seeds,
-                                     _u32(seed_lo), _u32(seed_hi), pid, tag, groups, _i32(which), _f64(scales),
-                                     _ptr(out), threads())
+    fn = lib.zo_rademacher_embedding if kind == RADEMACHER else lib.zo_gaussian_embedding
+    rc = fn(DTYPE_CODES[weight.dtype], _ptr(weight), d, _ptr(flat), flat.numel(), seeds, _u32(seed_lo),
+            _u32(seed_hi), pid, tag, groups, _i32(which), _f64(scales), _ptr(out), threads())
     return out if rc == 0 else None
 
 
@@ -385,4 +390,4 @@ layout.register_normals_provider(normals_from_words)  # eager CPU Gaussian value
 layout.register_signs_provider(rademacher_signs)  # low-rank factors in one call instead of a few hundred ops
 
 __all__ = ["available", "enabled", "gaussian_values", "info", "library", "normals_from_words", "perturbed_tiles",
-           "rademacher_embedding", "rademacher_signs", "threads", "update_", "usable"]
+           "embedding", "rademacher_signs", "threads", "update_", "usable"]

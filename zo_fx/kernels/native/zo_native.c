@@ -37,7 +37,7 @@
 #define MAX_THREADS 256
 #define MAX_SEEDS 64
 
-int zo_abi_version(void) { return 3; }
+int zo_abi_version(void) { return 4; }
 
 /* ------------------------------------------------------------------------------------------ Philox */
 
@@ -631,35 +631,39 @@ DEFINE_RAD_TILES(f64, double, double)
 DEFINE_RAD_TILES(bf16, uint16_t, float)
 DEFINE_RAD_TILES(f16, half_t, float)
 
-/* Gaussian tiles: out = round_T(b + s * (A)u), u the seed's float32 value. Per unit: each distinct
- * seed's values once (in cache), then every group that uses the seed. */
+/* One run of `len` elements: out = round_T(b + s * (A)u), u the stream's float32 values */
+#define DEFINE_GAUSS_RUN(SUFFIX, T, A)                                                                     \
+    static void gauss_run_##SUFFIX(const T *restrict b, int64_t len, const float *restrict val, A s,       \
+                                   T *restrict o) {                                                        \
+        A x[32], v[32];                                                                                    \
+        int64_t t = 0;                                                                                     \
+        for (; t + 32 <= len; t += 32) {                                                                   \
+            load32_##SUFFIX(b + t, x);                                                                     \
+            for (int e = 0; e < 32; e++) v[e] = x[e] + s * (A)val[t + e];                                  \
+            store32_##SUFFIX(v, o + t);                                                                    \
+        }                                                                                                  \
+        for (; t < len; t++) {                                                                             \
+            A y;                                                                                           \
+            load1_##SUFFIX(b + t, &y);                                                                     \
+            store1_##SUFFIX(y + s * (A)val[t], o + t);                                                     \
+        }                                                                                                  \
+    }
+
+/* Gaussian tiles. Per unit: each distinct seed's values once (in cache), then every group that uses
+ * the seed. */
 #define DEFINE_GAUSS_TILES(SUFFIX, T, A)                                                                   \
     static void gauss_tiles_##SUFFIX(const void *vctx, int64_t u0, int64_t u1) {                           \
         const struct job *j = (const struct job *)vctx;                                                    \
         float val[BATCH] __attribute__((aligned(64)));                                                     \
-        A x[32], v[32];                                                                                    \
         for (int64_t u = u0; u < u1; u++) {                                                                \
             int64_t t0 = u * BATCH, len = j->n - t0 < BATCH ? j->n - t0 : BATCH;                           \
-            const T *b = (const T *)j->base + t0;                                                          \
             for (int sd = 0; sd < j->seeds; sd++) {                                                        \
                 gauss_values(j->block0, j->skip + (uint64_t)t0, len, j->seed_lo[sd], j->seed_hi[sd],       \
                              j->pid, j->tag, val);                                                         \
-                for (int g = 0; g < j->groups; g++) {                                                      \
-                    if (j->which[g] != sd) continue;                                                       \
-                    A s = (A)j->scales[g];                                                                 \
-                    T *o = (T *)j->out + g * j->ostride + t0;                                              \
-                    int64_t t = 0;                                                                         \
-                    for (; t + 32 <= len; t += 32) {                                                       \
-                        load32_##SUFFIX(b + t, x);                                                         \
-                        for (int e = 0; e < 32; e++) v[e] = x[e] + s * (A)val[t + e];                      \
-                        store32_##SUFFIX(v, o + t);                                                        \
-                    }                                                                                      \
-                    for (; t < len; t++) {                                                                 \
-                        A y;                                                                               \
-                        load1_##SUFFIX(b + t, &y);                                                         \
-                        store1_##SUFFIX(y + s * (A)val[t], o + t);                                         \
-                    }                                                                                      \
-                }                                                                                          \
+                for (int g = 0; g < j->groups; g++)                                                        \
+                    if (j->which[g] == sd)                                                                 \
+                        gauss_run_##SUFFIX((const T *)j->base + t0, len, val, (A)j->scales[g],             \
+                                           (T *)j->out + g * j->ostride + t0);                             \
             }                                                                                              \
         }                                                                                                  \
     }
@@ -672,6 +676,11 @@ static inline void store1_f32(float v, float *o) { *o = v; }
 static inline void store1_f64(double v, double *o) { *o = v; }
 static inline void store1_bf16(float v, uint16_t *o) { *o = f32_to_bf16(v); }
 static inline void store1_f16(float v, half_t *o) { *o = f32_to_f16(v); }
+
+DEFINE_GAUSS_RUN(f32, float, float)
+DEFINE_GAUSS_RUN(f64, double, double)
+DEFINE_GAUSS_RUN(bf16, uint16_t, float)
+DEFINE_GAUSS_RUN(f16, half_t, float)
 
 DEFINE_GAUSS_TILES(f32, float, float)
 DEFINE_GAUSS_TILES(f64, double, double)
@@ -802,6 +811,33 @@ DEFINE_RAD_EMBED(f64, double, double)
 DEFINE_RAD_EMBED(bf16, uint16_t, float)
 DEFINE_RAD_EMBED(f16, half_t, float)
 
+/* the same with Gaussian values: each distinct seed's values of a row piece once, then its groups */
+#define DEFINE_GAUSS_EMBED(SUFFIX, T, A)                                                                 \
+    static void gauss_embed_##SUFFIX(const void *vctx, int64_t u0, int64_t u1) {                           \
+        const struct job *j = (const struct job *)vctx;                                                    \
+        float val[BATCH] __attribute__((aligned(64)));                                                     \
+        for (int64_t r = u0; r < u1; r++) {                                                                \
+            uint64_t e0 = (uint64_t)j->ids[r] * (uint64_t)j->dim;                                          \
+            const T *row = (const T *)j->base + (int64_t)e0;                                               \
+            for (int64_t d0 = 0; d0 < j->dim; d0 += BATCH) {                                               \
+                int64_t len = j->dim - d0 < BATCH ? j->dim - d0 : BATCH;                                   \
+                uint64_t q = e0 + (uint64_t)d0;                                                            \
+                for (int sd = 0; sd < j->seeds; sd++) {                                                    \
+                    gauss_values(q / 4, q % 4, len, j->seed_lo[sd], j->seed_hi[sd], j->pid, j->tag, val);  \
+                    for (int g = 0; g < j->groups; g++)                                                    \
+                        if (j->which[g] == sd)                                                             \
+                            gauss_run_##SUFFIX(row + d0, len, val, (A)j->scales[g],                        \
+                                               (T *)j->out + g * j->ostride + r * j->dim + d0);            \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+    }
+
+DEFINE_GAUSS_EMBED(f32, float, float)
+DEFINE_GAUSS_EMBED(f64, double, double)
+DEFINE_GAUSS_EMBED(bf16, uint16_t, float)
+DEFINE_GAUSS_EMBED(f16, half_t, float)
+
 /* --------------------------------------------------------------------------------- entry points */
 
 enum { DT_F32 = 0, DT_F64 = 1, DT_BF16 = 2, DT_F16 = 3 };
@@ -897,6 +933,19 @@ int zo_rademacher_embedding(int dtype, const void *table, int64_t dim, const int
                     .seed_lo = seed_lo, .seed_hi = seed_hi, .pid = pid, .tag = tag, .which = which,
                     .scales = scales, .ids = ids, .dim = dim};
     unit_fn fns[] = {rad_embed_f32, rad_embed_f64, rad_embed_bf16, rad_embed_f16};
+    parallel_units(fns[dtype], &j, rows, threads);
+    return 0;
+}
+
+/* the same with Gaussian directions (float32 Box-Muller values made here) */
+int zo_gaussian_embedding(int dtype, const void *table, int64_t dim, const int64_t *ids, int64_t rows, int seeds,
+                          const uint32_t *seed_lo, const uint32_t *seed_hi, uint32_t pid, uint32_t tag, int groups,
+                          const int32_t *which, const double *scales, void *out, int threads) {
+    if (dtype < 0 || dtype > 3) return -1;
+    struct job j = {.base = table, .out = out, .ostride = rows * dim, .seeds = seeds, .groups = groups,
+                    .seed_lo = seed_lo, .seed_hi = seed_hi, .pid = pid, .tag = tag, .which = which,
+                    .scales = scales, .ids = ids, .dim = dim};
+    unit_fn fns[] = {gauss_embed_f32, gauss_embed_f64, gauss_embed_bf16, gauss_embed_f16};
     parallel_units(fns[dtype], &j, rows, threads);
     return 0;
 }
