@@ -40,6 +40,7 @@ int main(int argc, char **argv) {
     uint32_t lo[G], hi[G];
     int32_t which[G];
     double scales[G];
+    const int32_t mezo[2] = {0, 0}; /* MeZO's two groups on one seed */
     for (int g = 0; g < G; g++) {
         lo[g] = 7u * (uint32_t)g + 1u;
         hi[g] = 0;
@@ -85,7 +86,7 @@ int main(int argc, char **argv) {
         printf("rademacher tiles bf16, G=8 x %ld\t%.3f\tG elements/s\n", (long)n,
                RATE(G * n, secs, zo_rademacher_tiles(2, base16, n, 0, 0, G, lo, hi, 5, 1, G, which, scales, out16, n, 1)) / 1e9);
         printf("gaussian tiles f32, 1 seed, 2 groups x %ld\t%.3f\tG values/s\n", (long)n,
-               RATE(n, secs, zo_gaussian_tiles(0, base, n, 0, 0, 1, lo, hi, 5, 1, 2, which, scales, out, n, 1)) / 1e9);
+               RATE(n, secs, zo_gaussian_tiles(0, base, n, 0, 0, 1, lo, hi, 5, 1, 2, mezo, scales, out, n, 1)) / 1e9);
         printf("rademacher update f32, K=8, %ld\t%.3f\tG elements/s\n", (long)n,
                RATE(n, secs, zo_rademacher_update(0, p, n, 0, 0, G, lo, hi, 5, 1, scales, 1e-9, 0.0, 1)) / 1e9);
         printf("memcpy of %ld f32 (for scale)\t%.3f\tG elements/s\n", (long)n, RATE(n, secs, ({

@@ -191,18 +191,20 @@ def test_a_jsonl_with_a_byte_order_mark_is_valid_input(tmp_path):
 # preemption
 
 
-# The job run by a driver that signals itself once the first checkpoint is on disk: the signal lands mid-run on
-# any machine (polling for a checkpoint folder from outside raced a 4-step run that ends in a tenth of a second).
-_SIGTERM_AFTER_FIRST_CHECKPOINT = """
+# The job run by a driver that sends itself SIGTERM as step 2 begins: the signal lands inside a step on any
+# machine (polling for a checkpoint folder from outside raced a 4-step run that ends in a tenth of a second), and
+# with checkpoints due only every 4 steps, the checkpoint after step 2 can only come from the stop itself.
+_SIGTERM_IN_STEP_2 = """
 import os, runpy, signal, sys
-import zo_fx.finetune.job as job
-write = job.write_checkpoint
-def write_then_signal(*args, **kwargs):
-    write(*args, **kwargs)
-    if not getattr(write_then_signal, "sent", False):
-        write_then_signal.sent = True
+from zo_fx.finetune.job import FinetuneJob
+real_step = FinetuneJob.step
+calls = []
+def step_signalled_at_2(self, batch):
+    calls.append(1)
+    if len(calls) == 2:
         os.kill(os.getpid(), signal.SIGTERM)
-job.write_checkpoint = write_then_signal
+    return real_step(self, batch)
+FinetuneJob.step = step_signalled_at_2
 sys.argv = ["zo_fx", *sys.argv[1:]]
 runpy.run_module("zo_fx", run_name="__main__")
 """
@@ -210,10 +212,11 @@ runpy.run_module("zo_fx", run_name="__main__")
 
 def test_sigterm_saves_a_checkpoint_and_resume_is_exact(model_dir, tmp_path, straight):  # noqa: F811
     out = tmp_path / "run"
-    argv = _cli(out, model_dir, "--steps", "4", *FLAGS)
+    flags = ("--directions", "3", "--checkpoint-every", "4")
+    argv = _cli(out, model_dir, "--steps", "4", *flags)
     assert argv[1:3] == ["-m", "zo_fx"]
-    proc = subprocess.Popen([sys.executable, "-c", _SIGTERM_AFTER_FIRST_CHECKPOINT, *argv[3:]], env=_env(),
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", _SIGTERM_IN_STEP_2, *argv[3:]], env=_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _, err = proc.communicate(timeout=300)
     finally:
@@ -221,7 +224,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(model_dir, tmp_path, str
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "Traceback" not in err and "stopped by SIGTERM" in err and "--resume" in err
     latest = (out / "LATEST").read_text().strip()
-    assert f"checkpoint {latest} written" in err, "the step under way ends in a checkpoint"
-    assert latest in ("step-00000001", "step-00000002"), f"signalled after step 1, the run went on to {latest}"
-    finetune(model_dir, out, "--steps", "4", "--resume", *FLAGS)
+    assert latest == "step-00000002", "the step under way when the signal came ends, and in a checkpoint"
+    assert f"checkpoint {latest} written" in err
+    finetune(model_dir, out, "--steps", "4", "--resume", *flags)
     assert _same_weights(out, straight)

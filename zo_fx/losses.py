@@ -65,7 +65,8 @@ def _token_mean(logits: torch.Tensor, labels: torch.Tensor, positions: int | Non
     tok = F.cross_entropy(_float(logits).reshape(n * t, v), labels.reshape(n * t), ignore_index=IGNORE_INDEX,
                           reduction="none").view(n, t)
     if positions is not None:
-        tok, labels = tok[:, :positions], labels[:, :positions]
+        # contiguous, as the sliced logits' losses were: the per-row sum then runs in the same order on any device
+        tok, labels = tok[:, :positions].contiguous(), labels[:, :positions]
     valid = (labels != IGNORE_INDEX).sum(1).clamp(min=1)
     return tok.sum(1) / valid.to(tok.dtype)
 

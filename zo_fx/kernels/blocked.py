@@ -317,7 +317,7 @@ def tile_scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.
     buffers = _scratch.__dict__.setdefault("buffers", {})
     buf = buffers.get(dtype)
     if buf is None or buf.numel() < numel:
-        buffers[dtype] = buf = torch.empty(numel, dtype=dtype)
+        buffers[dtype] = buf = torch.empty(numel, dtype=dtype, device="cpu")
     return buf[:numel]
 
 
@@ -354,4 +354,4 @@ def _plain_products(x, weight, out, plain: list[int], out_in: bool, shared_input
 
 
 __all__ = ["TILE_BYTES", "blocked_grouped_matmul", "clear_tile_scratch", "describe_tiles", "supports", "tile_budget",
-           "tile_elements", "tile_rows", "tile_scratch"]
+           "tile_elements", "tile_rows"]

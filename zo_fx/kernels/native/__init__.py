@@ -152,8 +152,9 @@ def _load():
     source = SOURCE.read_bytes()
     version = _compiler_version(cc)
     errors = []
-    tiers = [BASE_FLAGS + ARCH_FLAGS + WIDE_VECTOR_FLAGS + OPENMP_FLAGS] if WIDE_VECTOR_FLAGS else []
-    tiers += [BASE_FLAGS + ARCH_FLAGS + OPENMP_FLAGS, BASE_FLAGS + ARCH_FLAGS, BASE_FLAGS]
+    arch = [ARCH_FLAGS + WIDE_VECTOR_FLAGS] if WIDE_VECTOR_FLAGS else []
+    tiers = [BASE_FLAGS + a + OPENMP_FLAGS for a in [*arch, ARCH_FLAGS]]
+    tiers += [BASE_FLAGS + a for a in [*arch, ARCH_FLAGS]] + [BASE_FLAGS]
     for flags in tiers:
         key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), cc.encode(), version.encode(),
                                          _cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:20]
@@ -276,8 +277,9 @@ def perturbed_tiles(base, scales, which, block0, seed_lo, seed_hi, pid, tag, kin
         return None
     n, code, nthreads = base.numel(), DTYPE_CODES[base.dtype], threads()
     groups = which.numel()
-    if out is None or out.shape != (groups, n) or out.dtype != base.dtype or not out.is_contiguous():
-        out = torch.empty(groups, n, dtype=base.dtype)
+    if (out is None or out.shape != (groups, n) or out.dtype != base.dtype or not out.is_contiguous()
+            or out.device.type != "cpu"):
+        out = torch.empty(groups, n, dtype=base.dtype, device="cpu")
     if n == 0 or groups == 0:
         return out
     lo, hi, which_a, scales_a = _u32(seed_lo), _u32(seed_hi), _i32(which), _f64(scales)
@@ -320,7 +322,7 @@ def normals_from_words(w0, w1, w2, w3) -> torch.Tensor | None:
     if lib is None:
         return None
     columns = [w.contiguous() for w in torch.broadcast_tensors(*words)]
-    out = torch.empty(*columns[0].shape, 4, dtype=torch.float32)
+    out = torch.empty(*columns[0].shape, 4, dtype=torch.float32, device="cpu")
     if out.numel():
         lib.zo_normals_from_words(*(_ptr(c) for c in columns), columns[0].numel(), _ptr(out))
     return out
@@ -336,7 +338,7 @@ def gaussian_values(seed: int, pid: int, start: int, count: int) -> torch.Tensor
     if lib is None:
         return None
     lo, hi, pid_t, tag = key_tensors([seed], pid, GAUSSIAN)
-    out = torch.empty(count, dtype=torch.float32)
+    out = torch.empty(count, dtype=torch.float32, device="cpu")
     if count:
         lib.zo_gaussian_values(_ptr(out), count, start // 4, start % 4, int(lo[0]), int(hi[0]), int(pid_t), int(tag))
     return out
@@ -356,7 +358,7 @@ def embedding(weight: torch.Tensor, ids: torch.Tensor, pid: int, seed_lo, seed_h
     d = weight.shape[1]
     flat = ids.reshape(-1).to(torch.int64).contiguous()
     groups = which.numel()
-    out = torch.empty(groups, flat.numel(), d, dtype=weight.dtype)
+    out = torch.empty(groups, flat.numel(), d, dtype=weight.dtype, device="cpu")
     if out.numel() == 0:
         return out
     fn = lib.zo_rademacher_embedding if kind == RADEMACHER else lib.zo_gaussian_embedding
@@ -375,7 +377,7 @@ def rademacher_signs(seeds, pid: int, tag: int, count: int, dtype) -> torch.Tens
     if lib is None or dtype not in DTYPE_CODES or len(seeds) > MAX_SEEDS or _tracing():
         return None
     groups = len(seeds)
-    out = torch.empty(groups, count, dtype=dtype)
+    out = torch.empty(groups, count, dtype=dtype, device="cpu")
     if out.numel() == 0:
         return out
     words = [layout.seed_words(s) for s in seeds]
