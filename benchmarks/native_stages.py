@@ -50,9 +50,9 @@ def main(argv=None) -> dict:
     print("| stage | rate | unit |\n|---|---|---|")
     for r in rows:
         print(f"| {r['stage']} | {r['rate']:.2f} | {r['unit']} |")
-    if args.json:
+    if args.json:  # the table above, for plots and comparisons between machines
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

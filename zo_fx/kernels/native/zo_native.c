@@ -478,6 +478,8 @@ struct job {
     double lr, wd;         /* update */
     const int64_t *ids;    /* embedding: row ids */
     int64_t dim;           /* embedding: D */
+    int64_t elsize;        /* embedding: bytes per element */
+    void (*row_fn)(const void *ctx, int64_t u0, int64_t u1); /* embedding: the tile kernel run on each row */
 };
 
 /* Loads and stores of 32 consecutive elements between a storage type and float/double. Written
@@ -786,57 +788,22 @@ DEFINE_GAUSS_UPDATE(f16, half_t, float)
 
 /* ------------------------------------------------------------------------------------ embedding */
 
-/* units are looked-up rows: row `ids[t]` starts at element ids[t] * D of the table's stream */
-#define DEFINE_RAD_EMBED(SUFFIX, T, A)                                                                   \
-    static void rad_embed_##SUFFIX(const void *vctx, int64_t u0, int64_t u1) {                             \
-        const struct job *j = (const struct job *)vctx;                                                    \
-        uint32_t masks[MAX_SEEDS][BATCH / 32 + 1];                                                         \
-        for (int64_t r = u0; r < u1; r++) {                                                                \
-            uint64_t e0 = (uint64_t)j->ids[r] * (uint64_t)j->dim;                                          \
-            const T *row = (const T *)j->base + (int64_t)e0;                                               \
-            for (int64_t d0 = 0; d0 < j->dim; d0 += BATCH) {                                               \
-                int64_t len = j->dim - d0 < BATCH ? j->dim - d0 : BATCH;                                   \
-                uint64_t q = e0 + (uint64_t)d0;                                                            \
-                for (int s = 0; s < j->seeds; s++)                                                         \
-                    sign_masks(q / 128, q % 128, len, j->seed_lo[s], j->seed_hi[s], j->pid, j->tag, masks[s]); \
-                for (int g = 0; g < j->groups; g++)                                                        \
-                    rad_run_##SUFFIX(row + d0, len, masks[j->which[g]], (A)j->scales[g],                   \
-                        (T *)j->out + g * j->ostride + r * j->dim + d0);                                   \
-            }                                                                                              \
-        }                                                                                                  \
+/* Units are looked-up rows. Row `ids[r]` is elements ids[r] * D .. + D of the table's stream: the
+ * tile kernel of the direction's kind on that range (its own pieces of BATCH elements), written to
+ * row r of every group's output. */
+static void embed_rows(const void *vctx, int64_t u0, int64_t u1) {
+    const struct job *j = (const struct job *)vctx;
+    for (int64_t r = u0; r < u1; r++) {
+        struct job row = *j;
+        uint64_t e0 = (uint64_t)j->ids[r] * (uint64_t)j->dim;
+        row.base = (const char *)j->base + (int64_t)e0 * j->elsize;
+        row.out = (char *)j->out + r * j->dim * j->elsize;
+        row.n = j->dim;
+        row.block0 = 0;
+        row.skip = e0;
+        j->row_fn(&row, 0, (j->dim + BATCH - 1) / BATCH);
     }
-
-DEFINE_RAD_EMBED(f32, float, float)
-DEFINE_RAD_EMBED(f64, double, double)
-DEFINE_RAD_EMBED(bf16, uint16_t, float)
-DEFINE_RAD_EMBED(f16, half_t, float)
-
-/* the same with Gaussian values: each distinct seed's values of a row piece once, then its groups */
-#define DEFINE_GAUSS_EMBED(SUFFIX, T, A)                                                                 \
-    static void gauss_embed_##SUFFIX(const void *vctx, int64_t u0, int64_t u1) {                           \
-        const struct job *j = (const struct job *)vctx;                                                    \
-        float val[BATCH] __attribute__((aligned(64)));                                                     \
-        for (int64_t r = u0; r < u1; r++) {                                                                \
-            uint64_t e0 = (uint64_t)j->ids[r] * (uint64_t)j->dim;                                          \
-            const T *row = (const T *)j->base + (int64_t)e0;                                               \
-            for (int64_t d0 = 0; d0 < j->dim; d0 += BATCH) {                                               \
-                int64_t len = j->dim - d0 < BATCH ? j->dim - d0 : BATCH;                                   \
-                uint64_t q = e0 + (uint64_t)d0;                                                            \
-                for (int sd = 0; sd < j->seeds; sd++) {                                                    \
-                    gauss_values(q / 4, q % 4, len, j->seed_lo[sd], j->seed_hi[sd], j->pid, j->tag, val);  \
-                    for (int g = 0; g < j->groups; g++)                                                    \
-                        if (j->which[g] == sd)                                                             \
-                            gauss_run_##SUFFIX(row + d0, len, val, (A)j->scales[g],                        \
-                                               (T *)j->out + g * j->ostride + r * j->dim + d0);            \
-                }                                                                                          \
-            }                                                                                              \
-        }                                                                                                  \
-    }
-
-DEFINE_GAUSS_EMBED(f32, float, float)
-DEFINE_GAUSS_EMBED(f64, double, double)
-DEFINE_GAUSS_EMBED(bf16, uint16_t, float)
-DEFINE_GAUSS_EMBED(f16, half_t, float)
+}
 
 /* --------------------------------------------------------------------------------- entry points */
 
@@ -924,28 +891,34 @@ int zo_gaussian_update(int dtype, void *param, int64_t n, uint64_t block0, uint6
     return 0;
 }
 
+static const int64_t ELEMENT_BYTES[] = {4, 8, 2, 2};
+
+static int embedding(const unit_fn *row_fns, int dtype, const void *table, int64_t dim, const int64_t *ids,
+                     int64_t rows, int seeds, const uint32_t *seed_lo, const uint32_t *seed_hi, uint32_t pid,
+                     uint32_t tag, int groups, const int32_t *which, const double *scales, void *out, int threads) {
+    if (seeds > MAX_SEEDS || dtype < 0 || dtype > 3) return -1;
+    struct job j = {.base = table, .out = out, .ostride = rows * dim, .seeds = seeds, .groups = groups,
+                    .seed_lo = seed_lo, .seed_hi = seed_hi, .pid = pid, .tag = tag, .which = which,
+                    .scales = scales, .ids = ids, .dim = dim, .elsize = ELEMENT_BYTES[dtype],
+                    .row_fn = row_fns[dtype]};
+    parallel_units(embed_rows, &j, rows, threads);
+    return 0;
+}
+
 /* out[g, r, :] = table[ids[r], :] + scales[g] * u(seeds[which[g]]) at the row's elements */
 int zo_rademacher_embedding(int dtype, const void *table, int64_t dim, const int64_t *ids, int64_t rows, int seeds,
                             const uint32_t *seed_lo, const uint32_t *seed_hi, uint32_t pid, uint32_t tag,
                             int groups, const int32_t *which, const double *scales, void *out, int threads) {
-    if (seeds > MAX_SEEDS || dtype < 0 || dtype > 3) return -1;
-    struct job j = {.base = table, .out = out, .ostride = rows * dim, .seeds = seeds, .groups = groups,
-                    .seed_lo = seed_lo, .seed_hi = seed_hi, .pid = pid, .tag = tag, .which = which,
-                    .scales = scales, .ids = ids, .dim = dim};
-    unit_fn fns[] = {rad_embed_f32, rad_embed_f64, rad_embed_bf16, rad_embed_f16};
-    parallel_units(fns[dtype], &j, rows, threads);
-    return 0;
+    static const unit_fn fns[] = {rad_tiles_f32, rad_tiles_f64, rad_tiles_bf16, rad_tiles_f16};
+    return embedding(fns, dtype, table, dim, ids, rows, seeds, seed_lo, seed_hi, pid, tag, groups, which, scales, out,
+                     threads);
 }
 
 /* the same with Gaussian directions (float32 Box-Muller values made here) */
 int zo_gaussian_embedding(int dtype, const void *table, int64_t dim, const int64_t *ids, int64_t rows, int seeds,
                           const uint32_t *seed_lo, const uint32_t *seed_hi, uint32_t pid, uint32_t tag, int groups,
                           const int32_t *which, const double *scales, void *out, int threads) {
-    if (dtype < 0 || dtype > 3) return -1;
-    struct job j = {.base = table, .out = out, .ostride = rows * dim, .seeds = seeds, .groups = groups,
-                    .seed_lo = seed_lo, .seed_hi = seed_hi, .pid = pid, .tag = tag, .which = which,
-                    .scales = scales, .ids = ids, .dim = dim};
-    unit_fn fns[] = {gauss_embed_f32, gauss_embed_f64, gauss_embed_bf16, gauss_embed_f16};
-    parallel_units(fns[dtype], &j, rows, threads);
-    return 0;
+    static const unit_fn fns[] = {gauss_tiles_f32, gauss_tiles_f64, gauss_tiles_bf16, gauss_tiles_f16};
+    return embedding(fns, dtype, table, dim, ids, rows, seeds, seed_lo, seed_hi, pid, tag, groups, which, scales, out,
+                     threads);
 }
