@@ -74,16 +74,28 @@ def table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_step_arguments(ap: argparse.ArgumentParser) -> None:
+    """The model, batch shape, FZOO directions and threads of a one-step benchmark (this one, step_tiles.py)."""
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=24)
     ap.add_argument("--directions", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+
+
+def compiled_model(args: argparse.Namespace):
+    """``(model, zm, batch)``: the model of ``args``, compiled for a synthetic batch of its shape, and the batch."""
+    model, _ = load_model(args.model)
+    batch = synthetic_batch(model.config.vocab_size, args.batch_size, args.seq_len)
+    return model, zo_fx.zo_compile(model, batch), batch
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_arguments(ap)
     ap.add_argument("--method", choices=("fzoo", "mezo"), default="fzoo")
     ap.add_argument("--kind", default=None, help="direction kind (default: the method's; e.g. lowrank:1)")
     ap.add_argument("--top", type=int, default=0, help="also list the N ops with the most self CPU time of the step")
-    ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     threads = torch.get_num_threads()
@@ -96,9 +108,7 @@ def main(argv=None) -> dict:
 
 
 def _run(args: argparse.Namespace) -> dict:
-    model, _ = load_model(args.model)
-    batch = synthetic_batch(model.config.vocab_size, args.batch_size, args.seq_len)
-    zm = zo_fx.zo_compile(model, batch)
+    model, zm, batch = compiled_model(args)
     extra = {"n_directions": args.directions} if args.method == "fzoo" else {"kind": "gaussian"}
     if args.kind:
         extra["kind"] = args.kind

@@ -18,27 +18,21 @@ import time
 
 import torch
 from directions import cpu_model  # benchmarks/ is on sys.path when this runs as a script
+from step_profile import add_step_arguments, compiled_model
 
 import zo_fx
 from zo_fx.kernels import blocked, native
-from zo_fx.models import load_model, synthetic_batch
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=24)
-    ap.add_argument("--directions", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=0)
+    add_step_arguments(ap)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not native.available():
         raise SystemExit(f"the native kernel is not built here: {native.info()}")
-    model, _ = load_model(args.model)
-    batch = synthetic_batch(model.config.vocab_size, args.batch_size, args.seq_len)
-    zm = zo_fx.zo_compile(model, batch)
+    _, zm, batch = compiled_model(args)
     opt = zo_fx.build_optimizer("fzoo", zm, lr=1e-6, eps=1e-3, seed=0, n_directions=args.directions)
     stats: dict = collections.defaultdict(lambda: [0, 0.0, 0])
     original = native.perturbed_tiles

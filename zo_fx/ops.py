@@ -283,14 +283,14 @@ def grouped_head_logits(x: torch.Tensor, weight, bias, w_pid, b_pid, seeds: list
     a frozen head). Returns ``[G * B, ..., V]`` in ``x``'s order.
     """
     groups = len(seeds)
+    if groups == 1:  # its logits as they are: a cat of one would copy a vocabulary-wide tensor
+        return head_logits(x, weight, bias, w_pid, b_pid, seeds[0], scales[0], kind, layout)
 
     def one_group_at_a_time():
-        if groups == 1:  # no cat: it would copy a vocabulary-wide tensor
-            return head_logits(x, weight, bias, w_pid, b_pid, seeds[0], scales[0], kind, layout)
         return torch.cat([head_logits(h, weight, bias, w_pid, b_pid, seeds[g], scales[g], kind, layout)
                           for g, h in enumerate(x.chunk(groups, dim=0))])
 
-    if groups == 1 or x.dim() < 2:
+    if x.dim() < 2:
         return one_group_at_a_time()
     n_out = weight.shape[0] if layout == "out_in" else weight.shape[1]
     xs = x.reshape(groups, -1, x.shape[-1])

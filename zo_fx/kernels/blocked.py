@@ -272,8 +272,8 @@ def blocked_grouped_matmul(
     else:  # the moved groups' rows: a view when they are consecutive (FZOO's 1..N, MeZO's both)
         xs = x[moved[0] : moved[-1] + 1] if contiguous_moved else x[index]
     acc = None if out_in else torch.zeros(len(moved), r, n_out, dtype=out.dtype, device=x.device)
-    scratch = (tile_scratch(len(moved) * min(step, rows_w) * cols_w, weight.dtype, x.device)
-               if factor is None and native.usable(weight) else None)
+    native_tiles = factor is None and native.usable(weight)  # the kernel writes the tiles into a kept buffer
+    scratch = tile_scratch(len(moved) * step * cols_w, weight.dtype) if native_tiles else None
     for r0 in range(0, rows_w, step):
         r1 = min(rows_w, r0 + step)
         base = flat[r0 * cols_w : r1 * cols_w]
@@ -301,7 +301,7 @@ def blocked_grouped_matmul(
 _scratch = threading.local()
 
 
-def tile_scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+def tile_scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """A flat CPU buffer of ``numel`` elements that the native kernel writes the perturbed tiles into.
 
     One buffer per dtype and thread, kept between calls and grown to the largest request (at most
@@ -309,11 +309,10 @@ def tile_scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.
     themselves: a weight that is one tile (every weight of a small model under a large budget) gets
     a new multi-MiB allocation per group step, which the allocator maps and the kernel zero-fills
     page by page (0.43 s of page faults in a 5 s FZOO step of SmolLM2-135M). The tiles never
-    outlive the call that forms them, so the buffer is free again when the call returns.
-    None off the CPU (the native kernel is CPU-only). :func:`clear_tile_scratch` lets it go.
+    outlive the call that forms them, so the buffer is free again when the call returns. On the CPU
+    whatever torch's default device: only the (CPU-only) native kernel writes into it.
+    :func:`clear_tile_scratch` lets it go.
     """
-    if device.type != "cpu":
-        return None
     buffers = _scratch.__dict__.setdefault("buffers", {})
     buf = buffers.get(dtype)
     if buf is None or buf.numel() < numel:
